@@ -1,0 +1,196 @@
+"""The ``dycoke`` command: a thin Typer client of the library.
+
+The answer goes to stdout; progress, warnings and the summary go to stderr. torch and transformers
+are imported only inside commands that need them, so ``dycoke --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from dycoke import __version__
+from dycoke.config import (
+    DEFAULT_MODEL,
+    PAPER_SYSTEM_PROMPT,
+    GenerationOptions,
+    MethodOptions,
+    ModelOptions,
+    PromptOptions,
+    RunOptions,
+    VideoOptions,
+)
+from dycoke.errors import ConfigError, DyCokeError
+
+app = typer.Typer(
+    name="dycoke",
+    help="Ask questions about videos with LLaVA-OneVision, made fast with DyCoke token compression.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+EXIT_USAGE = 2
+
+
+def fail(exc: Exception) -> NoReturn:
+    """Print one ``Error: ...`` line on stderr and exit: 2 for bad option values, 1 otherwise."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(EXIT_USAGE if isinstance(exc, ConfigError) else 1)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"dycoke {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Ask questions about videos with LLaVA-OneVision, made fast with DyCoke token compression."""
+
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id or local checkpoint directory.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")]
+DeviceMapOpt = Annotated[
+    str | None, typer.Option("--device-map", help="'auto' spreads a large model over all visible GPUs.")
+]
+
+
+@app.command()
+def ask(
+    video: Annotated[str, typer.Argument(help="Video file (anything ffmpeg reads: mp4, mkv, avi, webm, ...).")],
+    question: Annotated[str, typer.Argument(help="The question about the video.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    frames: Annotated[int, typer.Option("--frames", "-f", help="Frames sampled uniformly (the paper uses 32).")] = 32,
+    fps: Annotated[float | None, typer.Option(help="Sample at this rate instead (capped by --max-frames).")] = None,
+    max_frames: Annotated[int, typer.Option(help="Cap on frames with --fps.")] = 64,
+    start: Annotated[float | None, typer.Option(help="Start of the time window, seconds.")] = None,
+    end: Annotated[float | None, typer.Option(help="End of the time window, seconds.")] = None,
+    method: Annotated[str, typer.Option(help="Compression method: full.")] = "full",
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 256,
+    min_new_tokens: Annotated[int, typer.Option(help="Force at least this many tokens (benchmarks).")] = 0,
+    sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (with --sample).")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --sample).")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Top-k sampling, 0 = off (with --sample).")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    prompt: Annotated[str, typer.Option(help="paper (the paper's evaluation prompt) or checkpoint (its template).")] = (
+        "paper"
+    ),
+    system: Annotated[str, typer.Option(help="System prompt of the paper style.")] = PAPER_SYSTEM_PROMPT,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary table on stderr.")] = False,
+) -> None:
+    """Answer QUESTION about VIDEO; the answer streams to stdout, a summary follows on stderr."""
+    try:
+        model_options = ModelOptions(model=model, device=device, dtype=dtype, device_map=device_map)
+        run_options = RunOptions(
+            video=VideoOptions(num_frames=frames, fps=fps, max_frames=max_frames, start_s=start, end_s=end),
+            generation=GenerationOptions(
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                do_sample=sample,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                seed=seed,
+            ),
+            prompt=PromptOptions(style=prompt, system_prompt=system),  # type: ignore[arg-type]
+            method=MethodOptions(method=method),  # type: ignore[arg-type]
+        )
+        if not question.strip():
+            raise ConfigError("question must not be empty")
+        _check_video_path(video)
+        report = _run_ask(video, question, model_options, run_options, as_json=as_json)
+    except DyCokeError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        typer.echo("Error: interrupted", err=True)
+        raise typer.Exit(130) from None
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    elif not quiet:
+        from cli.render import print_summary
+
+        print_summary(report)
+
+
+def _check_video_path(video: str) -> None:
+    """Cheap checks before any heavy import, so a typo is reported at once."""
+    from dycoke.errors import VideoError
+
+    path = Path(video)
+    if not path.exists():
+        raise VideoError(f"video not found: {video}")
+    if path.is_dir():
+        raise VideoError(f"video path is a directory, not a file: {video}")
+
+
+def _run_ask(video: str, question: str, model_options: ModelOptions, options: RunOptions, *, as_json: bool) -> Any:
+    from cli.render import console, loading, warn_random_weights
+
+    with loading(f"Loading {model_options.model}"):
+        from dycoke.pipeline import VideoQA
+
+        qa = VideoQA.load(model_options)
+    if qa.loaded.random_weights:
+        warn_random_weights(qa.loaded.source)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    report = qa.ask(video, question, options, on_text=None if as_json else write)
+    if not as_json:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    for warning in report.video.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    return report
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(
+    directory: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.")],
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    layers: Annotated[int, typer.Option(help="Decoder layers of the tiny LLM.")] = 4,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing checkpoint in DIRECTORY.")] = False,
+) -> None:
+    """Write a tiny random-weight LLaVA-OneVision checkpoint (real on-disk format) to try the tool offline.
+
+    Its answers are meaningless: it exists to run the whole pipeline without downloading weights.
+    """
+    try:
+        if layers < 1:
+            raise ConfigError(f"layers must be a positive integer, got {layers}")
+        from dycoke.tiny import build_tiny_checkpoint
+
+        path = build_tiny_checkpoint(directory, seed=seed, text_layers=layers, overwrite=overwrite)
+    except DyCokeError as exc:
+        fail(exc)
+    typer.echo(str(path))
+    typer.echo(f"tiny random-weight checkpoint written; try: dycoke ask VIDEO QUESTION --model {path}", err=True)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Rendering for the terminal: everything here writes to stderr."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+@contextmanager
+def loading(message: str) -> Iterator[None]:
+    """A spinner on stderr while something slow happens (only on a terminal)."""
+    if console.is_terminal:
+        with console.status(message):
+            yield
+    else:
+        yield
+
+
+def warn_random_weights(source: str) -> None:
+    console.print(
+        f"[yellow]warning:[/] {source} has random weights (a test checkpoint): its answers are meaningless",
+        highlight=False,
+    )
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def fmt_s(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def per_frame_text(counts: list[int]) -> str:
+    """``196 x 32`` for a uniform list, else the run-length pattern (``196, 58 x 3, ...``)."""
+    runs: list[tuple[int, int]] = []
+    for c in counts:
+        if runs and runs[-1][0] == c:
+            runs[-1] = (c, runs[-1][1] + 1)
+        else:
+            runs.append((c, 1))
+    text = ", ".join(f"{c} x {n}" if n > 1 else str(c) for c, n in runs)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def summary_table(report: Any) -> Table:
+    """The per-run summary: tokens, time per stage, memory."""
+    t, s, m = report.tokens, report.timings_s, report.memory
+    table = Table(title=f"dycoke · {report.method}", title_justify="left", show_header=False, box=None)
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    table.add_column("detail", style="dim")
+    video = report.video
+    table.add_row("frames", str(t.frames), f"of {video.source_num_frames} at {video.source_fps:.2f} fps")
+    table.add_row("visual tokens / frame", per_frame_text(t.visual_per_frame), f"{t.tokens_per_frame} uncompressed")
+    share = 100 * t.visual / t.visual_uncompressed if t.visual_uncompressed else 100.0
+    table.add_row("visual tokens to LLM", str(t.visual), f"{share:.1f} % of {t.visual_uncompressed} (newline incl.)")
+    table.add_row("prompt tokens", str(t.prompt), "text + visual")
+    table.add_row("generated tokens", str(t.generated), "")
+    table.add_section()
+    table.add_row("video decode", fmt_s(s.video_decode), f"{video.decoded_size[1]}x{video.decoded_size[0]}")
+    table.add_row("preprocess", fmt_s(s.preprocess), "")
+    table.add_row("vision encoder", fmt_s(s.vision_encoder), "")
+    if s.compress >= 0.0005:
+        table.add_row("compression", fmt_s(s.compress), "")
+    table.add_row("prefill (LLM first token)", fmt_s(s.prefill), "")
+    table.add_row("time to first token", fmt_s(s.ttft), "from the video file")
+    per_token = f"{s.ms_per_token:.1f} ms/token" if s.ms_per_token is not None else ""
+    table.add_row("decode", fmt_s(s.decode), per_token)
+    table.add_row("total", fmt_s(s.total), "")
+    table.add_section()
+    table.add_row("device", m.device, m.dtype)
+    if m.peak_gpu_bytes is not None:
+        table.add_row("peak GPU memory", fmt_bytes(m.peak_gpu_bytes), "")
+    table.add_row("KV cache", fmt_bytes(m.kv_cache_bytes), "all layers, K and V")
+    return table
+
+
+def print_summary(report: Any) -> None:
+    console.print(summary_table(report))

@@ -1,0 +1,150 @@
+"""DyCoke stage II: dynamic pruning of the visual KV cache at every decoding step (math only).
+
+At each decode step the new token's attention at layer L-1, averaged over all query heads, is sliced
+to the visual span; if its cosine similarity with the previous step's vector is below the gate
+threshold, layers L.. attend only to the top ``int(n * (1 - P))`` visual positions (plus every
+non-visual position). The cache itself is never shrunk, and positions are never renumbered: a pruned
+step is a boolean mask over the full K/V, so a token dropped at step t can come back at t+1.
+
+Everything here runs on the device, batched (one keep set per sample), with no host synchronisation.
+Shapes: B batch, Hq query heads, Hkv key/value heads, S key length, d head dim, n visual candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+GateMode = Literal["official", "reuse"]
+
+
+def head_mean_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention probabilities of one new query over all keys, averaged over query heads.
+
+    Args:
+        query: (B, Hq, 1, d) the new token's queries (rotary already applied).
+        key: (B, Hkv, S, d) every cached key; Hq must be a multiple of Hkv (GQA keys are shared).
+        scaling: the softmax scale (1/sqrt(d)).
+        mask: optional (B, 1, 1, S) or (B, S) boolean (True = may attend) or additive float mask.
+
+    Returns:
+        (B, S) float32 probabilities, mean over the Hq heads of softmax(q K^T * scaling).
+    """
+    b, hq, q_len, d = query.shape
+    hkv, s = key.shape[1], key.shape[2]
+    if q_len != 1:
+        raise ValueError(f"expected one new query, got {q_len}")
+    q = query.reshape(b, hkv, hq // hkv, d).float()
+    scores = torch.matmul(q, key.float().transpose(-1, -2)) * scaling  # (B, Hkv, G, S)
+    if mask is not None:
+        m = mask.reshape(mask.shape[0], 1, 1, s)
+        if m.dtype == torch.bool:
+            scores = scores.masked_fill(~m, float("-inf"))
+        else:
+            scores = scores + m.float()
+    return scores.softmax(dim=-1).mean(dim=(1, 2))
+
+
+def span_indices(starts: torch.Tensor, length: int) -> torch.Tensor:
+    """(B,) first positions -> (B, length) positions of each sample's visual span."""
+    return starts.reshape(-1, 1) + torch.arange(length, device=starts.device).reshape(1, -1)
+
+
+def gate_similarity(current: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """Cosine similarity per sample between this and the previous step's visual attention.
+
+    Args:
+        current, previous: (B, n). ``previous`` None (first step of a sample) gives similarity 0.
+
+    Returns:
+        (B,) float32.
+    """
+    if previous is None:
+        return torch.zeros(current.shape[0], device=current.device)
+    return torch.nn.functional.cosine_similarity(current.float(), previous.float(), dim=-1)
+
+
+def top_keep(visual_attention: torch.Tensor, keep: int) -> torch.Tensor:
+    """(B, n) attention -> (B, n) boolean mask of the ``keep`` most attended positions per sample."""
+    b, n = visual_attention.shape
+    kept = torch.zeros(b, n, dtype=torch.bool, device=visual_attention.device)
+    if keep > 0:
+        kept.scatter_(1, visual_attention.topk(keep, dim=-1).indices, True)
+    return kept
+
+
+def keep_count(num_candidates: int, prune_ratio: float) -> int:
+    """Visual positions kept at a pruned step: ``int(n * (1 - P))``, as the reference code computes it."""
+    return int(num_candidates * (1 - prune_ratio))
+
+
+@dataclass
+class PruneState:
+    """Per-run state of stage II, reset for every sample (the reference code does not: a bug).
+
+    Attributes:
+        starts: (B,) position of each sample's first visual token in the KV cache (left padding
+            included), on the model's device.
+        num_candidates: n, visual positions that can be pruned (the reference's N - 1).
+        keep: visual positions kept at a pruned step.
+        threshold: gate threshold on the cosine similarity.
+        mode: "official" prunes nothing at a step whose similarity reaches the threshold; "reuse"
+            keeps the previous selection at such a step.
+    """
+
+    starts: torch.Tensor
+    num_candidates: int
+    keep: int
+    threshold: float = 0.9
+    mode: GateMode = "official"
+    previous: torch.Tensor | None = None
+    kept: torch.Tensor | None = None  # (B, n) bool: visual positions attended by layers >= L this step
+    steps: torch.Tensor | None = None  # () decode steps seen
+    pruned_steps: torch.Tensor | None = None  # (B,) steps that pruned, per sample
+    attended_sum: torch.Tensor | None = None  # (B,) visual positions attended by layers >= L, summed
+    history: list[torch.Tensor] | None = field(default=None)  # per step (B, n) kept masks, when recorded
+
+    def update(self, visual_attention: torch.Tensor) -> torch.Tensor:
+        """Take this step's (B, n) visual attention; decide and return the (B, n) keep mask."""
+        b, n = visual_attention.shape
+        device = visual_attention.device
+        similarity = gate_similarity(visual_attention, self.previous)
+        prune = similarity < self.threshold  # (B,)
+        selected = top_keep(visual_attention, self.keep)
+        everything = torch.ones(b, n, dtype=torch.bool, device=device)
+        if self.mode == "reuse" and self.kept is not None:
+            fallback = self.kept
+        else:
+            fallback = everything
+        kept = torch.where(prune.reshape(b, 1), selected, fallback)
+        self.previous = visual_attention
+        self.kept = kept
+        if self.steps is None:
+            self.steps = torch.zeros((), dtype=torch.long, device=device)
+            self.pruned_steps = torch.zeros(b, dtype=torch.long, device=device)
+            self.attended_sum = torch.zeros(b, dtype=torch.long, device=device)
+        assert self.pruned_steps is not None and self.attended_sum is not None
+        self.steps += 1
+        self.pruned_steps += (~kept.all(dim=-1)).long()
+        self.attended_sum += kept.sum(dim=-1)
+        if self.history is not None:
+            self.history.append(kept)
+        return kept
+
+    def full_mask(self, kv_length: int) -> torch.Tensor:
+        """(B, kv_length) boolean mask for layers >= L: False only at pruned visual positions."""
+        assert self.kept is not None
+        b = self.kept.shape[0]
+        mask = torch.ones(b, kv_length, dtype=torch.bool, device=self.kept.device)
+        return mask.scatter_(1, span_indices(self.starts, self.num_candidates), self.kept)
+
+    def visual_attention(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """(B, S) head-mean probabilities -> (B, n) on each sample's visual candidates."""
+        return probabilities.gather(1, span_indices(self.starts, self.num_candidates))

@@ -1,0 +1,179 @@
+"""Options of a run, as frozen dataclasses validated on construction.
+
+Nothing here imports torch: the CLI builds and validates these before any heavy import, so that an
+impossible value is reported in well under a second.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dycoke.errors import ConfigError
+
+DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
+PAPER_SYSTEM_PROMPT = "You are a helpful assistant."
+
+Method = Literal["full", "dycoke"]
+METHODS: tuple[str, ...] = ("full", "dycoke")
+GateMode = Literal["official", "reuse"]
+PromptStyle = Literal["paper", "checkpoint"]
+DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+
+def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
+    """Raise ConfigError unless ``lo <= value <= hi`` (with optional open ends)."""
+    ok = not math.isnan(value)
+    ok = ok and (value > lo if lo_open else value >= lo)
+    ok = ok and (value < hi if hi_open else value <= hi)
+    if not ok:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        raise ConfigError(f"{name} must be in {left}{lo}, {hi}{right}, got {value}")
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """Which frames to sample.
+
+    ``num_frames`` frames spread uniformly over the video (or the ``start_s``..``end_s`` window), the
+    rule of the paper's evaluation; or, when ``fps`` is set, frames at that rate, at most ``max_frames``.
+    """
+
+    num_frames: int = 32
+    fps: float | None = None
+    max_frames: int = 64
+    start_s: float | None = None
+    end_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1:
+            raise ConfigError(f"frames must be a positive integer, got {self.num_frames}")
+        if self.max_frames < 1:
+            raise ConfigError(f"max-frames must be a positive integer, got {self.max_frames}")
+        if self.fps is not None and not (self.fps > 0 and math.isfinite(self.fps)):
+            raise ConfigError(f"fps must be a positive number, got {self.fps}")
+        if self.start_s is not None and not self.start_s >= 0:
+            raise ConfigError(f"start must be >= 0 seconds, got {self.start_s}")
+        if self.end_s is not None and not self.end_s > (self.start_s or 0.0):
+            raise ConfigError(f"end must be greater than start ({self.start_s or 0.0} s), got {self.end_s}")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which checkpoint, and where it runs.
+
+    ``model`` is a hub id or a local directory in the same format. ``device`` is ``auto`` (CUDA when
+    present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``. ``dtype`` ``auto`` means bfloat16 on CUDA and
+    float32 on CPU. ``device_map="auto"`` spreads the model over every visible GPU with accelerate.
+    """
+
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
+
+    def __post_init__(self) -> None:
+        if not _DEVICE_RE.match(self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        if self.device_map not in (None, "auto"):
+            raise ConfigError(f"device-map must be 'auto' (or unset), got '{self.device_map}'")
+        if not self.model:
+            raise ConfigError("model must be a hub id or a local directory, got an empty string")
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Decoding: greedy by default (as the paper evaluates), sampling on request.
+
+    ``min_new_tokens`` forces a length (benchmarks on random weights use it).
+    """
+
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max-new-tokens must be a positive integer, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(
+                f"min-new-tokens must be in [0, max-new-tokens={self.max_new_tokens}], got {self.min_new_tokens}"
+            )
+        _check_range("temperature", self.temperature, 0.0, math.inf, lo_open=True, hi_open=True)
+        _check_range("top-p", self.top_p, 0.0, 1.0, lo_open=True)
+        if self.top_k < 0:
+            raise ConfigError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """``paper``: the chat prompt of the paper's evaluation (video before the question);
+    ``checkpoint``: the checkpoint's own chat template."""
+
+    style: PromptStyle = "paper"
+    system_prompt: str = PAPER_SYSTEM_PROMPT
+
+    def __post_init__(self) -> None:
+        if self.style not in ("paper", "checkpoint"):
+            raise ConfigError(f"prompt must be 'paper' or 'checkpoint', got '{self.style}'")
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """The compression method and its knobs.
+
+    ``full`` gives the LLM every visual token. ``dycoke`` applies temporal token merging with ratio
+    ``merge_ratio`` (K) at prefill and prunes the visual KV cache at every decode step: layers from
+    ``prune_layer`` (L) on attend only to the top ``1 - prune_ratio`` (P) of the visual tokens, chosen by
+    the attention of layer L-1, whenever the attention pattern moved (cosine < ``gate_threshold``).
+    """
+
+    method: Method = "full"
+    merge_ratio: float = 0.7
+    prune_layer: int = 3
+    prune_ratio: float = 0.7
+    gate_threshold: float = 0.9
+    gate_mode: GateMode = "official"
+    similarity_fp32: bool = True
+    prune_last_window: bool = False
+    keep_odd_last_frame: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        _check_range("merge-ratio (K)", self.merge_ratio, 0.0, 1.0, hi_open=True)
+        _check_range("prune-ratio (P)", self.prune_ratio, 0.0, 1.0, hi_open=True)
+        _check_range("gate-threshold", self.gate_threshold, -1.0, 1.0)
+        if self.prune_layer < 1:
+            raise ConfigError(f"prune-layer (L) must be >= 1, got {self.prune_layer}")
+        if self.gate_mode not in ("official", "reuse"):
+            raise ConfigError(f"gate-mode must be 'official' or 'reuse', got '{self.gate_mode}'")
+
+    def check_against_model(self, num_layers: int) -> None:
+        """Raise ConfigError if an option cannot apply to a model with ``num_layers`` decoder layers."""
+        if self.method == "dycoke" and self.prune_layer >= num_layers:
+            raise ConfigError(
+                f"prune-layer (L) must be below the model's {num_layers} layers (1..{num_layers - 1}), "
+                f"got {self.prune_layer}"
+            )
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything one question needs, besides the model."""
+
+    video: VideoOptions = field(default_factory=VideoOptions)
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+    prompt: PromptOptions = field(default_factory=PromptOptions)
+    method: MethodOptions = field(default_factory=MethodOptions)

@@ -1,0 +1,92 @@
+"""The only code that knows transformers' attention-function signature.
+
+DyCoke's decode-time pruning is a custom attention function registered under one name in both
+``AttentionInterface`` and ``AttentionMaskInterface`` (the mask registry needs it too, or padding masks
+would be dropped). It behaves exactly like SDPA except, during a decode step (one new query):
+at layer L-1 it also computes the new token's head-averaged attention probabilities (only for that
+layer and that query) and lets the ``PruneState`` choose a keep set; layers L.. then attend through a
+boolean mask that hides the pruned visual positions. The state reaches the function through a
+context variable set by ``dynamic_pruning``, which installs the function on the language model and
+always restores the previous attention implementation.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from dycoke.compress.kv_prune import PruneState, head_mean_attention
+
+ATTENTION_NAME = "dycoke_dp"
+
+
+@dataclass
+class PruneSession:
+    """What the attention function needs during one ``generate`` call."""
+
+    state: PruneState
+    prune_layer: int  # L: layers >= L attend to the keep set; layer L-1 chooses it
+
+
+_ACTIVE: contextvars.ContextVar[PruneSession | None] = contextvars.ContextVar("dycoke_prune", default=None)
+
+
+def dycoke_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA attention with DyCoke's decode-time pruning.
+
+    Shapes: query (B, Hq, q, d); key/value (B, Hkv, S, d) (the whole cache); attention_mask None or
+    (B, 1, q, S) boolean.
+    """
+    session = _ACTIVE.get()
+    layer = getattr(module, "layer_idx", None)
+    if session is None or layer is None or query.shape[2] != 1 or layer < session.prune_layer - 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    state = session.state
+    if layer == session.prune_layer - 1:
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        probabilities = head_mean_attention(query, key, scaling, attention_mask)
+        state.update(state.visual_attention(probabilities.to(state.starts.device)))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    keep = state.full_mask(key.shape[2]).to(query.device).reshape(query.shape[0], 1, 1, key.shape[2])
+    mask = keep if attention_mask is None else attention_mask & keep
+    return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_NAME, dycoke_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+@contextmanager
+def dynamic_pruning(model: Any, state: PruneState, prune_layer: int) -> Iterator[PruneSession]:
+    """Install DyCoke's pruning attention on ``model``'s language model for the duration of the block.
+
+    ``model`` is a ``LlavaOnevisionForConditionalGeneration``; only its language model switches
+    attention implementation (the vision tower keeps its own).
+    """
+    language_model = model.get_decoder() if hasattr(model, "get_decoder") else model.model.language_model
+    previous = language_model.config._attn_implementation
+    if previous not in ("sdpa", ATTENTION_NAME):
+        raise ValueError(f"dynamic pruning builds on SDPA attention, the model uses '{previous}'")
+    session = PruneSession(state=state, prune_layer=prune_layer)
+    token = _ACTIVE.set(session)
+    language_model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield session
+    finally:
+        language_model.set_attn_implementation(previous)
+        _ACTIVE.reset(token)

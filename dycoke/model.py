@@ -1,0 +1,186 @@
+"""Device and dtype choice, and loading a LLaVA-OneVision checkpoint (hub id or local directory).
+
+Loading is safetensors-only, never runs remote code, and uses SDPA attention. A model too large for
+one GPU is spread over all visible GPUs with ``device_map="auto"`` (accelerate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dycoke.config import ModelOptions
+from dycoke.errors import DeviceError, ModelLoadError, OutOfMemoryError
+from dycoke.preprocess import PreprocessConfig
+
+MODEL_TYPE = "llava_onevision"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; check that a requested GPU exists."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device '{spec}' asked for, but no CUDA GPU is available here; use --device cpu or auto")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"device '{spec}' does not exist: {count} CUDA GPU(s) visible (cuda:0..cuda:{count - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device '{spec}' asked for, but MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float32 elsewhere."""
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[spec]
+
+
+@dataclass
+class LoadedModel:
+    """A loaded checkpoint and what the pipeline needs to drive it."""
+
+    model: Any  # LlavaOnevisionForConditionalGeneration
+    tokenizer: Any
+    preprocess: PreprocessConfig
+    source: str
+    device: torch.device  # where inputs go (the embedding's device under a device map)
+    dtype: torch.dtype
+    random_weights: bool
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.text_config
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Visual tokens per frame after the 2x2 pooling: ceil(27/2)^2 = 196 for the real models."""
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        return int(-(-side // 2)) ** 2
+
+    @property
+    def video_token_id(self) -> int:
+        return int(self.config.video_token_id)
+
+
+def _local_dir(model: str) -> Path | None:
+    """The local checkpoint directory ``model`` names, or None for a hub id."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1]
+    if looks_like_path or model.count("/") > 1:
+        raise ModelLoadError(
+            f"model directory not found: {model}; pass a hub id (e.g. llava-hf/llava-onevision-qwen2-0.5b-ov-hf) "
+            "or an existing checkpoint directory"
+        )
+    return None
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    """Raise ModelLoadError unless ``path`` holds a LLaVA-OneVision checkpoint in safetensors format."""
+    if not path.is_dir():
+        raise ModelLoadError(f"model path is not a directory: {path}; pass a checkpoint directory or a hub id")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path} is not a LLaVA-OneVision checkpoint: no config.json in it")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from exc
+    if model_type != MODEL_TYPE:
+        raise ModelLoadError(
+            f"{path} is not a LLaVA-OneVision checkpoint: config.json has model_type '{model_type}' "
+            f"(expected '{MODEL_TYPE}')"
+        )
+    if not any(path.glob("*.safetensors")):
+        raise ModelLoadError(f"{path} has no .safetensors weights (only safetensors checkpoints are loaded)")
+
+
+def load_model(options: ModelOptions) -> LoadedModel:
+    """Load model, tokenizer and preprocessing constants from a hub id or a local directory."""
+    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+    from dycoke.tiny import checkpoint_is_random
+
+    local = _local_dir(options.model)
+    if local is not None:
+        check_checkpoint_dir(local)
+    source = str(local) if local is not None else options.model
+
+    if options.device_map == "auto":
+        if not torch.cuda.is_available():
+            raise DeviceError("--device-map auto spreads the model over GPUs, but no CUDA GPU is available here")
+        device = torch.device("cuda", 0)
+    else:
+        device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "attn_implementation": "sdpa"}
+    if options.device_map == "auto":
+        kwargs["device_map"] = "auto"
+    try:
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        where = source if local is not None else f"the Hugging Face hub and the local cache ({_hf_cache()})"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"could not load model '{options.model}' from {where}: {reason}; pass --model DIR with a downloaded "
+            "checkpoint, or build a random test one with `dycoke make-tiny-model DIR`"
+        ) from exc
+    if options.device_map != "auto":
+        try:
+            model.to(device)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise OutOfMemoryError(
+                f"model '{options.model}' does not fit in the memory of {device}; use a smaller model or "
+                "--device-map auto to spread it over several GPUs"
+            ) from exc
+    else:
+        device = model.get_input_embeddings().weight.device
+    model.eval()
+    preprocess = PreprocessConfig.from_pretrained_dir(local) if local is not None else _hub_preprocess(source)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        preprocess=preprocess,
+        source=source,
+        device=device,
+        dtype=dtype,
+        random_weights=checkpoint_is_random(model.config),
+    )
+
+
+def _hf_cache() -> str:
+    return os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+
+
+def _hub_preprocess(repo_id: str) -> PreprocessConfig:
+    """Preprocessing constants of a hub checkpoint (the llava-hf defaults when its files are unreachable)."""
+    from huggingface_hub import hf_hub_download
+
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        try:
+            path = hf_hub_download(repo_id, name)
+        except Exception:  # absent from the repo or unreachable: try the next file, then the defaults
+            continue
+        return PreprocessConfig.from_pretrained_dir(Path(path).parent)
+    return PreprocessConfig()

@@ -1,0 +1,274 @@
+"""The story top to bottom: frames -> pixels -> features -> compression -> generation -> report.
+
+``VideoQA.load(...)`` loads a checkpoint once; ``ask`` answers one question about one video.
+``prepare`` (decode, preprocess, encode) and ``answer`` (compress, prompt, generate) are separate so
+that several questions or methods can share one decoded and encoded video.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dycoke.config import ModelOptions, RunOptions, VideoOptions
+from dycoke.errors import OutOfMemoryError
+from dycoke.methods import CompressedVisual, build_method
+from dycoke.model import LoadedModel, load_model
+from dycoke.preprocess import preprocess_frames
+from dycoke.prompt import expand_video_placeholder, render_prompt, tokenize_prompt
+from dycoke.report import Memory, Report, Timings, TokenCounts, VideoInfo, kv_cache_bytes
+from dycoke.streaming import TimedTextStreamer
+from dycoke.video import VideoFrames, read_video
+
+TextCallback = Callable[[str], None]
+
+
+@dataclass
+class PreparedVideo:
+    """A decoded, preprocessed and encoded video, ready for any number of questions.
+
+    ``features`` is (F*T, D): the projected and pooled tokens of the F frames, frame after frame,
+    without the trailing newline token, which is ``newline`` (1, D).
+    """
+
+    frames: VideoFrames
+    path: str
+    features: torch.Tensor
+    newline: torch.Tensor
+    num_frames: int
+    tokens_per_frame: int
+    decode_s: float
+    preprocess_s: float
+    encode_s: float
+
+
+class VideoQA:
+    """Answers questions about videos with a loaded LLaVA-OneVision checkpoint."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+
+    @classmethod
+    def load(cls, options: ModelOptions | None = None) -> VideoQA:
+        """Load a checkpoint (hub id or local directory) with the given device/dtype options."""
+        return cls(load_model(options or ModelOptions()))
+
+    # -- stages -------------------------------------------------------------------------------------
+
+    def prepare(self, video: str | Path, options: VideoOptions | None = None) -> PreparedVideo:
+        """Decode and sample frames, preprocess them on the model's device, run the vision encoder."""
+        options = options or VideoOptions()
+        loaded = self.loaded
+        t0 = time.perf_counter()
+        frames = read_video(
+            video,
+            num_frames=options.num_frames,
+            fps=options.fps,
+            max_frames=options.max_frames,
+            start_s=options.start_s,
+            end_s=options.end_s,
+        )
+        t1 = time.perf_counter()
+        with _oom_guard("preprocessing", frames.num_frames):
+            pixels = preprocess_frames(frames.frames, loaded.preprocess, device=loaded.device, dtype=loaded.dtype)
+            _sync(loaded.device)
+        t2 = time.perf_counter()
+        with _oom_guard("the vision encoder", frames.num_frames), torch.inference_mode():
+            features, newline = self._encode(pixels)
+            _sync(loaded.device)
+        t3 = time.perf_counter()
+        return PreparedVideo(
+            frames=frames,
+            path=str(video),
+            features=features,
+            newline=newline,
+            num_frames=frames.num_frames,
+            tokens_per_frame=loaded.tokens_per_frame,
+            decode_s=t1 - t0,
+            preprocess_s=t2 - t1,
+            encode_s=t3 - t2,
+        )
+
+    def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F, 3, H, W) pixels -> ((F*T, D) frame tokens, (1, D) newline token)."""
+        model = self.loaded.model
+        config = model.config
+        out = model.get_video_features(
+            pixel_values_videos=pixels.unsqueeze(0),
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        )
+        tokens = out.pooler_output if hasattr(out, "pooler_output") else out
+        tokens = tokens.reshape(-1, tokens.shape[-1])  # (F*T + 1, D)
+        return tokens[:-1], tokens[-1:]
+
+    def answer(
+        self,
+        prepared: PreparedVideo,
+        question: str,
+        options: RunOptions | None = None,
+        on_text: TextCallback | None = None,
+    ) -> Report:
+        """Compress the prepared video's tokens, build the prompt, generate, and report."""
+        options = options or RunOptions()
+        loaded = self.loaded
+        method = build_method(options.method, loaded)
+        tokenizer = loaded.tokenizer
+        if loaded.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(loaded.device)
+
+        t_start = time.perf_counter()
+        with _oom_guard("compression", prepared.num_frames), torch.inference_mode():
+            visual: CompressedVisual = method.compress(prepared.features, prepared.num_frames, prepared.tokens_per_frame)
+            visual_tokens = torch.cat([visual.tokens, prepared.newline.to(visual.tokens.dtype)], dim=0)
+            _sync(loaded.device)
+        t_compressed = time.perf_counter()
+
+        text = render_prompt(tokenizer, question, options.prompt)
+        ids, visual_start = expand_video_placeholder(
+            tokenize_prompt(tokenizer, text), loaded.video_token_id, visual_tokens.shape[0]
+        )
+        input_ids = torch.tensor([ids], device=loaded.device)
+        streamer = TimedTextStreamer(tokenizer, on_text)
+        gen = options.generation
+        with _oom_guard("generation", prepared.num_frames), torch.inference_mode():
+            embeds = loaded.model.get_input_embeddings()(input_ids)
+            mask = (input_ids == loaded.video_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(mask, visual_tokens.to(embeds.dtype))
+            if gen.seed is not None:
+                torch.manual_seed(gen.seed)
+            streamer.start()
+            with method.decoding(visual_start=visual_start, num_visual=visual_tokens.shape[0]):
+                output = loaded.model.generate(
+                    inputs_embeds=embeds,
+                    attention_mask=torch.ones_like(input_ids),
+                    streamer=streamer,
+                    **generation_kwargs(loaded, gen),
+                )
+        t_end = time.perf_counter()
+
+        generated = output[0].tolist()
+        answer = tokenizer.decode(generated, skip_special_tokens=True).strip()
+        n_gen = len(generated)
+        prefill = streamer.first_token_s if streamer.first_token_s is not None else t_end - t_compressed
+        decode = streamer.decode_s
+        shared = prepared.decode_s + prepared.preprocess_s + prepared.encode_s
+        timings = Timings(
+            video_decode=prepared.decode_s,
+            preprocess=prepared.preprocess_s,
+            vision_encoder=prepared.encode_s,
+            compress=t_compressed - t_start,
+            prefill=prefill,
+            ttft=shared + (t_compressed - t_start) + prefill,
+            decode=decode,
+            ms_per_token=1000 * decode / (n_gen - 1) if n_gen > 1 else None,
+            total=shared + (t_end - t_start),
+        )
+        tpf = prepared.tokens_per_frame
+        tokens = TokenCounts(
+            frames=prepared.num_frames,
+            tokens_per_frame=tpf,
+            visual_per_frame=visual.per_frame,
+            visual=int(visual_tokens.shape[0]),
+            visual_uncompressed=prepared.num_frames * tpf + 1,
+            prompt=len(ids),
+            generated=n_gen,
+        )
+        element = torch.finfo(loaded.dtype).bits // 8
+        memory = Memory(
+            device=str(loaded.device),
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            peak_gpu_bytes=torch.cuda.max_memory_allocated(loaded.device) if loaded.device.type == "cuda" else None,
+            kv_cache_bytes=kv_cache_bytes(loaded.text_config, len(ids) + max(n_gen - 1, 0), element),
+        )
+        frames = prepared.frames
+        return Report(
+            answer=answer,
+            method=options.method.method,
+            model=loaded.source,
+            random_weights=loaded.random_weights,
+            question=question,
+            video=VideoInfo(
+                path=prepared.path,
+                source_fps=frames.source_fps,
+                source_num_frames=frames.source_num_frames,
+                duration_s=frames.duration_s,
+                source_size=frames.source_size,
+                decoded_size=frames.decoded_size,
+                indices=list(frames.indices),
+                timestamps_s=list(frames.timestamps_s),
+                warnings=list(frames.warnings),
+            ),
+            tokens=tokens,
+            timings_s=timings,
+            memory=memory,
+            options={
+                "video": asdict(options.video),
+                "generation": asdict(gen),
+                "prompt": asdict(options.prompt),
+                "method": asdict(options.method),
+            },
+            compression=method.stats(n_gen),
+        )
+
+    def ask(
+        self,
+        video: str | Path,
+        question: str,
+        options: RunOptions | None = None,
+        on_text: TextCallback | None = None,
+    ) -> Report:
+        """Answer ``question`` about ``video``; ``on_text`` receives the answer as it is generated."""
+        options = options or RunOptions()
+        if self.loaded.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.loaded.device)
+        prepared = self.prepare(video, options.video)
+        return self.answer(prepared, question, options, on_text)
+
+
+def generation_kwargs(loaded: LoadedModel, gen: Any) -> dict[str, Any]:
+    """Arguments for ``generate``: greedy unless sampling was asked for; stop at ``<|im_end|>``/EOS."""
+    tokenizer = loaded.tokenizer
+    eos: list[int] = []
+    for candidate in (loaded.model.generation_config.eos_token_id, tokenizer.eos_token_id,
+                      tokenizer.convert_tokens_to_ids("<|im_end|>")):
+        for tid in candidate if isinstance(candidate, list) else [candidate]:
+            if isinstance(tid, int) and tid >= 0 and tid not in eos and tid != tokenizer.unk_token_id:
+                eos.append(tid)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": gen.max_new_tokens,
+        "min_new_tokens": gen.min_new_tokens or None,
+        "do_sample": gen.do_sample,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+    }
+    if gen.do_sample:
+        kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k or None)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def _oom_guard(stage: str, num_frames: int) -> Iterator[None]:
+    """Turn a CUDA out-of-memory error into one clear line."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        raise OutOfMemoryError(
+            f"out of GPU memory in {stage} with {num_frames} frames; try fewer --frames, --method dycoke, "
+            "a smaller model, or --device-map auto"
+        ) from exc

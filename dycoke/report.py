@@ -1,0 +1,100 @@
+"""What a run cost, as plain data: token counts, timings, memory. Nothing here prints.
+
+``Report.to_dict()`` is the JSON shape of ``dycoke ask --json`` (nested keys such as
+``tokens.visual`` and ``timings_s.total``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class VideoInfo:
+    """The source video and the frames sampled from it."""
+
+    path: str
+    source_fps: float
+    source_num_frames: int
+    duration_s: float
+    source_size: tuple[int, int]
+    decoded_size: tuple[int, int]
+    indices: list[int]
+    timestamps_s: list[float]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TokenCounts:
+    """Token counts of one answer.
+
+    ``visual`` counts the video tokens in the LLM input, the trailing newline token included
+    (32 frames uncompressed: 32*196 + 1 = 6273); ``visual_uncompressed`` is that count without
+    compression; ``prompt`` is the whole LLM input (text + visual).
+    """
+
+    frames: int
+    tokens_per_frame: int
+    visual_per_frame: list[int]
+    visual: int
+    visual_uncompressed: int
+    prompt: int
+    generated: int
+
+
+@dataclass
+class Timings:
+    """Seconds per stage. ``prefill`` runs from the start of generation to the first token
+    (time to first token of the LLM); ``ttft`` runs from the start of the whole job."""
+
+    video_decode: float = 0.0
+    preprocess: float = 0.0
+    vision_encoder: float = 0.0
+    compress: float = 0.0
+    prefill: float = 0.0
+    ttft: float = 0.0
+    decode: float = 0.0
+    ms_per_token: float | None = None
+    total: float = 0.0
+
+
+@dataclass
+class Memory:
+    """Memory of the run. ``peak_gpu_bytes`` is None off CUDA. ``kv_cache_bytes`` is what the KV cache
+    stores at the end of generation (all layers, keys and values)."""
+
+    device: str
+    dtype: str
+    peak_gpu_bytes: int | None
+    kv_cache_bytes: int
+
+
+@dataclass
+class Report:
+    """Everything about one answered question."""
+
+    answer: str
+    method: str
+    model: str
+    random_weights: bool
+    question: str
+    video: VideoInfo
+    tokens: TokenCounts
+    timings_s: Timings
+    memory: Memory
+    options: dict[str, Any] = field(default_factory=dict)
+    compression: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (tuples become lists)."""
+        return asdict(self)
+
+
+def kv_cache_bytes(text_config: Any, seq_len: int, bytes_per_value: int, batch: int = 1) -> int:
+    """Bytes a full KV cache holds: 2 (K and V) x layers x kv heads x head dim x tokens x batch."""
+    heads = int(text_config.num_attention_heads)
+    kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
+    layers = int(text_config.num_hidden_layers)
+    return 2 * layers * kv_heads * head_dim * seq_len * batch * bytes_per_value
