@@ -54,7 +54,8 @@ def version_callback(value: bool) -> None:
 @app.callback()
 def root(
     version: Annotated[
-        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit.")
+        bool,
+        typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit."),
     ] = False,
 ) -> None:
     """Ask questions about videos with LLaVA-OneVision, made fast with DyCoke token compression."""

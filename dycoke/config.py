@@ -25,7 +25,9 @@ DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 
-def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
+def _check_range(
+    name: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> None:
     """Raise ConfigError unless ``lo <= value <= hi`` (with optional open ends)."""
     ok = not math.isnan(value)
     ok = ok and (value > lo if lo_open else value >= lo)

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from dycoke.config import ModelOptions, RunOptions, VideoOptions
+from dycoke.costs import LlmShape, dycoke_tflops, full_tflops
 from dycoke.errors import OutOfMemoryError
-from dycoke.methods import CompressedVisual, build_method
+from dycoke.methods import CompressedVisual, CompressionMethod, build_method
 from dycoke.model import LoadedModel, load_model
 from dycoke.preprocess import preprocess_frames
 from dycoke.prompt import expand_video_placeholder, render_prompt, tokenize_prompt
@@ -125,7 +126,9 @@ class VideoQA:
 
         t_start = time.perf_counter()
         with _oom_guard("compression", prepared.num_frames), torch.inference_mode():
-            visual: CompressedVisual = method.compress(prepared.features, prepared.num_frames, prepared.tokens_per_frame)
+            visual: CompressedVisual = method.compress(
+                prepared.features, prepared.num_frames, prepared.tokens_per_frame
+            )
             visual_tokens = torch.cat([visual.tokens, prepared.newline.to(visual.tokens.dtype)], dim=0)
             _sync(loaded.device)
         t_compressed = time.perf_counter()
@@ -214,8 +217,33 @@ class VideoQA:
                 "prompt": asdict(options.prompt),
                 "method": asdict(options.method),
             },
-            compression=method.stats(n_gen),
+            compression=self._compression_figures(method, options, tokens, memory),
         )
+
+    def _compression_figures(
+        self, method: CompressionMethod, options: RunOptions, tokens: TokenCounts, memory: Memory
+    ) -> dict[str, Any]:
+        """Retained ratios, the paper's TFLOPs for this run vs full, KV bytes stored vs attended."""
+        text = self.loaded.text_config
+        shape = LlmShape(
+            layers=int(text.num_hidden_layers), hidden=int(text.hidden_size), ffn=int(text.intermediate_size)
+        )
+        n_full = tokens.frames * tokens.tokens_per_frame
+        merged = tokens.visual - 1
+        figures = method.stats(tokens.generated)
+        figures["retained_prefill_ratio"] = merged / n_full if n_full else 1.0
+        figures["tflops_full"] = full_tflops(shape, n_full, tokens.generated)
+        prune_layer, prune_ratio = shape.layers, 0.0
+        if options.method.method == "dycoke" and figures.get("decode_steps", 0) > 0:
+            prune_layer, prune_ratio = options.method.prune_layer, options.method.prune_ratio
+        figures["tflops"] = dycoke_tflops(shape, merged, tokens.generated, prune_layer, prune_ratio)
+        hidden_per_step = figures.get("candidates", 0) - figures.get("avg_candidates_attended_late_layers", 0)
+        stored = memory.kv_cache_bytes
+        late_share = (shape.layers - prune_layer) / shape.layers
+        seq = tokens.prompt + max(tokens.generated - 1, 0)
+        figures["kv_bytes_stored"] = stored
+        figures["kv_bytes_attended_per_step"] = int(stored * (1 - late_share * hidden_per_step / seq)) if seq else 0
+        return figures
 
     def ask(
         self,
@@ -236,8 +264,11 @@ def generation_kwargs(loaded: LoadedModel, gen: Any) -> dict[str, Any]:
     """Arguments for ``generate``: greedy unless sampling was asked for; stop at ``<|im_end|>``/EOS."""
     tokenizer = loaded.tokenizer
     eos: list[int] = []
-    for candidate in (loaded.model.generation_config.eos_token_id, tokenizer.eos_token_id,
-                      tokenizer.convert_tokens_to_ids("<|im_end|>")):
+    for candidate in (
+        loaded.model.generation_config.eos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    ):
         for tid in candidate if isinstance(candidate, list) else [candidate]:
             if isinstance(tid, int) and tid >= 0 and tid not in eos and tid != tokenizer.unk_token_id:
                 eos.append(tid)

@@ -38,9 +38,7 @@ def checkpoint_prompt(tokenizer: Tokenizer, question: str) -> str:
     try:
         text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # transformers raises ValueError when no template exists
-        raise ModelLoadError(
-            f"the checkpoint has no usable chat template ({exc}); use --prompt paper"
-        ) from exc
+        raise ModelLoadError(f"the checkpoint has no usable chat template ({exc}); use --prompt paper") from exc
     if VIDEO_TOKEN not in str(text):
         raise ModelLoadError("the checkpoint's chat template does not render a <video> token; use --prompt paper")
     return str(text)

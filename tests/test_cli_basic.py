@@ -1,0 +1,83 @@
+"""CLI behaviour that needs no model: help, version, usage errors, bad paths."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
+
+runner = CliRunner()
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_help_lists_commands() -> None:
+    code, out, _ = run("--help")
+    assert code == 0
+    assert "ask" in out and "make-tiny-model" in out
+
+
+def test_version() -> None:
+    code, out, _ = run("--version")
+    assert code == 0 and out.startswith("dycoke ")
+
+
+def test_help_does_not_import_torch() -> None:
+    code = (
+        "import sys; from cli.app import app; "
+        "import typer.testing as t; r = t.CliRunner().invoke(app, ['ask', '--help']); "
+        "assert r.exit_code == 0, r.output; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--frames", "0"], "frames must be a positive integer, got 0"),
+        (["--frames", "-3"], "frames must be a positive integer, got -3"),
+        (["--device", "gpu7"], "device must be auto, cpu, cuda or cuda:N, got 'gpu7'"),
+        (["--dtype", "int8"], "dtype must be one of auto, float32, bfloat16, float16, got 'int8'"),
+        (["--fps", "0"], "fps must be a positive number, got 0.0"),
+        (["--start", "5", "--end", "2"], "end must be greater than start (5.0 s), got 2.0"),
+        (["--max-new-tokens", "0"], "max-new-tokens must be a positive integer, got 0"),
+        (["--method", "zip"], "method must be one of"),
+        (["--prompt", "fancy"], "prompt must be 'paper' or 'checkpoint', got 'fancy'"),
+        (["--top-p", "1.5"], "top-p must be in (0.0, 1.0], got 1.5"),
+    ],
+)
+def test_bad_option_values_are_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"x")
+    code, out, err = run("ask", str(video), "q?", *args)
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], err
+
+
+def test_missing_video_is_one_line_error(tmp_path: Path) -> None:
+    code, out, err = run("ask", str(tmp_path / "nope.mp4"), "q?")
+    assert code == 1 and out == ""
+    assert err.strip() == f"Error: video not found: {tmp_path / 'nope.mp4'}"
+
+
+def test_directory_as_video(tmp_path: Path) -> None:
+    code, _, err = run("ask", str(tmp_path), "q?")
+    assert code == 1 and err.strip() == f"Error: video path is a directory, not a file: {tmp_path}"
+
+
+def test_empty_question(tmp_path: Path) -> None:
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"x")
+    code, _, err = run("ask", str(video), "   ")
+    assert code == 2 and err.strip() == "Error: question must not be empty"
