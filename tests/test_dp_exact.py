@@ -1,0 +1,215 @@
+"""DyCoke stage II on the tiny checkpoint against an independent, naive reference.
+
+The reference below is written from DYCOKE.md alone: an explicit per-layer forward in float32 with
+its own KV cache, explicit attention probabilities in every layer, and per-step boolean masks. It
+shares nothing with ``dycoke.hooks`` / ``dycoke.compress.kv_prune`` but the model's weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dycoke.config import MethodOptions
+from dycoke.methods import DyCoke
+
+N_VISUAL = 60  # visual tokens in the prompt, newline included
+PREFIX, SUFFIX = 5, 6  # text tokens before and after the visual run
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint: Path) -> Any:
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    m = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        tiny_checkpoint, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    return m.eval()
+
+
+def make_batch(model: Any, pads: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded embeddings (B, S, D) with a visual run per sample, their mask and visual starts."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = 900
+    embed = model.get_input_embeddings()
+    rows, masks, starts = [], [], []
+    width = max(pads) + PREFIX + N_VISUAL + SUFFIX
+    for b, pad in enumerate(pads):
+        text_ids = torch.randint(10, vocab, (PREFIX + SUFFIX,), generator=g)
+        text = embed(text_ids)
+        visual = torch.randn(N_VISUAL, text.shape[-1], generator=g) * (1.0 + b)
+        pad_rows = embed(torch.zeros(width - PREFIX - N_VISUAL - SUFFIX, dtype=torch.long))
+        rows.append(torch.cat([pad_rows, text[:PREFIX], visual, text[PREFIX:]]))
+        n_pad = width - PREFIX - N_VISUAL - SUFFIX
+        masks.append(torch.cat([torch.zeros(n_pad, dtype=torch.long), torch.ones(width - n_pad, dtype=torch.long)]))
+        starts.append(n_pad + PREFIX)
+    return torch.stack(rows), torch.stack(masks), torch.tensor(starts)
+
+
+@torch.no_grad()
+def naive_generate(
+    model: Any,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    starts: torch.Tensor,
+    *,
+    prune: bool,
+    layer_l: int,
+    ratio_p: float,
+    threshold: float,
+    mode: str,
+) -> tuple[list[list[int]], list[int]]:
+    """Greedy decoding, explicit attention; returns tokens and per-sample counts of pruned steps."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    lm = model.model.language_model
+    cfg = lm.config
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+    b = embeds.shape[0]
+    n_cand = N_VISUAL - 2  # reference off-by-one: last merged token and newline never candidates
+    keep_n = int(n_cand * (1 - ratio_p))
+    cache_k: list[torch.Tensor | None] = [None] * len(lm.layers)
+    cache_v: list[torch.Tensor | None] = [None] * len(lm.layers)
+    key_mask = mask.bool()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    previous: list[torch.Tensor | None] = [None] * b
+    previous_keep: list[torch.Tensor | None] = [None] * b
+    pruned_steps = [0] * b
+    tokens: list[list[int]] = [[] for _ in range(b)]
+    x, pos, decoding = embeds, positions, False
+    for _ in range(NEW_TOKENS):
+        q_len = x.shape[1]
+        cos, sin = lm.rotary_emb(x, pos)
+        keep_full = torch.ones(b, key_mask.shape[1], dtype=torch.bool)
+        for li, layer in enumerate(lm.layers):
+            att = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = att.q_proj(h).view(b, q_len, hq, hd).transpose(1, 2)
+            k = att.k_proj(h).view(b, q_len, hkv, hd).transpose(1, 2)
+            v = att.v_proj(h).view(b, q_len, hkv, hd).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            ck, cv = cache_k[li], cache_v[li]
+            keys = k if ck is None else torch.cat([ck, k], dim=2)
+            values = v if cv is None else torch.cat([cv, v], dim=2)
+            cache_k[li], cache_v[li] = keys, values
+            s = keys.shape[2]
+            kr = keys.repeat_interleave(hq // hkv, dim=1)
+            vr = values.repeat_interleave(hq // hkv, dim=1)
+            scores = (q @ kr.transpose(-1, -2)) * hd**-0.5  # (B, Hq, q, S)
+            causal = torch.ones(q_len, s, dtype=torch.bool).tril(diagonal=s - q_len)
+            allowed = causal[None, None] & key_mask[:, None, None, :]
+            if decoding and prune and li >= layer_l:
+                allowed = allowed & keep_full[:, None, None, :]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            probs = torch.where(allowed.any(-1, keepdim=True), scores.softmax(-1), torch.zeros(()))
+            if decoding and prune and li == layer_l - 1:
+                mean = probs.mean(dim=1)[:, 0]  # (B, S): head average for the one new query
+                for bi in range(b):
+                    st = int(starts[bi])
+                    a = mean[bi, st : st + n_cand]
+                    prev = previous[bi]
+                    c = 0.0 if prev is None else float(torch.nn.functional.cosine_similarity(a, prev, dim=0))
+                    if c < threshold:
+                        chosen = torch.zeros(n_cand, dtype=torch.bool)
+                        chosen[a.topk(keep_n).indices] = True
+                    elif mode == "reuse" and previous_keep[bi] is not None:
+                        chosen = previous_keep[bi]  # type: ignore[assignment]
+                    else:
+                        chosen = torch.ones(n_cand, dtype=torch.bool)
+                    previous[bi], previous_keep[bi] = a, chosen
+                    pruned_steps[bi] += int(not bool(chosen.all()))
+                    keep_full[bi, st : st + n_cand] = chosen
+            out = (probs @ vr).transpose(1, 2).reshape(b, q_len, hq * hd)
+            x = x + att.o_proj(out)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        logits = model.lm_head(lm.norm(x[:, -1]))
+        nxt = logits.argmax(-1)
+        for bi in range(b):
+            tokens[bi].append(int(nxt[bi]))
+        x = model.get_input_embeddings()(nxt)[:, None]
+        key_mask = torch.cat([key_mask, torch.ones(b, 1, dtype=torch.bool)], dim=1)
+        pos = pos[:, -1:] + 1
+        decoding = True
+    return tokens, pruned_steps
+
+
+def dycoke_generate(
+    model: Any, embeds: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor, options: MethodOptions
+) -> tuple[list[list[int]], list[int]]:
+    method = DyCoke(options, model)
+    with torch.inference_mode(), method.decoding(visual_start=starts, num_visual=N_VISUAL):
+        out = model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    state = method.state
+    pruned = [] if state is None or state.pruned_steps is None else state.pruned_steps.tolist()
+    return out.tolist(), pruned
+
+
+SETTINGS = [
+    pytest.param(0.9, "official", id="gated-official"),
+    pytest.param(1.0, "official", id="always-prune"),
+    pytest.param(0.9999, "reuse", id="gated-reuse"),
+]
+
+
+@pytest.mark.parametrize("pads", [[0], [0, 7], [3, 0, 11]], ids=["batch1", "batch2", "batch3"])
+@pytest.mark.parametrize(("threshold", "mode"), SETTINGS)
+def test_dp_matches_naive_reference(model: Any, pads: list[int], threshold: float, mode: str) -> None:
+    embeds, mask, starts = make_batch(model, pads)
+    options = MethodOptions(method="dycoke", prune_layer=2, prune_ratio=0.7, gate_threshold=threshold, gate_mode=mode)  # type: ignore[arg-type]
+    got, got_pruned = dycoke_generate(model, embeds, mask, starts, options)
+    expected, expected_pruned = naive_generate(
+        model, embeds, mask, starts, prune=True, layer_l=2, ratio_p=0.7, threshold=threshold, mode=mode
+    )
+    assert got == expected
+    assert got_pruned == expected_pruned
+    assert all(p >= 1 for p in got_pruned)  # the first decode step always prunes (similarity 0)
+    if threshold == 1.0:
+        assert all(p == NEW_TOKENS - 1 for p in got_pruned)
+
+
+def test_naive_reference_without_pruning_is_plain_generate(model: Any) -> None:
+    """The reference itself is trustworthy: with pruning off it reproduces stock generate."""
+    embeds, mask, starts = make_batch(model, [0, 4])
+    with torch.inference_mode():
+        stock = model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+        ).tolist()
+    naive, _ = naive_generate(
+        model, embeds, mask, starts, prune=False, layer_l=2, ratio_p=0.7, threshold=0.9, mode="official"
+    )
+    assert naive == stock
+
+
+def test_pruning_changes_the_answer(model: Any) -> None:
+    """The hook is really active: always pruning 70 % of the visual KV changes greedy tokens here."""
+    embeds, mask, starts = make_batch(model, [0], seed=3)
+    full, _ = dycoke_generate(model, embeds, mask, starts, MethodOptions(method="dycoke", prune_ratio=0.0))
+    pruned, _ = dycoke_generate(
+        model, embeds, mask, starts, MethodOptions(method="dycoke", prune_layer=1, prune_ratio=0.95, gate_threshold=1.0)
+    )
+    assert full != pruned
+
+
+def test_hook_is_removed_after_generation(model: Any) -> None:
+    embeds, mask, starts = make_batch(model, [0])
+    method = DyCoke(MethodOptions(method="dycoke"), model)
+    with method.decoding(visual_start=starts, num_visual=N_VISUAL):
+        assert model.model.language_model.config._attn_implementation == "dycoke_dp"
+    assert model.model.language_model.config._attn_implementation == "sdpa"
