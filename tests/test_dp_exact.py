@@ -38,13 +38,15 @@ def make_batch(model: Any, pads: list[int], seed: int = 0) -> tuple[torch.Tensor
     embed = model.get_input_embeddings()
     rows, masks, starts = [], [], []
     width = max(pads) + PREFIX + N_VISUAL + SUFFIX
-    for b, pad in enumerate(pads):
-        text_ids = torch.randint(10, vocab, (PREFIX + SUFFIX,), generator=g)
+    for b, n_pad in enumerate(pads):
+        # sample b: n_pad pad tokens, then text, its visual run, and a longer text tail, so that every
+        # sample's visual run starts at its own position
+        extra = max(pads) - n_pad
+        text_ids = torch.randint(10, vocab, (PREFIX + SUFFIX + extra,), generator=g)
         text = embed(text_ids)
         visual = torch.randn(N_VISUAL, text.shape[-1], generator=g) * (1.0 + b)
-        pad_rows = embed(torch.zeros(width - PREFIX - N_VISUAL - SUFFIX, dtype=torch.long))
+        pad_rows = embed(torch.zeros(n_pad, dtype=torch.long))
         rows.append(torch.cat([pad_rows, text[:PREFIX], visual, text[PREFIX:]]))
-        n_pad = width - PREFIX - N_VISUAL - SUFFIX
         masks.append(torch.cat([torch.zeros(n_pad, dtype=torch.long), torch.ones(width - n_pad, dtype=torch.long)]))
         starts.append(n_pad + PREFIX)
     return torch.stack(rows), torch.stack(masks), torch.tensor(starts)
@@ -167,6 +169,7 @@ SETTINGS = [
 @pytest.mark.parametrize(("threshold", "mode"), SETTINGS)
 def test_dp_matches_naive_reference(model: Any, pads: list[int], threshold: float, mode: str) -> None:
     embeds, mask, starts = make_batch(model, pads)
+    assert len(set(starts.tolist())) == len(pads)  # each sample's visual run starts elsewhere
     options = MethodOptions(method="dycoke", prune_layer=2, prune_ratio=0.7, gate_threshold=threshold, gate_mode=mode)  # type: ignore[arg-type]
     got, got_pruned = dycoke_generate(model, embeds, mask, starts, options)
     expected, expected_pruned = naive_generate(
@@ -208,7 +211,7 @@ def test_pruning_changes_the_answer(model: Any) -> None:
 
 
 def test_hook_is_removed_after_generation(model: Any) -> None:
-    embeds, mask, starts = make_batch(model, [0])
+    _, _, starts = make_batch(model, [0])
     method = DyCoke(MethodOptions(method="dycoke"), model)
     with method.decoding(visual_start=starts, num_visual=N_VISUAL):
         assert model.model.language_model.config._attn_implementation == "dycoke_dp"
