@@ -97,7 +97,11 @@ class VideoQA:
         )
 
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(F, 3, H, W) pixels -> ((F*T, D) frame tokens, (1, D) newline token)."""
+        """(F, 3, H, W) pixels -> ((F*T, D) frame tokens, (1, D) newline token).
+
+        transformers >= 5.2x appends the newline token to ``get_video_features``' output; older 5.x
+        releases return the frame tokens alone and add ``image_newline`` in ``forward``.
+        """
         model = self.loaded.model
         config = model.config
         out = model.get_video_features(
@@ -106,8 +110,12 @@ class VideoQA:
             vision_feature_select_strategy=config.vision_feature_select_strategy,
         )
         tokens = out.pooler_output if hasattr(out, "pooler_output") else out
-        tokens = tokens.reshape(-1, tokens.shape[-1])  # (F*T + 1, D)
-        return tokens[:-1], tokens[-1:]
+        tokens = tokens.reshape(-1, tokens.shape[-1])
+        frame_tokens = pixels.shape[0] * self.loaded.tokens_per_frame
+        if tokens.shape[0] == frame_tokens + 1:
+            return tokens[:-1], tokens[-1:]
+        newline = model.model.image_newline.reshape(1, -1).to(tokens.device, tokens.dtype)
+        return tokens, newline
 
     def answer(
         self,
