@@ -82,7 +82,27 @@ def ask(
     max_frames: Annotated[int, typer.Option(help="Cap on frames with --fps.")] = 64,
     start: Annotated[float | None, typer.Option(help="Start of the time window, seconds.")] = None,
     end: Annotated[float | None, typer.Option(help="End of the time window, seconds.")] = None,
-    method: Annotated[str, typer.Option(help="Compression method: full.")] = "full",
+    method: Annotated[str, typer.Option(help="dycoke (compressed) or full (every visual token).")] = "dycoke",
+    merge_ratio: Annotated[
+        float, typer.Option("--merge-ratio", "-K", help="DyCoke K: share of tokens TTM drops from merged frames.")
+    ] = 0.7,
+    prune_layer: Annotated[
+        int, typer.Option("--prune-layer", "-L", help="DyCoke L: layers from L on attend to the kept KV only.")
+    ] = 3,
+    prune_ratio: Annotated[
+        float, typer.Option("--prune-ratio", "-P", help="DyCoke P: share of visual KV pruned at a decode step.")
+    ] = 0.7,
+    gate_threshold: Annotated[float, typer.Option(help="Prune when attention moved: cosine below this.")] = 0.9,
+    gate_mode: Annotated[
+        str, typer.Option(help="official (stable step: prune nothing) or reuse (keep the last selection).")
+    ] = "official",
+    similarity: Annotated[str, typer.Option(help="TTM similarities in fp32 (default) or the model dtype.")] = "fp32",
+    prune_last_window: Annotated[
+        bool, typer.Option(help="TTM: also re-prune the last 4-frame window (the reference skips it).")
+    ] = False,
+    keep_odd_last_frame: Annotated[
+        bool, typer.Option(help="TTM: keep an odd last frame whole (the reference drops it).")
+    ] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 256,
     min_new_tokens: Annotated[int, typer.Option(help="Force at least this many tokens (benchmarks).")] = 0,
     sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of greedy decoding.")] = False,
@@ -112,7 +132,17 @@ def ask(
                 seed=seed,
             ),
             prompt=PromptOptions(style=prompt, system_prompt=system),  # type: ignore[arg-type]
-            method=MethodOptions(method=method),  # type: ignore[arg-type]
+            method=MethodOptions(
+                method=method,  # type: ignore[arg-type]
+                merge_ratio=merge_ratio,
+                prune_layer=prune_layer,
+                prune_ratio=prune_ratio,
+                gate_threshold=gate_threshold,
+                gate_mode=gate_mode,  # type: ignore[arg-type]
+                similarity_fp32=_similarity_fp32(similarity),
+                prune_last_window=prune_last_window,
+                keep_odd_last_frame=keep_odd_last_frame,
+            ),
         )
         if not question.strip():
             raise ConfigError("question must not be empty")
@@ -129,6 +159,12 @@ def ask(
         from cli.render import print_summary
 
         print_summary(report)
+
+
+def _similarity_fp32(value: str) -> bool:
+    if value not in ("fp32", "model"):
+        raise ConfigError(f"similarity must be 'fp32' or 'model', got '{value}'")
+    return value == "fp32"
 
 
 def _check_video_path(video: str) -> None:

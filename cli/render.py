@@ -47,15 +47,25 @@ def fmt_s(seconds: float | None) -> str:
 
 
 def per_frame_text(counts: list[int]) -> str:
-    """``196 x 32`` for a uniform list, else the run-length pattern (``196, 58 x 3, ...``)."""
-    runs: list[tuple[int, int]] = []
-    for c in counts:
-        if runs and runs[-1][0] == c:
-            runs[-1] = (c, runs[-1][1] + 1)
-        else:
-            runs.append((c, 1))
-    text = ", ".join(f"{c} x {n}" if n > 1 else str(c) for c, n in runs)
-    return text if len(text) <= 60 else text[:57] + "..."
+    """Tokens per frame, compactly: ``196 x 32``, or ``[196, 58, 58, 58] x 7 + [196, 58, 196, 58]``."""
+    if not counts:
+        return "-"
+    parts: list[str] = []
+    i = 0
+    while i < len(counts):
+        best_period, best_repeats = 1, 1
+        for period in range(1, min(8, len(counts) - i) + 1):
+            unit = counts[i : i + period]
+            repeats = 1
+            while counts[i + repeats * period : i + (repeats + 1) * period] == unit:
+                repeats += 1
+            if repeats > 1 and repeats * period > best_repeats * best_period:
+                best_period, best_repeats = period, repeats
+        unit = counts[i : i + best_period]
+        body = str(unit[0]) if best_period == 1 else "[" + ", ".join(map(str, unit)) + "]"
+        parts.append(f"{body} x {best_repeats}" if best_repeats > 1 else body)
+        i += best_period * best_repeats
+    return " + ".join(parts)
 
 
 def summary_table(report: Any) -> Table:
@@ -69,7 +79,7 @@ def summary_table(report: Any) -> Table:
     table.add_row("frames", str(t.frames), f"of {video.source_num_frames} at {video.source_fps:.2f} fps")
     table.add_row("visual tokens / frame", per_frame_text(t.visual_per_frame), f"{t.tokens_per_frame} uncompressed")
     share = 100 * t.visual / t.visual_uncompressed if t.visual_uncompressed else 100.0
-    table.add_row("visual tokens to LLM", str(t.visual), f"{share:.1f} % of {t.visual_uncompressed} (newline incl.)")
+    table.add_row("visual tokens to LLM", str(t.visual), f"{share:.1f} % of {t.visual_uncompressed}")
     table.add_row("prompt tokens", str(t.prompt), "text + visual")
     table.add_row("generated tokens", str(t.generated), "")
     table.add_section()
@@ -79,15 +89,33 @@ def summary_table(report: Any) -> Table:
     if s.compress >= 0.0005:
         table.add_row("compression", fmt_s(s.compress), "")
     table.add_row("prefill (LLM first token)", fmt_s(s.prefill), "")
-    table.add_row("time to first token", fmt_s(s.ttft), "from the video file")
+    table.add_row("time to first token", fmt_s(s.ttft), "from the file")
     per_token = f"{s.ms_per_token:.1f} ms/token" if s.ms_per_token is not None else ""
     table.add_row("decode", fmt_s(s.decode), per_token)
     table.add_row("total", fmt_s(s.total), "")
+    c = report.compression
+    if report.method == "dycoke":
+        table.add_section()
+        table.add_row("TTM: visual tokens", f"{t.visual_uncompressed} -> {t.visual}", f"K={c['merge_ratio']}")
+        table.add_row("retained at prefill", f"{100 * c['retained_prefill_ratio']:.1f} %", "tokens entering the LLM")
+        table.add_row("paper's final ratio", f"{100 * c['paper_final_ratio']:.2f} %", "(1-3K/4)(1-P)")
+        steps = c.get("decode_steps", 0)
+        table.add_row("DP: steps that pruned", f"{100 * c['pruned_step_share']:.0f} %", f"of {steps} decode steps")
+        if "avg_visual_attended_late_layers" in c:
+            table.add_row(
+                f"attended, layers >= {c['prune_layer']}",
+                f"{c['avg_visual_attended_late_layers']:.0f}",
+                "visual tokens per decode step",
+            )
+    if "tflops" in c:
+        table.add_row("TFLOPs (paper formula)", f"{c['tflops']:.3g}", f"full tokens: {c['tflops_full']:.3g}")
     table.add_section()
     table.add_row("device", m.device, m.dtype)
     if m.peak_gpu_bytes is not None:
         table.add_row("peak GPU memory", fmt_bytes(m.peak_gpu_bytes), "")
-    table.add_row("KV cache", fmt_bytes(m.kv_cache_bytes), "all layers, K and V")
+    table.add_row("KV cache stored", fmt_bytes(m.kv_cache_bytes), "all layers, K and V")
+    if c.get("kv_bytes_attended_per_step", m.kv_cache_bytes) != m.kv_cache_bytes:
+        table.add_row("KV read per step", fmt_bytes(c["kv_bytes_attended_per_step"]), "with DP, at the last step")
     return table
 
 

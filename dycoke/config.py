@@ -141,7 +141,7 @@ class MethodOptions:
     the attention of layer L-1, whenever the attention pattern moved (cosine < ``gate_threshold``).
     """
 
-    method: Method = "full"
+    method: Method = "dycoke"
     merge_ratio: float = 0.7
     prune_layer: int = 3
     prune_ratio: float = 0.7

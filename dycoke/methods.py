@@ -86,6 +86,7 @@ class DyCoke:
         self.model = model
         self.state: PruneState | None = None
         self.merge: MergeResult | None = None
+        self.num_visual = 0
 
     def compress(self, features: torch.Tensor, num_frames: int, tokens_per_frame: int) -> CompressedVisual:
         o = self.options
@@ -109,6 +110,7 @@ class DyCoke:
     def decoding(self, *, visual_start: int | torch.Tensor, num_visual: int) -> Iterator[None]:
         """Install stage II for one ``generate`` call; a fresh state per call (per sample)."""
         o = self.options
+        self.num_visual = num_visual
         # The reference's off-by-one: the last merged token and the newline are never candidates.
         candidates = max(num_visual - 2, 0)
         keep = keep_count(candidates, o.prune_ratio)
@@ -142,7 +144,9 @@ class DyCoke:
             out["pruned_step_share"] = state.pruned_steps.float().mean().item() / steps
             out["candidates"] = state.num_candidates
             out["kept_when_pruned"] = state.keep
-            out["avg_candidates_attended_late_layers"] = state.attended_sum.float().mean().item() / steps
+            attended = state.attended_sum.float().mean().item() / steps
+            out["avg_candidates_attended_late_layers"] = attended
+            out["avg_visual_attended_late_layers"] = attended + self.num_visual - state.num_candidates
         else:
             out["decode_steps"] = 0
             out["pruned_step_share"] = 0.0

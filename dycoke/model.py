@@ -117,6 +117,7 @@ def check_checkpoint_dir(path: Path) -> None:
 def load_model(options: ModelOptions) -> LoadedModel:
     """Load model, tokenizer and preprocessing constants from a hub id or a local directory."""
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
     from dycoke.tiny import checkpoint_is_random
 
@@ -136,6 +137,7 @@ def load_model(options: ModelOptions) -> LoadedModel:
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "attn_implementation": "sdpa"}
     if options.device_map == "auto":
         kwargs["device_map"] = "auto"
+    hf_logging.disable_progress_bar()  # the CLI shows its own progress; stderr stays readable
     try:
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -226,6 +226,7 @@ class VideoQA:
                 "method": asdict(options.method),
             },
             compression=self._compression_figures(method, options, tokens, memory),
+            token_ids=generated,
         )
 
     def _compression_figures(

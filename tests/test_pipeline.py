@@ -1,0 +1,157 @@
+"""The whole pipeline on the tiny random checkpoint, against transformers' own ``generate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dycoke.compress.ttm import ttm_token_count
+from dycoke.config import GenerationOptions, MethodOptions, ModelOptions, RunOptions, VideoOptions
+from dycoke.errors import ConfigError, DeviceError, ModelLoadError
+from dycoke.pipeline import VideoQA
+from dycoke.preprocess import preprocess_frames
+from dycoke.prompt import paper_prompt
+from dycoke.video import read_video
+from tests.videos import textured_frames, write_video
+
+QUESTION = "What moves in the video?"
+FRAMES = 8
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def qa(tiny_checkpoint: Path) -> VideoQA:
+    return VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    frames = textured_frames(24, 96, 128, seed=5)
+    return write_video(tmp_path_factory.mktemp("clip") / "clip.mp4", frames, fps=12)
+
+
+def options(method: str = "full", frames: int = FRAMES, **method_kwargs: Any) -> RunOptions:
+    return RunOptions(
+        video=VideoOptions(num_frames=frames),
+        generation=GenerationOptions(max_new_tokens=NEW, min_new_tokens=NEW),
+        method=MethodOptions(method=method, **method_kwargs),  # type: ignore[arg-type]
+    )
+
+
+def stock_generate(qa: VideoQA, clip: Path, frames: int = FRAMES) -> list[int]:
+    """What a user gets from transformers directly: placeholder ids + pixel_values_videos + generate."""
+    loaded = qa.loaded
+    video = read_video(clip, num_frames=frames)
+    pixels = preprocess_frames(video.frames, loaded.preprocess)
+    text = paper_prompt(QUESTION, "You are a helpful assistant.")
+    n_video = video.num_frames * 196 + 1
+    text = text.replace("<video>", "<video>" * n_video)
+    ids = loaded.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    assert int((ids == loaded.video_token_id).sum()) == n_video
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values_videos=pixels.unsqueeze(0),
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,
+            do_sample=False,
+            pad_token_id=loaded.tokenizer.pad_token_id,
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def answer_ids(qa: VideoQA, report: Any) -> list[int]:
+    return qa.loaded.tokenizer(report.answer, add_special_tokens=False).input_ids
+
+
+def test_full_method_generates_exactly_what_transformers_generates(qa: VideoQA, clip: Path) -> None:
+    streamed: list[str] = []
+    report = qa.ask(clip, QUESTION, options("full"), on_text=streamed.append)
+    expected = stock_generate(qa, clip)
+    assert report.token_ids == expected
+    assert "".join(streamed).strip() == report.answer
+    assert report.tokens.visual == report.tokens.visual_uncompressed == FRAMES * 196 + 1
+    assert report.tokens.generated == NEW
+
+
+def test_dycoke_with_k0_p0_is_the_uncompressed_path(qa: VideoQA, clip: Path) -> None:
+    full = qa.ask(clip, QUESTION, options("full"))
+    off = qa.ask(clip, QUESTION, options("dycoke", merge_ratio=0.0, prune_ratio=0.0))
+    assert off.token_ids == full.token_ids
+    assert off.tokens.visual == full.tokens.visual
+
+
+def test_dycoke_changes_counts_as_the_paper_says(qa: VideoQA, clip: Path) -> None:
+    report = qa.ask(clip, QUESTION, options("dycoke", frames=16, prune_layer=2))
+    assert report.tokens.visual == ttm_token_count(16, 196, 0.7) + 1 == 1619
+    assert report.tokens.visual_uncompressed == 16 * 196 + 1
+    assert report.tokens.visual_per_frame == [196, 58, 58, 58] * 3 + [196, 58, 196, 58]
+    c = report.compression
+    assert c["decode_steps"] == NEW - 1
+    assert c["candidates"] == 1619 - 2 and c["kept_when_pruned"] == int((1619 - 2) * 0.3)
+    assert c["paper_final_ratio"] == pytest.approx(0.1425)
+    assert c["retained_prefill_ratio"] == pytest.approx(1618 / (16 * 196))
+    assert c["tflops"] < c["tflops_full"]
+
+
+@pytest.mark.parametrize("frames", [1, 2, 3, 4, 5, 7, 9])
+def test_placeholder_run_always_matches_merged_features(qa: VideoQA, clip: Path, frames: int) -> None:
+    report = qa.ask(clip, QUESTION, options("dycoke", frames=frames, prune_layer=2))
+    assert report.tokens.frames == frames
+    assert report.tokens.visual == ttm_token_count(frames, 196, 0.7) + 1
+    assert sum(report.tokens.visual_per_frame) == report.tokens.visual - 1
+
+
+def test_report_json_shape(qa: VideoQA, clip: Path) -> None:
+    data = qa.ask(clip, QUESTION, options("dycoke", prune_layer=2)).to_dict()
+    for key in ("answer", "method", "memory", "tokens", "timings_s", "video", "compression"):
+        assert key in data
+    for key in ("frames", "visual", "visual_uncompressed", "prompt", "generated"):
+        assert isinstance(data["tokens"][key], int)
+    assert data["timings_s"]["total"] > 0
+    assert data["memory"]["kv_cache_bytes"] > 0 and data["memory"]["peak_gpu_bytes"] is None
+    assert data["random_weights"] is True
+
+
+def test_prune_layer_must_be_below_the_model_depth(qa: VideoQA, clip: Path) -> None:
+    with pytest.raises(ConfigError, match=r"prune-layer \(L\) must be below the model's 4 layers \(1..3\), got 4"):
+        qa.ask(clip, QUESTION, options("dycoke", prune_layer=4))
+
+
+def test_sampling_is_reproducible_with_a_seed(qa: VideoQA, clip: Path) -> None:
+    run = RunOptions(
+        video=VideoOptions(num_frames=4),
+        generation=GenerationOptions(max_new_tokens=8, do_sample=True, temperature=1.5, seed=7),
+    )
+    assert qa.ask(clip, QUESTION, run).token_ids == qa.ask(clip, QUESTION, run).token_ids
+
+
+def test_missing_model_directory() -> None:
+    with pytest.raises(ModelLoadError, match="model directory not found: ./nowhere/model"):
+        VideoQA.load(ModelOptions(model="./nowhere/model", device="cpu"))
+
+
+def test_directory_that_is_not_llava_onevision(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ModelLoadError, match="config.json has model_type 'bert' \\(expected 'llava_onevision'\\)"):
+        VideoQA.load(ModelOptions(model=str(tmp_path), device="cpu"))
+
+
+def test_directory_without_config(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="is not a LLaVA-OneVision checkpoint: no config.json in it"):
+        VideoQA.load(ModelOptions(model=str(tmp_path), device="cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_asked_for_without_a_gpu(tiny_checkpoint: Path) -> None:
+    with pytest.raises(DeviceError, match="device 'cuda' asked for, but no CUDA GPU is available here"):
+        VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda"))
+
+
+def test_unreachable_hub_id_is_one_clear_error() -> None:
+    with pytest.raises(ModelLoadError, match="could not load model 'someone/no-such-model'"):
+        VideoQA.load(ModelOptions(model="someone/no-such-model", device="cpu"))
