@@ -116,7 +116,6 @@ def check_checkpoint_dir(path: Path) -> None:
 
 def load_model(options: ModelOptions) -> LoadedModel:
     """Load model, tokenizer and preprocessing constants from a hub id or a local directory."""
-    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
     from dycoke.tiny import checkpoint_is_random
@@ -139,10 +138,9 @@ def load_model(options: ModelOptions) -> LoadedModel:
         kwargs["device_map"] = "auto"
     hf_logging.disable_progress_bar()  # the CLI shows its own progress; stderr stays readable
     try:
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        model, tokenizer = _from_pretrained(source, kwargs, hub=local is None)
     except (OSError, ValueError) as exc:
-        where = source if local is not None else f"the Hugging Face hub and the local cache ({_hf_cache()})"
+        where = source if local is not None else f"the Hugging Face hub or the local cache ({_hf_cache()})"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
             f"could not load model '{options.model}' from {where}: {reason}; pass --model DIR with a downloaded "
@@ -171,6 +169,43 @@ def load_model(options: ModelOptions) -> LoadedModel:
     )
 
 
+def _from_pretrained(source: str, kwargs: dict[str, Any], *, hub: bool) -> tuple[Any, Any]:
+    """Model and tokenizer; a hub id is read from the local cache first, the network only if reachable."""
+    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+    def load(local_only: bool) -> tuple[Any, Any]:
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(source, local_files_only=local_only, **kwargs)
+        return model, AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+
+    if not hub:
+        return load(local_only=True)
+    try:
+        return load(local_only=True)
+    except OSError as cache_miss:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or not _hub_reachable():
+            raise OSError(
+                f"it is not in the local cache and the hub ({_hub_endpoint()}) cannot be reached"
+            ) from cache_miss
+    return load(local_only=False)
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub opens quickly (avoids minutes of retries when offline)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(_hub_endpoint())
+    try:
+        socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
 def _hf_cache() -> str:
     return os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
 
@@ -179,10 +214,12 @@ def _hub_preprocess(repo_id: str) -> PreprocessConfig:
     """Preprocessing constants of a hub checkpoint (the llava-hf defaults when its files are unreachable)."""
     from huggingface_hub import hf_hub_download
 
-    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-        try:
-            path = hf_hub_download(repo_id, name)
-        except Exception:  # absent from the repo or unreachable: try the next file, then the defaults
-            continue
-        return PreprocessConfig.from_pretrained_dir(Path(path).parent)
+    online = os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0") and _hub_reachable()
+    for local_only in (True, False) if online else (True,):
+        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+            try:
+                path = hf_hub_download(repo_id, name, local_files_only=local_only)
+            except Exception:  # absent from the repo or the cache: try the next file, then the defaults
+                continue
+            return PreprocessConfig.from_pretrained_dir(Path(path).parent)
     return PreprocessConfig()
