@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,10 +30,28 @@ ATTENTION_NAME = "dycoke_dp"
 
 @dataclass
 class PruneSession:
-    """What the attention function needs during one ``generate`` call."""
+    """What the attention function needs during one ``generate`` call.
+
+    ``step_masks`` caches, for the current decode step, the mask of layers >= L per (device, incoming
+    mask): it is built once at layer L-1 and reused by every later layer.
+    """
 
     state: PruneState
     prune_layer: int  # L: layers >= L attend to the keep set; layer L-1 chooses it
+    keep: torch.Tensor | None = None  # (B, 1, 1, S) this step's keep mask
+    step_masks: dict[tuple[torch.device, int], torch.Tensor] = field(default_factory=dict)
+
+    def layer_mask(self, attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """This step's mask for a layer >= L on ``device``: the keep set and the incoming mask."""
+        key = (device, id(attention_mask))
+        mask = self.step_masks.get(key)
+        if mask is None:
+            assert self.keep is not None
+            mask = self.keep.to(device)
+            if attention_mask is not None:
+                mask = attention_mask & mask
+            self.step_masks[key] = mask
+        return mask
 
 
 _ACTIVE: contextvars.ContextVar[PruneSession | None] = contextvars.ContextVar("dycoke_prune", default=None)
@@ -61,9 +79,10 @@ def dycoke_attention(
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         probabilities = head_mean_attention(query, key, scaling, attention_mask)
         state.update(state.visual_attention(probabilities.to(state.starts.device)))
+        session.keep = state.full_mask(key.shape[2]).reshape(query.shape[0], 1, 1, key.shape[2])
+        session.step_masks.clear()
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    keep = state.full_mask(key.shape[2]).to(query.device).reshape(query.shape[0], 1, 1, key.shape[2])
-    mask = keep if attention_mask is None else attention_mask & keep
+    mask = session.layer_mask(attention_mask, query.device)
     return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
 
 

@@ -1,0 +1,170 @@
+"""Full tokens vs DyCoke, side by side in one process, on random-weight models at the real shapes.
+
+Run on a CUDA machine (weights are random, so answers are meaningless; 64 tokens are forced):
+
+    python benchmarks/bench_methods.py --sizes 0.5b 7b --frames 32 --new-tokens 64 \
+        --video samples/bigbuckbunny.mp4 --out benchmarks/results/methods.json
+
+Per model and method: one warm-up, then ``--repeats`` runs; medians of every stage of the report
+(video decode, preprocessing, vision encoder, TTM, prefill, time to first token, ms per decoded token,
+total), peak GPU memory and KV-cache bytes. Methods alternate run by run so drifts hit both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dycoke.config import GenerationOptions, MethodOptions, RunOptions, VideoOptions
+from dycoke.model import LoadedModel
+from dycoke.pipeline import VideoQA
+from dycoke.preprocess import PreprocessConfig
+from dycoke.tiny import build_tiny_tokenizer, real_shape_config
+
+QUESTION = "What is the rabbit doing, and what happens to the butterflies?"
+
+
+def build(size: str) -> VideoQA:
+    """A random-weight LLaVA-OneVision at the real shape of ``size``, built directly on the GPU in bf16."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    tokenizer = build_tiny_tokenizer()
+    config = real_shape_config(size)  # type: ignore[arg-type]
+    # the offline tokenizer's ids for <image>/<video> (the real vocabulary is larger, so they are valid)
+    config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config.video_token_id = tokenizer.convert_tokens_to_ids("<video>")
+    with torch.device("cuda"):
+        model = LlavaOnevisionForConditionalGeneration._from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
+    model.eval()
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        preprocess=PreprocessConfig(),
+        source=f"random-{size}",
+        device=torch.device("cuda"),
+        dtype=torch.bfloat16,
+        random_weights=True,
+    )
+    return VideoQA(loaded)
+
+
+def run_once(qa: VideoQA, video: str, options: RunOptions) -> dict[str, Any]:
+    torch.cuda.synchronize()
+    report = qa.ask(video, QUESTION, options)
+    t = report.timings_s
+    return {
+        "video_decode_ms": 1000 * t.video_decode,
+        "preprocess_ms": 1000 * t.preprocess,
+        "vision_encoder_ms": 1000 * t.vision_encoder,
+        "compress_ms": 1000 * t.compress,
+        "prefill_ms": 1000 * t.prefill,
+        "ttft_ms": 1000 * t.ttft,
+        "ms_per_token": t.ms_per_token,
+        "total_ms": 1000 * t.total,
+        "peak_gpu_gib": (report.memory.peak_gpu_bytes or 0) / 2**30,
+        "kv_cache_mib": report.memory.kv_cache_bytes / 2**20,
+        "visual_tokens": report.tokens.visual,
+        "prompt_tokens": report.tokens.prompt,
+        "generated": report.tokens.generated,
+        "pruned_step_share": report.compression.get("pruned_step_share"),
+        "tflops_paper": report.compression.get("tflops"),
+    }
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs if r[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["0.5b", "7b"])
+    parser.add_argument("--frames", type=int, nargs="+", default=[32])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--video", default="samples/bigbuckbunny.mp4")
+    parser.add_argument("--methods", nargs="+", default=["full", "dycoke"])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    import transformers
+
+    results: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "runs": [],
+    }
+    for size in args.sizes:
+        qa = build(size)
+        for frames in args.frames:
+            per_method: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
+            opts = {
+                m: RunOptions(
+                    video=VideoOptions(num_frames=frames),
+                    generation=GenerationOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens),
+                    method=MethodOptions(method=m),  # type: ignore[arg-type]
+                )
+                for m in args.methods
+            }
+            for m in args.methods:  # warm-up
+                run_once(qa, args.video, opts[m])
+            for _ in range(args.repeats):
+                for m in args.methods:
+                    per_method[m].append(run_once(qa, args.video, opts[m]))
+            for m in args.methods:
+                row = {"size": size, "frames": frames, "method": m, **median_of(per_method[m])}
+                results["runs"].append(row)
+                print(json.dumps(row), flush=True)
+        del qa
+        torch.cuda.empty_cache()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(markdown(results))
+
+
+def markdown(results: dict[str, Any]) -> str:
+    cols = [
+        ("size", "model"),
+        ("frames", "F"),
+        ("method", "method"),
+        ("visual_tokens", "visual tok"),
+        ("vision_encoder_ms", "encoder ms"),
+        ("compress_ms", "TTM ms"),
+        ("prefill_ms", "prefill ms"),
+        ("ttft_ms", "TTFT ms"),
+        ("ms_per_token", "ms/token"),
+        ("total_ms", "total ms"),
+        ("peak_gpu_gib", "peak GiB"),
+        ("kv_cache_mib", "KV MiB"),
+    ]
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for row in results["runs"]:
+        cells = []
+        for key, _ in cols:
+            v = row[key]
+            cells.append(f"{v:.1f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""CUDA checks, run on the GPU machine (skipped without a GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dycoke.config import GenerationOptions, MethodOptions, ModelOptions, RunOptions, VideoOptions
+from dycoke.pipeline import VideoQA
+from tests.test_dp_exact import make_batch, naive_generate
+from tests.videos import textured_frames, write_video
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_video(tmp_path_factory.mktemp("gpu") / "clip.mp4", textured_frames(24, 96, 128, seed=5), fps=12)
+
+
+@pytest.mark.parametrize("method", ["full", "dycoke"])
+def test_pipeline_runs_on_cuda_in_bf16(tiny_checkpoint: Path, clip: Path, method: str) -> None:
+    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda"))
+    assert qa.loaded.dtype == torch.bfloat16
+    run = RunOptions(
+        video=VideoOptions(num_frames=16),
+        generation=GenerationOptions(max_new_tokens=12, min_new_tokens=12),
+        method=MethodOptions(method=method, prune_layer=2),  # type: ignore[arg-type]
+    )
+    report = qa.ask(clip, "What moves?", run)
+    assert report.tokens.generated == 12
+    assert report.memory.peak_gpu_bytes is not None and report.memory.peak_gpu_bytes > 0
+    assert report.tokens.visual == (1619 if method == "dycoke" else 16 * 196 + 1)
+
+
+def test_dp_on_cuda_matches_the_naive_reference(tiny_checkpoint: Path) -> None:
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from dycoke.methods import DyCoke
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cpu_model: Any = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    cuda_model: Any = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        tiny_checkpoint, dtype=torch.float32, attn_implementation="sdpa"
+    ).to("cuda")
+    embeds, mask, starts = make_batch(cpu_model.eval(), [0, 5])
+    expected, _ = naive_generate(
+        cpu_model, embeds, mask, starts, prune=True, layer_l=2, ratio_p=0.7, threshold=1.0, mode="official"
+    )
+    method = DyCoke(MethodOptions(method="dycoke", prune_layer=2, gate_threshold=1.0), cuda_model.eval())
+    with torch.inference_mode(), method.decoding(visual_start=starts.cuda(), num_visual=60):
+        out = cuda_model.generate(
+            inputs_embeds=embeds.detach().cuda(),
+            attention_mask=mask.cuda(),
+            max_new_tokens=8,
+            min_new_tokens=8,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    assert out.tolist() == expected
