@@ -105,7 +105,7 @@ class VideoQA:
         model = self.loaded.model
         config = model.config
         out = model.get_video_features(
-            pixel_values_videos=pixels.unsqueeze(0),
+            pixels.unsqueeze(0),  # named pixel_values_videos in 5.2x, pixel_values in 5.17: pass by position
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
         )

@@ -1,11 +1,13 @@
 """Which frames of a video the model sees, and reading them with decord.
 
 Frame selection (pure functions, no decoding)
---------------------------------------------
+---------------------------------------------
 Frame ``i`` of a video with ``n`` frames at ``source_fps`` has timestamp ``i / source_fps`` seconds and is
 shown during ``[i / source_fps, (i + 1) / source_fps)``; the duration is ``n / source_fps``. The rate is
 decord's ``get_avg_fps()`` (the stream's average frame rate, e.g. 30000/1001 = 29.97002997 for NTSC), so
-timestamps are exact for constant-frame-rate video and approximate for variable-frame-rate video.
+timestamps are exact for constant-frame-rate video. Variable-frame-rate files break this (OpenCV's
+``tree.avi``: 68 frames spread over 29.6 s, average rate reported as 15 fps, so a duration of 4.5 s);
+``read_video`` warns when the packets' own timestamps end more than 10% away from ``n / source_fps``.
 
 - ``frame_window``: ``start_s``/``end_s`` select the frames shown at any time in ``[start_s, end_s)``:
   first = floor(start_s * fps), last = ceil(end_s * fps) - 1 (products within 1e-6 of an integer are
@@ -287,7 +289,7 @@ def _reason(exc: BaseException) -> str:
     """A short one-line reason from a decord/FFmpeg exception (no source paths, no stack)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     text = _DECORD_PREFIX.sub("", text)
-    text = re.sub(r"^Check failed: .*?\)\s*", "", text)
+    text = re.sub(r"^Check failed: .*\(\S+ vs\. \S+\)\s*", "", text)
     return text[:160]
 
 
@@ -296,10 +298,10 @@ def _decord_errors(path: str) -> Iterator[None]:
     """Translate what decord raises (DECORDError, RuntimeError, AssertionError, ...) into VideoError."""
     try:
         yield
-    except VideoError:
+    except (VideoError, MemoryError):
         raise
     except StopIteration:
-        raise VideoError(f"cannot read video {path}: no frame could be decoded (not a video file?)") from None
+        raise VideoError(f"cannot read video {path}: the decoder stopped early (truncated or damaged file)") from None
     except AssertionError as exc:
         if "frame count" in str(exc):
             raise VideoError(f"video has no frames: {path}") from None
@@ -310,6 +312,10 @@ def _decord_errors(path: str) -> Iterator[None]:
             raise VideoError(f"cannot read video {path}: it has no video stream (or no frames)") from None
         if reason.startswith("Error reading"):
             reason = "not a video file, or damaged/truncated"
+        elif "buffer source" in reason:  # decord's filter graph got no pixel format: no frame to decode
+            reason = "the video stream has no decodable frames"
+        elif "av_read_frame failed" in reason:
+            reason = "FFmpeg could not read its packets (truncated or damaged file)"
         raise VideoError(f"cannot read video {path}: {reason or 'not a video file, or damaged'}") from None
 
 
@@ -427,12 +433,21 @@ def read_video(
         probe = decord.VideoReader(name)
         total = len(probe)
         source_fps = _frame_rate(probe, total, name)
-        first_frame = probe.next().asnumpy()  # decord does not report the size without decoding
+        last_end = float(probe.get_frame_timestamp([total - 1])[0][1])  # from the packets' timestamps
+        try:
+            first_frame = probe.next().asnumpy()  # decord does not report the size without decoding
+        except StopIteration:
+            raise VideoError(f"cannot read video {name}: no frame could be decoded (not a video file?)") from None
     source_size = (int(first_frame.shape[0]), int(first_frame.shape[1]))
     del first_frame
     duration = total / source_fps
 
     warnings: list[str] = []
+    if math.isfinite(last_end) and last_end > 0 and abs(last_end - duration) > max(0.1 * duration, 2 / source_fps):
+        warnings.append(
+            f"variable frame rate: the frames' own timestamps end at {last_end:.3f} s, not at "
+            f"{duration:.3f} s ({total} frames at {source_fps:.3f} fps); times here assume a constant rate"
+        )
     first, last = frame_window(total, source_fps, start_s, end_s)
     if end_s is not None and end_s > duration + _SNAP:
         warnings.append(f"end {end_s:g} s is past the end of the video ({duration:.3f} s): using up to the end")
