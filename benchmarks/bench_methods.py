@@ -83,6 +83,17 @@ def run_once(qa: VideoQA, video: str, options: RunOptions) -> dict[str, Any]:
     }
 
 
+def method_options(spec: str) -> MethodOptions:
+    """``dycoke`` or ``dycoke:gate_threshold=1.0,prune_ratio=0.5`` -> MethodOptions."""
+    name, _, rest = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        field_type = type(getattr(MethodOptions(), key))
+        kwargs[key] = value if field_type is str else field_type(value)
+    return MethodOptions(method=name, **kwargs)  # type: ignore[arg-type]
+
+
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in runs[0]:
@@ -98,7 +109,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--video", default="samples/bigbuckbunny.mp4")
-    parser.add_argument("--methods", nargs="+", default=["full", "dycoke"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["full", "dycoke"], help="e.g. full dycoke dycoke:gate_threshold=1.0"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -121,7 +134,7 @@ def main() -> None:
                 m: RunOptions(
                     video=VideoOptions(num_frames=frames),
                     generation=GenerationOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens),
-                    method=MethodOptions(method=m),  # type: ignore[arg-type]
+                    method=method_options(m),
                 )
                 for m in args.methods
             }

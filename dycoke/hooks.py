@@ -83,7 +83,25 @@ def dycoke_attention(
         session.step_masks.clear()
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     mask = session.layer_mask(attention_mask, query.device)
-    return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    return masked_decode_attention(query, key, value, mask, kwargs.get("scaling"))
+
+
+def masked_decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float | None
+) -> tuple[torch.Tensor, None]:
+    """One new query per sample attending through a boolean mask, with grouped K/V never repeated.
+
+    The query heads that share a K/V head are laid out as that head's query rows, so one SDPA call
+    covers all heads without copying K/V (as transformers' ``repeat_kv`` would, once per layer).
+
+    Shapes: query (B, Hq, 1, d); key/value (B, Hkv, S, d); mask (B, 1, 1, S) boolean.
+    Returns (B, 1, Hq, d), the layout transformers' attention functions return.
+    """
+    b, hq, _, d = query.shape
+    hkv = key.shape[1]
+    grouped = query.reshape(b, hkv, hq // hkv, d)  # query head h uses K/V head h // (Hq / Hkv)
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, 1, hq, d), None
 
 
 AttentionInterface.register(ATTENTION_NAME, dycoke_attention)
