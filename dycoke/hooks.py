@@ -33,7 +33,7 @@ class PruneSession:
     """What the attention function needs during one ``generate`` call.
 
     ``step_masks`` caches, for the current decode step, the mask of layers >= L per (device, incoming
-    mask): it is built once at layer L-1 and reused by every later layer.
+    mask): it is built at the first layer >= L and reused by every later layer.
     """
 
     state: PruneState
@@ -41,17 +41,25 @@ class PruneSession:
     keep: torch.Tensor | None = None  # (B, 1, 1, S) this step's keep mask
     step_masks: dict[tuple[torch.device, int], torch.Tensor] = field(default_factory=dict)
 
-    def layer_mask(self, attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-        """This step's mask for a layer >= L on ``device``: the keep set and the incoming mask."""
-        key = (device, id(attention_mask))
-        mask = self.step_masks.get(key)
-        if mask is None:
+    def layer_mask(self, attention_mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
+        """This step's additive mask for a layer >= L, on ``query``'s device and in its dtype.
+
+        0 where a key may be attended, -inf at pruned visual positions (and wherever the incoming mask
+        says no). Built once per step and device, then shared by every later layer. A float bias runs
+        in one fused SDPA kernel; its storage is padded to 16 keys so SDPA need not copy it to align.
+        """
+        cache_key = (query.device, id(attention_mask))
+        bias = self.step_masks.get(cache_key)
+        if bias is None:
             assert self.keep is not None
-            mask = self.keep.to(device)
+            allowed = self.keep.to(query.device)
             if attention_mask is not None:
-                mask = attention_mask & mask
-            self.step_masks[key] = mask
-        return mask
+                allowed = attention_mask.to(torch.bool) & allowed
+            b, s = allowed.shape[0], allowed.shape[-1]
+            storage = torch.zeros(b, 1, 1, s + (-s) % 16, dtype=query.dtype, device=query.device)
+            bias = storage[..., :s].masked_fill_(~allowed.reshape(b, 1, 1, s), float("-inf"))
+            self.step_masks[cache_key] = bias
+        return bias
 
 
 _ACTIVE: contextvars.ContextVar[PruneSession | None] = contextvars.ContextVar("dycoke_prune", default=None)
@@ -82,19 +90,19 @@ def dycoke_attention(
         session.keep = state.full_mask(key.shape[2]).reshape(query.shape[0], 1, 1, key.shape[2])
         session.step_masks.clear()
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    mask = session.layer_mask(attention_mask, query.device)
-    return masked_decode_attention(query, key, value, mask, kwargs.get("scaling"))
+    return masked_decode_attention(query, key, value, session.layer_mask(attention_mask, query), kwargs.get("scaling"))
 
 
 def masked_decode_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float | None
 ) -> tuple[torch.Tensor, None]:
-    """One new query per sample attending through a boolean mask, with grouped K/V never repeated.
+    """One new query per sample attending through a mask, with grouped K/V never repeated.
 
     The query heads that share a K/V head are laid out as that head's query rows, so one SDPA call
     covers all heads without copying K/V (as transformers' ``repeat_kv`` would, once per layer).
 
-    Shapes: query (B, Hq, 1, d); key/value (B, Hkv, S, d); mask (B, 1, 1, S) boolean.
+    Shapes: query (B, Hq, 1, d); key/value (B, Hkv, S, d); mask (B, 1, 1, S), boolean (True = attend)
+    or additive.
     Returns (B, 1, Hq, d), the layout transformers' attention functions return.
     """
     b, hq, _, d = query.shape
