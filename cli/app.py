@@ -181,10 +181,13 @@ def _check_video_path(video: str) -> None:
 def _run_ask(video: str, question: str, model_options: ModelOptions, options: RunOptions, *, as_json: bool) -> Any:
     from cli.render import console, loading, warn_random_weights
 
-    with loading(f"Loading {model_options.model}"):
-        from dycoke.pipeline import VideoQA
+    with loading(f"Reading {video}"):
+        from dycoke.pipeline import VideoQA, decode_video
 
+        decoded = decode_video(video, options.video)
+    with loading(f"Loading {model_options.model}"):
         qa = VideoQA.load(model_options)
+    options.method.check_against_model(qa.loaded.num_layers)
     if qa.loaded.random_weights:
         warn_random_weights(qa.loaded.source)
 
@@ -192,12 +195,12 @@ def _run_ask(video: str, question: str, model_options: ModelOptions, options: Ru
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    report = qa.ask(video, question, options, on_text=None if as_json else write)
+    report = qa.ask(decoded, question, options, on_text=None if as_json else write)
     if not as_json:
         sys.stdout.write("\n")
         sys.stdout.flush()
     for warning in report.video.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     return report
 
 

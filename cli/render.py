@@ -26,6 +26,7 @@ def warn_random_weights(source: str) -> None:
     console.print(
         f"[yellow]warning:[/] {source} has random weights (a test checkpoint): its answers are meaningless",
         highlight=False,
+        soft_wrap=True,
     )
 
 

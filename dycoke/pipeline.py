@@ -49,6 +49,30 @@ class PreparedVideo:
     encode_s: float
 
 
+@dataclass
+class DecodedVideo:
+    """Frames sampled from a video file, and how long decoding took."""
+
+    frames: VideoFrames
+    path: str
+    decode_s: float
+
+
+def decode_video(video: str | Path, options: VideoOptions | None = None) -> DecodedVideo:
+    """Sample and decode frames (no model needed: bad files are reported before any model loads)."""
+    options = options or VideoOptions()
+    t0 = time.perf_counter()
+    frames = read_video(
+        video,
+        num_frames=options.num_frames,
+        fps=options.fps,
+        max_frames=options.max_frames,
+        start_s=options.start_s,
+        end_s=options.end_s,
+    )
+    return DecodedVideo(frames=frames, path=str(video), decode_s=time.perf_counter() - t0)
+
+
 class VideoQA:
     """Answers questions about videos with a loaded LLaVA-OneVision checkpoint."""
 
@@ -62,19 +86,12 @@ class VideoQA:
 
     # -- stages -------------------------------------------------------------------------------------
 
-    def prepare(self, video: str | Path, options: VideoOptions | None = None) -> PreparedVideo:
-        """Decode and sample frames, preprocess them on the model's device, run the vision encoder."""
-        options = options or VideoOptions()
+    def prepare(self, video: str | Path | DecodedVideo, options: VideoOptions | None = None) -> PreparedVideo:
+        """Decode and sample frames (unless ``video`` is already decoded), preprocess them on the model's
+        device, run the vision encoder."""
+        decoded = video if isinstance(video, DecodedVideo) else decode_video(video, options)
+        frames = decoded.frames
         loaded = self.loaded
-        t0 = time.perf_counter()
-        frames = read_video(
-            video,
-            num_frames=options.num_frames,
-            fps=options.fps,
-            max_frames=options.max_frames,
-            start_s=options.start_s,
-            end_s=options.end_s,
-        )
         t1 = time.perf_counter()
         with _oom_guard("preprocessing", frames.num_frames):
             pixels = preprocess_frames(frames.frames, loaded.preprocess, device=loaded.device, dtype=loaded.dtype)
@@ -86,12 +103,12 @@ class VideoQA:
         t3 = time.perf_counter()
         return PreparedVideo(
             frames=frames,
-            path=str(video),
+            path=decoded.path,
             features=features,
             newline=newline,
             num_frames=frames.num_frames,
             tokens_per_frame=loaded.tokens_per_frame,
-            decode_s=t1 - t0,
+            decode_s=decoded.decode_s,
             preprocess_s=t2 - t1,
             encode_s=t3 - t2,
         )
@@ -256,7 +273,7 @@ class VideoQA:
 
     def ask(
         self,
-        video: str | Path,
+        video: str | Path | DecodedVideo,
         question: str,
         options: RunOptions | None = None,
         on_text: TextCallback | None = None,

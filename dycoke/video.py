@@ -384,6 +384,9 @@ def _import_decord() -> Any:
         import decord
     except ImportError as exc:  # pragma: no cover - decord is a dependency
         raise VideoError(f"reading videos needs the decord package ({exc})") from None
+    # FFmpeg's decoder chatter ("A non-intra slice in an IDR NAL unit", ...) would interleave with the
+    # answer on the terminal; real failures still surface as exceptions, turned into VideoError here.
+    decord.logging.set_level(decord.logging.QUIET)
     return decord
 
 

@@ -1,0 +1,110 @@
+"""`dycoke ask` end to end on the tiny checkpoint: streams, stdout/stderr split, --json, bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
+from tests.videos import textured_frames, write_video
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_video(tmp_path_factory.mktemp("cli") / "clip.mp4", textured_frames(20, 96, 128, seed=9), fps=10)
+
+
+def ask(tiny: Path, video: Path | str, *extra: str) -> tuple[int, str, str]:
+    args = ["ask", str(video), "What is in the video?", "--model", str(tiny), "--device", "cpu"]
+    args += ["--frames", "8", "--max-new-tokens", "6", "--min-new-tokens", "6", "-L", "2", *extra]
+    result = runner.invoke(app, args)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_answer_on_stdout_summary_on_stderr(tiny_checkpoint: Path, clip: Path) -> None:
+    code, out, err = ask(tiny_checkpoint, clip)
+    assert code == 0, err
+    assert out.strip() and "visual tokens" not in out
+    assert "random weights" in err and "meaningless" in err
+    assert "visual tokens to LLM" in err and "TTM: visual tokens" in err and "1569 -> 879" in err
+
+
+def test_json_report(tiny_checkpoint: Path, clip: Path) -> None:
+    code, out, err = ask(tiny_checkpoint, clip, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["method"] == "dycoke"
+    assert data["tokens"]["frames"] == 8
+    assert data["tokens"]["visual"] == 879 and data["tokens"]["visual_uncompressed"] == 8 * 196 + 1
+    assert data["tokens"]["generated"] == 6
+    assert data["timings_s"]["total"] > 0 and "memory" in data and data["answer"] == data["answer"].strip()
+
+
+def test_full_method_json(tiny_checkpoint: Path, clip: Path) -> None:
+    code, out, _ = ask(tiny_checkpoint, clip, "--json", "--method", "full")
+    assert code == 0
+    data = json.loads(out)
+    assert data["tokens"]["visual"] == data["tokens"]["visual_uncompressed"] == 1569
+
+
+def test_quiet_prints_no_summary(tiny_checkpoint: Path, clip: Path) -> None:
+    code, out, err = ask(tiny_checkpoint, clip, "--quiet")
+    assert code == 0 and out.strip() and "visual tokens" not in err
+
+
+def one_error_line(code: int, err: str, expected_code: int = 1) -> str:
+    lines = err.strip().splitlines()
+    assert code == expected_code and len(lines) == 1 and lines[0].startswith("Error: "), err
+    return lines[0]
+
+
+def test_non_video_file(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, this is not a video\n" * 20)
+    code, out, err = ask(tiny_checkpoint, text)
+    assert out == ""
+    assert "cannot read video" in one_error_line(code, err) or "no video stream" in err
+
+
+def test_corrupt_video(tiny_checkpoint: Path, clip: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(clip.read_bytes()[: len(clip.read_bytes()) // 5])
+    code, out, err = ask(tiny_checkpoint, broken)
+    assert out == ""
+    assert str(broken) in one_error_line(code, err)
+
+
+def test_garbage_with_video_extension(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(bytes(range(256)) * 64)
+    code, _, err = ask(tiny_checkpoint, junk)
+    assert str(junk) in one_error_line(code, err)
+
+
+def test_not_a_checkpoint_directory(tmp_path: Path, clip: Path) -> None:
+    code, _, err = ask(tmp_path, clip)
+    assert "is not a LLaVA-OneVision checkpoint" in one_error_line(code, err)
+
+
+def test_prune_layer_past_the_model(tiny_checkpoint: Path, clip: Path) -> None:
+    code, _, err = ask(tiny_checkpoint, clip, "-L", "9")
+    assert "prune-layer (L) must be below the model's 4 layers" in one_error_line(code, err, expected_code=2)
+
+
+def test_bad_ratio_and_gate_mode(tiny_checkpoint: Path, clip: Path) -> None:
+    code, _, err = ask(tiny_checkpoint, clip, "-K", "1.0")
+    assert "merge-ratio (K) must be in [0.0, 1.0), got 1.0" in one_error_line(code, err, expected_code=2)
+    code, _, err = ask(tiny_checkpoint, clip, "--gate-mode", "sometimes")
+    assert "gate-mode must be 'official' or 'reuse'" in one_error_line(code, err, expected_code=2)
+
+
+def test_make_tiny_model_refuses_a_full_directory(tmp_path: Path) -> None:
+    (tmp_path / "keep.txt").write_text("mine")
+    result = runner.invoke(app, ["make-tiny-model", str(tmp_path)])
+    assert "is not empty" in one_error_line(result.exit_code, result.stderr, expected_code=2)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
