@@ -7,7 +7,8 @@ Run on a CUDA machine (weights are random, so answers are meaningless; 64 tokens
 
 Per model and method: one warm-up, then ``--repeats`` runs; medians of every stage of the report
 (video decode, preprocessing, vision encoder, TTM, prefill, time to first token, ms per decoded token,
-total), peak GPU memory and KV-cache bytes. Methods alternate run by run so drifts hit both alike.
+total), peak GPU memory and KV-cache bytes; every run's ms/token and prefill are kept too. Methods
+alternate run by run so drifts hit both alike.
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ def main() -> None:
                     per_method[m].append(run_once(qa, args.video, opts[m]))
             for m in args.methods:
                 row = {"size": size, "frames": frames, "method": m, **median_of(per_method[m])}
+                row["ms_per_token_all"] = [r["ms_per_token"] for r in per_method[m]]
+                row["prefill_ms_all"] = [r["prefill_ms"] for r in per_method[m]]
                 results["runs"].append(row)
                 print(json.dumps(row), flush=True)
         del qa
