@@ -137,14 +137,13 @@ class DyCoke:
             "paper_final_ratio": (1 - 3 * o.merge_ratio / 4) * (1 - o.prune_ratio),
         }
         state = self.state
-        if state is not None and state.steps is not None and int(state.steps) > 0:
-            assert state.pruned_steps is not None and state.attended_sum is not None
-            steps = int(state.steps)
+        if state is not None and state.steps > 0:
+            steps = state.steps
             out["decode_steps"] = steps
-            out["pruned_step_share"] = state.pruned_steps.float().mean().item() / steps
+            out["pruned_step_share"] = state.pruned_steps().float().mean().item() / steps
             out["candidates"] = state.num_candidates
             out["kept_when_pruned"] = state.keep
-            attended = state.attended_sum.float().mean().item() / steps
+            attended = state.attended_sum().float().mean().item() / steps
             out["avg_candidates_attended_late_layers"] = attended
             out["avg_visual_attended_late_layers"] = attended + self.num_visual - state.num_candidates
         else:

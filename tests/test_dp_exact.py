@@ -154,7 +154,7 @@ def dycoke_generate(
             pad_token_id=0,
         )
     state = method.state
-    pruned = [] if state is None or state.pruned_steps is None else state.pruned_steps.tolist()
+    pruned = [] if state is None or state.steps == 0 else state.pruned_steps().tolist()
     return out.tolist(), pruned
 
 

@@ -75,9 +75,9 @@ def test_official_gate_prunes_first_step_then_nothing_when_pattern_is_stable() -
     a3 = torch.tensor([[0.9, 0.0, 0.8, 0.0], [0.9, 0.1, 0.5, 0.2]])
     kept3 = state.update(a3)
     assert kept3[0].tolist() == [True, False, True, False] and kept3[1].all()
-    assert state.steps is not None and int(state.steps) == 3
-    assert state.pruned_steps is not None and state.pruned_steps.tolist() == [2, 1]
-    assert state.attended_sum is not None and state.attended_sum.tolist() == [2 + 4 + 2, 2 + 4 + 4]
+    assert state.steps == 3
+    assert state.pruned_steps().tolist() == [2, 1]
+    assert state.attended_sum().tolist() == [2 + 4 + 2, 2 + 4 + 4]
 
 
 def test_reuse_gate_keeps_previous_selection() -> None:

@@ -106,45 +106,48 @@ class PruneState:
     mode: GateMode = "official"
     previous: torch.Tensor | None = None
     kept: torch.Tensor | None = None  # (B, n) bool: visual positions attended by layers >= L this step
-    steps: torch.Tensor | None = None  # () decode steps seen
-    pruned_steps: torch.Tensor | None = None  # (B,) steps that pruned, per sample
-    attended_sum: torch.Tensor | None = None  # (B,) visual positions attended by layers >= L, summed
-    history: list[torch.Tensor] | None = field(default=None)  # per step (B, n) kept masks, when recorded
+    history: list[torch.Tensor] = field(default_factory=list)  # every step's (B, n) kept mask
+    span: torch.Tensor = field(init=False)  # (B, n) KV positions of each sample's candidates
+
+    def __post_init__(self) -> None:
+        self.span = span_indices(self.starts, self.num_candidates)
 
     def update(self, visual_attention: torch.Tensor) -> torch.Tensor:
-        """Take this step's (B, n) visual attention; decide and return the (B, n) keep mask."""
-        b, n = visual_attention.shape
-        device = visual_attention.device
-        similarity = gate_similarity(visual_attention, self.previous)
-        prune = similarity < self.threshold  # (B,)
+        """Take this step's (B, n) visual attention; decide and return the (B, n) keep mask.
+
+        A handful of device ops, no host synchronisation; the statistics are derived from ``history``
+        after generation.
+        """
+        prune = (gate_similarity(visual_attention, self.previous) < self.threshold).unsqueeze(1)  # (B, 1)
         selected = top_keep(visual_attention, self.keep)
-        everything = torch.ones(b, n, dtype=torch.bool, device=device)
         if self.mode == "reuse" and self.kept is not None:
-            fallback = self.kept
+            kept = torch.where(prune, selected, self.kept)
         else:
-            fallback = everything
-        kept = torch.where(prune.reshape(b, 1), selected, fallback)
+            kept = selected | ~prune  # a step that does not prune keeps everything
         self.previous = visual_attention
         self.kept = kept
-        if self.steps is None:
-            self.steps = torch.zeros((), dtype=torch.long, device=device)
-            self.pruned_steps = torch.zeros(b, dtype=torch.long, device=device)
-            self.attended_sum = torch.zeros(b, dtype=torch.long, device=device)
-        assert self.pruned_steps is not None and self.attended_sum is not None
-        self.steps += 1
-        self.pruned_steps += (~kept.all(dim=-1)).long()
-        self.attended_sum += kept.sum(dim=-1)
-        if self.history is not None:
-            self.history.append(kept)
+        self.history.append(kept)
         return kept
+
+    @property
+    def steps(self) -> int:
+        """Decode steps seen."""
+        return len(self.history)
+
+    def pruned_steps(self) -> torch.Tensor:
+        """(B,) decode steps that pruned, per sample."""
+        return (~torch.stack(self.history).all(dim=-1)).sum(dim=0)
+
+    def attended_sum(self) -> torch.Tensor:
+        """(B,) candidates attended by layers >= L, summed over steps."""
+        return torch.stack(self.history).sum(dim=(0, 2))
 
     def full_mask(self, kv_length: int) -> torch.Tensor:
         """(B, kv_length) boolean mask for layers >= L: False only at pruned visual positions."""
         assert self.kept is not None
-        b = self.kept.shape[0]
-        mask = torch.ones(b, kv_length, dtype=torch.bool, device=self.kept.device)
-        return mask.scatter_(1, span_indices(self.starts, self.num_candidates), self.kept)
+        mask = torch.ones(self.kept.shape[0], kv_length, dtype=torch.bool, device=self.kept.device)
+        return mask.scatter_(1, self.span, self.kept)
 
     def visual_attention(self, probabilities: torch.Tensor) -> torch.Tensor:
         """(B, S) head-mean probabilities -> (B, n) on each sample's visual candidates."""
-        return probabilities.gather(1, span_indices(self.starts, self.num_candidates))
+        return probabilities.gather(1, self.span)
