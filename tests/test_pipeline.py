@@ -158,3 +158,17 @@ def test_cuda_asked_for_without_a_gpu(tiny_checkpoint: Path) -> None:
 def test_unreachable_hub_id_is_one_clear_error() -> None:
     with pytest.raises(ModelLoadError, match="could not load model 'someone/no-such-model'"):
         VideoQA.load(ModelOptions(model="someone/no-such-model", device="cpu"))
+
+
+def test_checkpoint_chat_template_prompt(qa: VideoQA, clip: Path) -> None:
+    from dycoke.config import PromptOptions
+
+    run = RunOptions(
+        video=VideoOptions(num_frames=4),
+        generation=GenerationOptions(max_new_tokens=4, min_new_tokens=4),
+        prompt=PromptOptions(style="checkpoint"),
+    )
+    report = qa.ask(clip, QUESTION, run)
+    paper = qa.ask(clip, QUESTION, RunOptions(video=VideoOptions(num_frames=4), generation=run.generation))
+    assert report.tokens.generated == 4
+    assert report.tokens.prompt != paper.tokens.prompt  # no system prompt in the checkpoint's template
