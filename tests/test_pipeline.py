@@ -172,3 +172,18 @@ def test_checkpoint_chat_template_prompt(qa: VideoQA, clip: Path) -> None:
     paper = qa.ask(clip, QUESTION, RunOptions(video=VideoOptions(num_frames=4), generation=run.generation))
     assert report.tokens.generated == 4
     assert report.tokens.prompt != paper.tokens.prompt  # no system prompt in the checkpoint's template
+
+
+def test_out_of_memory_becomes_one_clear_error() -> None:
+    from dycoke.errors import OutOfMemoryError
+    from dycoke.pipeline import _oom_guard
+
+    expected = "out of GPU memory in generation with 32 frames; try fewer --frames"
+    with pytest.raises(OutOfMemoryError, match=expected), _oom_guard("generation", 32):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_device_map_without_gpus(tiny_checkpoint: Path) -> None:
+    with pytest.raises(DeviceError, match="--device-map auto spreads the model over GPUs"):
+        VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device_map="auto"))
