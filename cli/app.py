@@ -114,6 +114,14 @@ def ask(
         "paper"
     ),
     system: Annotated[str, typer.Option(help="System prompt of the paper style.")] = PAPER_SYSTEM_PROMPT,
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            "--compare",
+            metavar="[METHODS]",
+            help="Run several methods on the same frames (default full,dycoke) and compare them.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary table on stderr.")] = False,
 ) -> None:
@@ -147,6 +155,12 @@ def ask(
         if not question.strip():
             raise ConfigError("question must not be empty")
         _check_video_path(video)
+        if compare is not None:
+            from dycoke.compare import parse_methods
+
+            methods = parse_methods(compare)
+            _run_compare(video, question, model_options, run_options, methods, as_json=as_json, quiet=quiet)
+            return
         report = _run_ask(video, question, model_options, run_options, as_json=as_json)
     except DyCokeError as exc:
         fail(exc)
@@ -179,17 +193,9 @@ def _check_video_path(video: str) -> None:
 
 
 def _run_ask(video: str, question: str, model_options: ModelOptions, options: RunOptions, *, as_json: bool) -> Any:
-    from cli.render import console, loading, warn_random_weights
+    from cli.render import console
 
-    with loading(f"Reading {video}"):
-        from dycoke.pipeline import VideoQA, decode_video
-
-        decoded = decode_video(video, options.video)
-    with loading(f"Loading {model_options.model}"):
-        qa = VideoQA.load(model_options)
-    options.method.check_against_model(qa.loaded.num_layers)
-    if qa.loaded.random_weights:
-        warn_random_weights(qa.loaded.source)
+    qa, decoded = _load(video, model_options, options)
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -202,6 +208,47 @@ def _run_ask(video: str, question: str, model_options: ModelOptions, options: Ru
     for warning in report.video.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     return report
+
+
+def _load(video: str, model_options: ModelOptions, options: RunOptions) -> tuple[Any, Any]:
+    """Read the video (bad files fail before the slow part), then load and check the model."""
+    from cli.render import loading, warn_random_weights
+
+    with loading(f"Reading {video}"):
+        from dycoke.pipeline import VideoQA, decode_video
+
+        decoded = decode_video(video, options.video)
+    with loading(f"Loading {model_options.model}"):
+        qa = VideoQA.load(model_options)
+    options.method.check_against_model(qa.loaded.num_layers)
+    if qa.loaded.random_weights:
+        warn_random_weights(qa.loaded.source)
+    return qa, decoded
+
+
+def _run_compare(
+    video: str,
+    question: str,
+    model_options: ModelOptions,
+    options: RunOptions,
+    methods: list[Any],
+    *,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    from cli.render import loading, print_comparison
+    from dycoke.compare import compare
+
+    qa, decoded = _load(video, model_options, options)
+    with loading(f"Comparing {', '.join(methods)}"):
+        result = compare(qa, decoded, question, options, methods)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    for name, report in result.reports.items():
+        typer.echo(f"[{name}] {report.answer}")
+    if not quiet:
+        print_comparison(result)
 
 
 @app.command("make-tiny-model")
@@ -227,9 +274,19 @@ def make_tiny_model(
     typer.echo(f"tiny random-weight checkpoint written; try: dycoke ask VIDEO QUESTION --model {path}", err=True)
 
 
+def optional_value_args(argv: list[str], option: str = "--compare", default: str = "full,dycoke") -> list[str]:
+    """Let ``--compare`` stand alone: give it its default value when no value follows it."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == option and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append(default)
+    return out
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    app(args=optional_value_args(sys.argv[1:]), prog_name="dycoke")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -122,3 +122,39 @@ def summary_table(report: Any) -> Table:
 
 def print_summary(report: Any) -> None:
     console.print(summary_table(report))
+
+
+def print_comparison(result: Any) -> None:
+    """One table: a column per method, each figure with its ratio to the baseline."""
+    metrics, ratios = result.metrics(), result.ratios()
+    names = list(result.reports)
+    table = Table(title=f"dycoke · compare (ratios vs {result.baseline})", title_justify="left", box=None)
+    table.add_column("", style="bold")
+    for name in names:
+        table.add_column(name, justify="right")
+    rows: list[tuple[str, str, Callable[[Any], str]]] = [
+        ("visual tokens", "visual_tokens", str),
+        ("prompt tokens", "prompt_tokens", str),
+        ("generated tokens", "generated_tokens", str),
+        ("prefill", "prefill_s", fmt_s),
+        ("time to first token", "ttft_s", fmt_s),
+        ("ms per token", "ms_per_token", lambda v: f"{v:.1f}"),
+        ("total", "total_s", fmt_s),
+        ("peak GPU memory", "peak_gpu_bytes", fmt_bytes),
+        ("KV cache", "kv_cache_bytes", fmt_bytes),
+        ("TFLOPs (paper formula)", "tflops", lambda v: f"{v:.3g}"),
+    ]
+    for label, key, fmt in rows:
+        cells = []
+        for name in names:
+            value, ratio = metrics[name][key], ratios[name][key]
+            if value is None:
+                cells.append("-")
+            elif name == result.baseline or ratio is None:
+                cells.append(fmt(value))
+            else:
+                cells.append(f"{fmt(value)} ({ratio:.2f}x)")
+        table.add_row(label, *cells)
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
