@@ -8,22 +8,15 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 
+from cli import options as o
 from dycoke import __version__
-from dycoke.config import (
-    DEFAULT_MODEL,
-    PAPER_SYSTEM_PROMPT,
-    GenerationOptions,
-    MethodOptions,
-    ModelOptions,
-    PromptOptions,
-    RunOptions,
-    VideoOptions,
-)
+from dycoke.config import DEFAULT_MODEL, PAPER_SYSTEM_PROMPT, ModelOptions, RunOptions
 from dycoke.errors import ConfigError, DyCokeError
 
 app = typer.Typer(
@@ -61,97 +54,47 @@ def root(
     """Ask questions about videos with LLaVA-OneVision, made fast with DyCoke token compression."""
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id or local checkpoint directory.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")]
-DeviceMapOpt = Annotated[
-    str | None, typer.Option("--device-map", help="'auto' spreads a large model over all visible GPUs.")
-]
+EXIT_SOME_FAILED = 3
 
 
 @app.command()
 def ask(
     video: Annotated[str, typer.Argument(help="Video file (anything ffmpeg reads: mp4, mkv, avi, webm, ...).")],
     question: Annotated[str, typer.Argument(help="The question about the video.")],
-    model: ModelOpt = DEFAULT_MODEL,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    frames: Annotated[int, typer.Option("--frames", "-f", help="Frames sampled uniformly (the paper uses 32).")] = 32,
-    fps: Annotated[float | None, typer.Option(help="Sample at this rate instead (capped by --max-frames).")] = None,
-    max_frames: Annotated[int, typer.Option(help="Cap on frames with --fps.")] = 64,
-    start: Annotated[float | None, typer.Option(help="Start of the time window, seconds.")] = None,
-    end: Annotated[float | None, typer.Option(help="End of the time window, seconds.")] = None,
-    method: Annotated[str, typer.Option(help="dycoke (compressed) or full (every visual token).")] = "dycoke",
-    merge_ratio: Annotated[
-        float, typer.Option("--merge-ratio", "-K", help="DyCoke K: share of tokens TTM drops from merged frames.")
-    ] = 0.7,
-    prune_layer: Annotated[
-        int, typer.Option("--prune-layer", "-L", help="DyCoke L: layers from L on attend to the kept KV only.")
-    ] = 3,
-    prune_ratio: Annotated[
-        float, typer.Option("--prune-ratio", "-P", help="DyCoke P: share of visual KV pruned at a decode step.")
-    ] = 0.7,
-    gate_threshold: Annotated[float, typer.Option(help="Prune when attention moved: cosine below this.")] = 0.9,
-    gate_mode: Annotated[
-        str, typer.Option(help="official (stable step: prune nothing) or reuse (keep the last selection).")
-    ] = "official",
-    similarity: Annotated[str, typer.Option(help="TTM similarities in fp32 (default) or the model dtype.")] = "fp32",
-    prune_last_window: Annotated[
-        bool, typer.Option(help="TTM: also re-prune the last 4-frame window (the reference skips it).")
-    ] = False,
-    keep_odd_last_frame: Annotated[
-        bool, typer.Option(help="TTM: keep an odd last frame whole (the reference drops it).")
-    ] = False,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 256,
-    min_new_tokens: Annotated[int, typer.Option(help="Force at least this many tokens (benchmarks).")] = 0,
-    sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of greedy decoding.")] = False,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (with --sample).")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --sample).")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Top-k sampling, 0 = off (with --sample).")] = 0,
-    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
-    prompt: Annotated[str, typer.Option(help="paper (the paper's evaluation prompt) or checkpoint (its template).")] = (
-        "paper"
-    ),
-    system: Annotated[str, typer.Option(help="System prompt of the paper style.")] = PAPER_SYSTEM_PROMPT,
-    compare: Annotated[
-        str | None,
-        typer.Option(
-            "--compare",
-            metavar="[METHODS]",
-            help="Run several methods on the same frames (default full,dycoke) and compare them.",
-        ),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary table on stderr.")] = False,
+    model: o.Model = DEFAULT_MODEL,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "auto",
+    device_map: o.DeviceMap = None,
+    frames: o.Frames = 32,
+    fps: o.Fps = None,
+    max_frames: o.MaxFrames = 64,
+    start: o.Start = None,
+    end: o.End = None,
+    method: o.MethodName = "dycoke",
+    merge_ratio: o.MergeRatio = 0.7,
+    prune_layer: o.PruneLayer = 3,
+    prune_ratio: o.PruneRatio = 0.7,
+    gate_threshold: o.GateThreshold = 0.9,
+    gate_mode: o.GateMode = "official",
+    similarity: o.Similarity = "fp32",
+    prune_last_window: o.PruneLastWindow = False,
+    keep_odd_last_frame: o.KeepOddLastFrame = False,
+    max_new_tokens: o.MaxNewTokens = 256,
+    min_new_tokens: o.MinNewTokens = 0,
+    sample: o.Sample = False,
+    temperature: o.Temperature = 1.0,
+    top_p: o.TopP = 1.0,
+    top_k: o.TopK = 0,
+    seed: o.Seed = None,
+    prompt: o.Prompt = "paper",
+    system: o.System = PAPER_SYSTEM_PROMPT,
+    compare: o.Compare = None,
+    as_json: o.Json = False,
+    quiet: o.Quiet = False,
 ) -> None:
     """Answer QUESTION about VIDEO; the answer streams to stdout, a summary follows on stderr."""
     try:
-        model_options = ModelOptions(model=model, device=device, dtype=dtype, device_map=device_map)
-        run_options = RunOptions(
-            video=VideoOptions(num_frames=frames, fps=fps, max_frames=max_frames, start_s=start, end_s=end),
-            generation=GenerationOptions(
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=min_new_tokens,
-                do_sample=sample,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                seed=seed,
-            ),
-            prompt=PromptOptions(style=prompt, system_prompt=system),  # type: ignore[arg-type]
-            method=MethodOptions(
-                method=method,  # type: ignore[arg-type]
-                merge_ratio=merge_ratio,
-                prune_layer=prune_layer,
-                prune_ratio=prune_ratio,
-                gate_threshold=gate_threshold,
-                gate_mode=gate_mode,  # type: ignore[arg-type]
-                similarity_fp32=_similarity_fp32(similarity),
-                prune_last_window=prune_last_window,
-                keep_odd_last_frame=keep_odd_last_frame,
-            ),
-        )
+        model_options, run_options = o.build_options(locals())
         if not question.strip():
             raise ConfigError("question must not be empty")
         _check_video_path(video)
@@ -173,12 +116,6 @@ def ask(
         from cli.render import print_summary
 
         print_summary(report)
-
-
-def _similarity_fp32(value: str) -> bool:
-    if value not in ("fp32", "model"):
-        raise ConfigError(f"similarity must be 'fp32' or 'model', got '{value}'")
-    return value == "fp32"
 
 
 def _check_video_path(video: str) -> None:
@@ -249,6 +186,100 @@ def _run_compare(
         typer.echo(f"[{name}] {report.answer}")
     if not quiet:
         print_comparison(result)
+
+
+@app.command()
+def batch(
+    questions: Annotated[str, typer.Argument(help="CSV with columns video, question (optional: id, options, answer).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output file, .jsonl or .csv; a rerun resumes it.")],
+    overwrite: Annotated[bool, typer.Option(help="Start the output over instead of resuming it.")] = False,
+    model: o.Model = DEFAULT_MODEL,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "auto",
+    device_map: o.DeviceMap = None,
+    frames: o.Frames = 32,
+    fps: o.Fps = None,
+    max_frames: o.MaxFrames = 64,
+    start: o.Start = None,
+    end: o.End = None,
+    method: o.MethodName = "dycoke",
+    merge_ratio: o.MergeRatio = 0.7,
+    prune_layer: o.PruneLayer = 3,
+    prune_ratio: o.PruneRatio = 0.7,
+    gate_threshold: o.GateThreshold = 0.9,
+    gate_mode: o.GateMode = "official",
+    similarity: o.Similarity = "fp32",
+    prune_last_window: o.PruneLastWindow = False,
+    keep_odd_last_frame: o.KeepOddLastFrame = False,
+    max_new_tokens: o.MaxNewTokens = 256,
+    min_new_tokens: o.MinNewTokens = 0,
+    sample: o.Sample = False,
+    temperature: o.Temperature = 1.0,
+    top_p: o.TopP = 1.0,
+    top_k: o.TopK = 0,
+    seed: o.Seed = None,
+    prompt: o.Prompt = "paper",
+    system: o.System = PAPER_SYSTEM_PROMPT,
+    compare: o.Compare = None,
+    quiet: o.Quiet = False,
+) -> None:
+    """Answer every question of a CSV file; records are written as they complete, a rerun resumes.
+
+    Exit code 0 when every row succeeded, 3 when some rows failed (their records carry the error),
+    1 on a fatal error (unreadable CSV, model not loadable), 2 on a bad option value.
+    """
+    try:
+        model_options, run_options = o.build_options(locals())
+        from dycoke.batch import ResultWriter, read_questions
+        from dycoke.compare import parse_methods
+
+        methods = parse_methods(compare) if compare is not None else [run_options.method.method]
+        rows = read_questions(questions)
+        with ResultWriter(out, overwrite=overwrite) as writer:
+            summary = _run_batch(rows, writer, model_options, run_options, methods, quiet=quiet)
+    except DyCokeError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        typer.echo(f"Error: interrupted; answers so far are in {out}, rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
+    if summary.failed:
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _run_batch(
+    rows: list[Any],
+    writer: Any,
+    model_options: ModelOptions,
+    options: RunOptions,
+    methods: list[Any],
+    *,
+    quiet: bool,
+) -> Any:
+    from cli.render import batch_progress, loading, print_batch_summary, warn_random_weights
+    from dycoke.batch import run_batch
+
+    total = len(rows) * len(methods)
+    todo = total - sum(1 for q in rows for m in methods if (q.id, m) in writer.done)
+    if todo == 0:
+        from dycoke.batch import BatchSummary
+
+        summary = BatchSummary(total=total, already_done=total)
+        if not quiet:
+            print_batch_summary(summary, writer.path)
+        return summary
+    with loading(f"Loading {model_options.model}"):
+        from dycoke.pipeline import VideoQA
+
+        qa = VideoQA.load(model_options)
+    for m in methods:
+        replace(options.method, method=m).check_against_model(qa.loaded.num_layers)
+    if qa.loaded.random_weights:
+        warn_random_weights(qa.loaded.source)
+    with batch_progress(todo, enabled=not quiet) as advance:
+        summary = run_batch(qa, rows, options, methods, writer, on_record=advance)
+    if not quiet:
+        print_batch_summary(summary, writer.path)
+    return summary
 
 
 @app.command("make-tiny-model")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -158,3 +159,58 @@ def print_comparison(result: Any) -> None:
     console.print(table)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def batch_progress(total: int, *, enabled: bool = True) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A progress bar on stderr (done/total, questions per second, ETA, failures); yields the
+    callback that advances it by one record."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    failures = 0
+    progress = Progress(
+        TextColumn("[bold]answering"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[failed]}"),
+        console=console,
+        disable=not enabled,
+    )
+    task = progress.add_task("batch", total=total, rate="", failed="")
+    started = time.perf_counter()
+
+    def advance(record: dict[str, Any]) -> None:
+        nonlocal failures
+        failures += bool(record.get("error"))
+        done = progress.tasks[0].completed + 1
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        failed = f"[red]{failures} failed" if failures else ""
+        progress.update(task, advance=1, rate=f"{rate:.2f} q/s", failed=failed)
+        if record.get("error") and enabled:
+            progress.console.print(
+                f"[yellow]failed:[/] {record['id']} ({record['method']}): {record['error']}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+    with progress:
+        yield advance
+
+
+def print_batch_summary(summary: Any, path: Any) -> None:
+    done = summary.already_done + summary.answered
+    console.print(
+        f"{done}/{summary.total} answered ({summary.answered} now, {summary.already_done} before), "
+        f"{summary.failed} failed, in {summary.seconds:.1f} s -> {path}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for method, accuracy in summary.accuracy().items():
+        graded = summary.graded[method]
+        console.print(
+            f"accuracy ({method}): {100 * accuracy:.1f} % of {graded} questions with a ground truth",
+            highlight=False,
+            soft_wrap=True,
+        )

@@ -1,0 +1,105 @@
+"""The options `ask` and `batch` share: one definition each, and one place that turns them into
+the library's option dataclasses (validated there, before anything heavy is imported)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from dycoke.config import (
+    GenerationOptions,
+    MethodOptions,
+    ModelOptions,
+    PromptOptions,
+    RunOptions,
+    VideoOptions,
+)
+from dycoke.errors import ConfigError
+
+Model = Annotated[str, typer.Option("--model", "-m", help="Hub id or local checkpoint directory.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")]
+DeviceMap = Annotated[str | None, typer.Option("--device-map", help="'auto' spreads a large model over all GPUs.")]
+Frames = Annotated[int, typer.Option("--frames", "-f", help="Frames sampled uniformly (the paper uses 32).")]
+Fps = Annotated[float | None, typer.Option(help="Sample at this rate instead (capped by --max-frames).")]
+MaxFrames = Annotated[int, typer.Option(help="Cap on frames with --fps.")]
+Start = Annotated[float | None, typer.Option(help="Start of the time window, seconds.")]
+End = Annotated[float | None, typer.Option(help="End of the time window, seconds.")]
+MethodName = Annotated[str, typer.Option(help="dycoke (compressed) or full (every visual token).")]
+MergeRatio = Annotated[
+    float, typer.Option("--merge-ratio", "-K", help="DyCoke K: share of tokens TTM drops from merged frames.")
+]
+PruneLayer = Annotated[
+    int, typer.Option("--prune-layer", "-L", help="DyCoke L: layers from L on attend to the kept KV only.")
+]
+PruneRatio = Annotated[
+    float, typer.Option("--prune-ratio", "-P", help="DyCoke P: share of visual KV pruned at a decode step.")
+]
+GateThreshold = Annotated[float, typer.Option(help="Prune when attention moved: cosine below this.")]
+GateMode = Annotated[
+    str, typer.Option(help="official (stable step: prune nothing) or reuse (keep the last selection).")
+]
+Similarity = Annotated[str, typer.Option(help="TTM similarities in fp32 (default) or the model dtype.")]
+PruneLastWindow = Annotated[
+    bool, typer.Option(help="TTM: also re-prune the last 4-frame window (the reference skips it).")
+]
+KeepOddLastFrame = Annotated[bool, typer.Option(help="TTM: keep an odd last frame whole (the reference drops it).")]
+MaxNewTokens = Annotated[int, typer.Option(help="Longest answer, in tokens.")]
+MinNewTokens = Annotated[int, typer.Option(help="Force at least this many tokens (benchmarks).")]
+Sample = Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of greedy decoding.")]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature (with --sample).")]
+TopP = Annotated[float, typer.Option(help="Nucleus sampling mass (with --sample).")]
+TopK = Annotated[int, typer.Option(help="Top-k sampling, 0 = off (with --sample).")]
+Seed = Annotated[int | None, typer.Option(help="Random seed for sampling.")]
+Prompt = Annotated[str, typer.Option(help="paper (the paper's evaluation prompt) or checkpoint (its template).")]
+System = Annotated[str, typer.Option(help="System prompt of the paper style.")]
+Compare = Annotated[
+    str | None,
+    typer.Option(
+        "--compare",
+        metavar="[METHODS]",
+        help="Run several methods on the same frames (default full,dycoke) and compare them.",
+    ),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No summary table on stderr.")]
+
+
+def build_options(values: dict[str, Any]) -> tuple[ModelOptions, RunOptions]:
+    """The library's options from a command's parameters (``locals()`` of the command)."""
+    v = values
+    model = ModelOptions(model=v["model"], device=v["device"], dtype=v["dtype"], device_map=v["device_map"])
+    run = RunOptions(
+        video=VideoOptions(
+            num_frames=v["frames"], fps=v["fps"], max_frames=v["max_frames"], start_s=v["start"], end_s=v["end"]
+        ),
+        generation=GenerationOptions(
+            max_new_tokens=v["max_new_tokens"],
+            min_new_tokens=v["min_new_tokens"],
+            do_sample=v["sample"],
+            temperature=v["temperature"],
+            top_p=v["top_p"],
+            top_k=v["top_k"],
+            seed=v["seed"],
+        ),
+        prompt=PromptOptions(style=v["prompt"], system_prompt=v["system"]),
+        method=MethodOptions(
+            method=v["method"],
+            merge_ratio=v["merge_ratio"],
+            prune_layer=v["prune_layer"],
+            prune_ratio=v["prune_ratio"],
+            gate_threshold=v["gate_threshold"],
+            gate_mode=v["gate_mode"],
+            similarity_fp32=similarity_fp32(v["similarity"]),
+            prune_last_window=v["prune_last_window"],
+            keep_odd_last_frame=v["keep_odd_last_frame"],
+        ),
+    )
+    return model, run
+
+
+def similarity_fp32(value: str) -> bool:
+    if value not in ("fp32", "model"):
+        raise ConfigError(f"similarity must be 'fp32' or 'model', got '{value}'")
+    return value == "fp32"

@@ -1,0 +1,431 @@
+"""Many questions from a CSV file: shared work per video, results written as they come, resumable.
+
+Input CSV: required columns ``video`` and ``question``; optional ``id``, ``options`` (multiple-choice
+options separated by ``|``, each starting with its letter: ``A. ...|B. ...``) and ``answer`` (ground
+truth: the option letter, or a reference text). Video paths are relative to the CSV's folder. Without
+an ``id`` column a row's id is its data-row number (1-based), stable as long as the file is.
+
+Output: one record per (question, method), JSON lines (``.jsonl``) or CSV (``.csv``), appended and
+flushed to disk as each answer completes. A rerun reads the output first and skips every (id, method)
+already answered; records of failed rows (and a line cut short by a crash) are dropped and retried,
+by rewriting the file atomically, so the output never holds two records of one (id, method).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from dycoke.config import Method, RunOptions
+from dycoke.errors import CsvError, DyCokeError
+from dycoke.report import Report
+
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+CSV_FIELDS = [
+    "id",
+    "method",
+    "video",
+    "question",
+    "answer",
+    "ground_truth",
+    "correct",
+    "frames",
+    "visual_tokens",
+    "prompt_tokens",
+    "generated_tokens",
+    "ttft_s",
+    "ms_per_token",
+    "total_s",
+    "error",
+]
+
+
+@dataclass(frozen=True)
+class Question:
+    """One row of the questions file."""
+
+    id: str
+    row: int
+    video: str  # as written in the CSV
+    path: Path  # resolved against the CSV's folder
+    question: str
+    options: tuple[str, ...] = ()
+    answer: str | None = None
+    problem: str | None = None  # why this row cannot be answered (empty question, missing video)
+
+    def prompt(self) -> str:
+        """The question as the model sees it (the paper's multiple-choice wording when options exist)."""
+        if not self.options:
+            return self.question
+        return "\n".join([self.question, *self.options, MC_INSTRUCTION])
+
+
+def read_questions(csv_path: str | Path) -> list[Question]:
+    """Parse and check the questions file. A bad header raises CsvError; a bad row is kept with a
+    ``problem`` so that it becomes a failed record and the batch goes on."""
+    path = Path(csv_path)
+    if not path.is_file():
+        raise CsvError(f"questions file not found: {csv_path}")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            missing = [c for c in ("video", "question") if c not in header]
+            if missing:
+                raise CsvError(
+                    f"{csv_path}: missing column(s) {', '.join(missing)}; required: video, question "
+                    f"(optional: id, options, answer); found: {', '.join(header) or 'no header'}"
+                )
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    except UnicodeDecodeError as exc:
+        raise CsvError(f"{csv_path} is not a UTF-8 text CSV file ({exc.reason})") from exc
+    except csv.Error as exc:
+        raise CsvError(f"{csv_path}: malformed CSV ({exc})") from exc
+
+    questions, seen = [], set()
+    for number, row in enumerate(rows, start=1):
+        qid = row.get("id") or str(number)
+        if qid in seen:
+            raise CsvError(f"{csv_path}: id '{qid}' appears twice (data row {number}); ids must be unique")
+        seen.add(qid)
+        video = row.get("video", "")
+        resolved = (path.parent / video) if video else path.parent
+        problem = None
+        if not row.get("question"):
+            problem = f"row {number}: empty question"
+        elif not video:
+            problem = f"row {number}: empty video path"
+        elif not resolved.is_file():
+            problem = f"row {number}: video not found: {resolved}"
+        options = tuple(o.strip() for o in row.get("options", "").split("|") if o.strip())
+        questions.append(
+            Question(
+                id=qid,
+                row=number,
+                video=video,
+                path=resolved,
+                question=row.get("question", ""),
+                options=options,
+                answer=row.get("answer") or None,
+                problem=problem,
+            )
+        )
+    return questions
+
+
+_LETTER = re.compile(r"\b([A-Z])\b")
+
+
+def answer_letter(text: str, num_options: int) -> str | None:
+    """The option letter a multiple-choice answer gives (first standalone capital in range), else None."""
+    valid = {chr(ord("A") + i) for i in range(num_options)}
+    stripped = text.strip()
+    if stripped[:1] in valid and (len(stripped) == 1 or not stripped[1].isalpha()):
+        return stripped[0]
+    for match in _LETTER.finditer(stripped):
+        if match.group(1) in valid:
+            return match.group(1)
+    return None
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+
+
+def is_correct(question: Question, answer: str) -> bool | None:
+    """Letter match for multiple choice; normalised exact match for open questions; None without truth."""
+    if question.answer is None:
+        return None
+    if question.options:
+        return answer_letter(answer, len(question.options)) == question.answer.strip().upper()
+    return _normalise(answer) == _normalise(question.answer)
+
+
+def make_record(question: Question, method: str, report: Report | None, error: str | None) -> dict[str, Any]:
+    """The output record of one (question, method)."""
+    record: dict[str, Any] = {
+        "id": question.id,
+        "method": method,
+        "video": question.video,
+        "question": question.question,
+        "options": list(question.options),
+        "answer": None,
+        "ground_truth": question.answer,
+        "correct": None,
+        "error": error,
+    }
+    if report is not None:
+        record.update(
+            answer=report.answer,
+            correct=is_correct(question, report.answer),
+            tokens={
+                "frames": report.tokens.frames,
+                "visual": report.tokens.visual,
+                "visual_uncompressed": report.tokens.visual_uncompressed,
+                "prompt": report.tokens.prompt,
+                "generated": report.tokens.generated,
+            },
+            timings_s={
+                "video_decode": report.timings_s.video_decode,
+                "vision_encoder": report.timings_s.vision_encoder,
+                "prefill": report.timings_s.prefill,
+                "ttft": report.timings_s.ttft,
+                "ms_per_token": report.timings_s.ms_per_token,
+                "total": report.timings_s.total,
+            },
+        )
+    return record
+
+
+def _csv_row(record: dict[str, Any]) -> dict[str, Any]:
+    tokens, timings = record.get("tokens") or {}, record.get("timings_s") or {}
+    return {
+        "id": record["id"],
+        "method": record["method"],
+        "video": record["video"],
+        "question": record["question"],
+        "answer": record["answer"] if record["answer"] is not None else "",
+        "ground_truth": record["ground_truth"] or "",
+        "correct": "" if record["correct"] is None else str(record["correct"]).lower(),
+        "frames": tokens.get("frames", ""),
+        "visual_tokens": tokens.get("visual", ""),
+        "prompt_tokens": tokens.get("prompt", ""),
+        "generated_tokens": tokens.get("generated", ""),
+        "ttft_s": timings.get("ttft", ""),
+        "ms_per_token": "" if timings.get("ms_per_token") is None else timings["ms_per_token"],
+        "total_s": timings.get("total", ""),
+        "error": record["error"] or "",
+    }
+
+
+class ResultWriter:
+    """Appends records to ``.jsonl`` or ``.csv``, flushed and synced one by one; knows what is done.
+
+    Opening an existing output keeps its successful records (their (id, method) are ``done``) and
+    drops failed ones and any line cut short by a crash, rewriting the file atomically when needed.
+    """
+
+    def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        if suffix not in (".jsonl", ".csv"):
+            raise CsvError(f"output must end in .jsonl or .csv, got '{self.path.name}'")
+        self.format = suffix[1:]
+        if self.path.is_dir():
+            raise CsvError(f"output path is a directory: {self.path}")
+        if not self.path.parent.is_dir():
+            raise CsvError(f"output folder does not exist: {self.path.parent}")
+        kept: list[dict[str, Any]] = []
+        if self.path.exists() and not overwrite:
+            kept, dirty = self._load()
+            if dirty:
+                self._rewrite(kept)
+        elif self.path.exists():
+            self.path.unlink()
+        self.done: set[tuple[str, str]] = {(str(r["id"]), str(r["method"])) for r in kept}
+        self.kept = kept
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self._file = self.path.open("a", newline="", encoding="utf-8")
+        self._csv = csv.DictWriter(self._file, fieldnames=CSV_FIELDS) if self.format == "csv" else None
+        if self._csv is not None and new:
+            self._csv.writeheader()
+            self._sync()
+
+    def _load(self) -> tuple[list[dict[str, Any]], bool]:
+        """Successful records of the existing file, and whether anything had to be dropped."""
+        kept, dirty = [], False
+        text = self.path.read_text(encoding="utf-8")
+        if self.format == "jsonl":
+            for line in text.splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    dirty = True
+                    continue
+                if record.get("error"):
+                    dirty = True
+                    continue
+                kept.append(record)
+            if text and not text.endswith("\n"):
+                dirty = True
+        else:
+            rows = list(csv.DictReader(text.splitlines()))
+            for row in rows:
+                if row.get("error") or None in row.values() or row.get("method") in (None, ""):
+                    dirty = True
+                    continue
+                kept.append(row)
+            if text and not text.endswith("\n"):
+                dirty = True
+        return kept, dirty
+
+    def _rewrite(self, records: list[dict[str, Any]]) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            if self.format == "jsonl":
+                for record in records:
+                    f.write(json.dumps(record) + "\n")
+            else:
+                writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+                writer.writeheader()
+                writer.writerows(records)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record and make it durable before returning."""
+        if self._csv is not None:
+            self._csv.writerow(_csv_row(record))
+        else:
+            self._file.write(json.dumps(record) + "\n")
+        self._sync()
+        if not record.get("error"):
+            self.done.add((str(record["id"]), str(record["method"])))
+
+    def _sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> ResultWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class BatchSummary:
+    """What a batch run did (this run only, plus what the output already held)."""
+
+    total: int = 0  # (question, method) pairs in the file
+    already_done: int = 0
+    answered: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    correct: dict[str, int] = field(default_factory=dict)  # per method, over rows with ground truth
+    graded: dict[str, int] = field(default_factory=dict)
+
+    def accuracy(self) -> dict[str, float]:
+        return {m: self.correct.get(m, 0) / n for m, n in self.graded.items() if n}
+
+
+RecordCallback = Callable[[dict[str, Any]], None]
+
+
+def group_by_video(questions: list[Question]) -> list[list[Question]]:
+    """Questions grouped by video, videos in order of first appearance, rows in file order."""
+    groups: dict[Path, list[Question]] = {}
+    for q in questions:
+        groups.setdefault(q.path, []).append(q)
+    return list(groups.values())
+
+
+def run_batch(
+    qa: Any,
+    questions: list[Question],
+    options: RunOptions,
+    methods: list[Method],
+    writer: ResultWriter,
+    on_record: RecordCallback | None = None,
+) -> BatchSummary:
+    """Answer every (question, method) not yet in ``writer``; one decode and encode per video.
+
+    The next video is decoded on a CPU thread while the current one is being answered.
+    """
+    from dycoke.pipeline import decode_video
+
+    summary = BatchSummary(total=len(questions) * len(methods))
+    for record in writer.kept:
+        _grade(summary, record)
+    summary.already_done = sum(1 for q in questions for m in methods if (q.id, m) in writer.done)
+    pending = [
+        [q for q in group if any((q.id, m) not in writer.done for m in methods)] for group in group_by_video(questions)
+    ]
+    pending = [g for g in pending if g]
+    start = time.perf_counter()
+
+    def emit(question: Question, method: str, report: Report | None, error: str | None) -> None:
+        record = make_record(question, method, report, error)
+        writer.write(record)
+        if error:
+            summary.failed += 1
+        else:
+            summary.answered += 1
+            _grade(summary, record)
+        if on_record is not None:
+            on_record(record)
+
+    def decode(group: list[Question]) -> Any:
+        path = group[0].path  # the whole group shares it
+        return decode_video(path, options.video) if path.is_file() else None
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dycoke-decode") as pool:
+        future: Future[Any] | None = pool.submit(decode, pending[0]) if pending else None
+        for index, group in enumerate(pending):
+            assert future is not None
+            decoded_or_error: Any
+            try:
+                decoded_or_error = future.result()
+            except DyCokeError as exc:
+                decoded_or_error = exc
+            future = pool.submit(decode, pending[index + 1]) if index + 1 < len(pending) else None
+            for question, method, report, error in _answer_group(qa, group, decoded_or_error, options, methods, writer):
+                emit(question, method, report, error)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _answer_group(
+    qa: Any,
+    group: list[Question],
+    decoded: Any,
+    options: RunOptions,
+    methods: list[Method],
+    writer: ResultWriter,
+) -> Iterator[tuple[Question, str, Report | None, str | None]]:
+    """Every pending (question, method) of one video, sharing its decoded and encoded frames."""
+    prepared, video_error = None, None
+    if isinstance(decoded, DyCokeError):
+        video_error = str(decoded)
+    elif decoded is not None:
+        try:
+            prepared = qa.prepare(decoded, options.video)
+        except DyCokeError as exc:
+            video_error = str(exc)
+    for question in group:
+        for method in methods:
+            if (question.id, method) in writer.done:
+                continue
+            if question.problem or video_error:
+                yield question, method, None, question.problem or video_error
+                continue
+            run = replace(options, method=replace(options.method, method=method))
+            try:
+                yield question, method, qa.answer(prepared, question.prompt(), run), None
+            except DyCokeError as exc:
+                yield question, method, None, str(exc)
+
+
+def _grade(summary: BatchSummary, record: dict[str, Any]) -> None:
+    correct = record.get("correct")
+    if correct in (None, ""):
+        return
+    method = str(record["method"])
+    summary.graded[method] = summary.graded.get(method, 0) + 1
+    if correct is True or correct == "true":
+        summary.correct[method] = summary.correct.get(method, 0) + 1
