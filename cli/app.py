@@ -193,6 +193,16 @@ def batch(
     questions: Annotated[str, typer.Argument(help="CSV with columns video, question (optional: id, options, answer).")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output file, .jsonl or .csv; a rerun resumes it.")],
     overwrite: Annotated[bool, typer.Option(help="Start the output over instead of resuming it.")] = False,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="Questions on one video generated together (left-padded).")
+    ] = 1,
+    share_prefix: Annotated[
+        bool,
+        typer.Option(
+            "--share-prefix/--no-share-prefix",
+            help="Prefill the system prompt + video once per video and method, reused by every question.",
+        ),
+    ] = True,
     model: o.Model = DEFAULT_MODEL,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
@@ -230,13 +240,24 @@ def batch(
     """
     try:
         model_options, run_options = o.build_options(locals())
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be a positive integer, got {batch_size}")
         from dycoke.batch import ResultWriter, read_questions
         from dycoke.compare import parse_methods
 
         methods = parse_methods(compare) if compare is not None else [run_options.method.method]
         rows = read_questions(questions)
         with ResultWriter(out, overwrite=overwrite) as writer:
-            summary = _run_batch(rows, writer, model_options, run_options, methods, quiet=quiet)
+            summary = _run_batch(
+                rows,
+                writer,
+                model_options,
+                run_options,
+                methods,
+                quiet=quiet,
+                batch_size=batch_size,
+                share_prefix=share_prefix,
+            )
     except DyCokeError as exc:
         fail(exc)
     except KeyboardInterrupt:
@@ -254,6 +275,8 @@ def _run_batch(
     methods: list[Any],
     *,
     quiet: bool,
+    batch_size: int,
+    share_prefix: bool,
 ) -> Any:
     from cli.render import batch_progress, loading, print_batch_summary, warn_random_weights
     from dycoke.batch import run_batch
@@ -276,7 +299,9 @@ def _run_batch(
     if qa.loaded.random_weights:
         warn_random_weights(qa.loaded.source)
     with batch_progress(todo, enabled=not quiet) as advance:
-        summary = run_batch(qa, rows, options, methods, writer, on_record=advance)
+        summary = run_batch(
+            qa, rows, options, methods, writer, on_record=advance, batch_size=batch_size, share_prefix=share_prefix
+        )
     if not quiet:
         print_batch_summary(summary, writer.path)
     return summary

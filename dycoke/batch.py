@@ -19,7 +19,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -342,10 +342,16 @@ def run_batch(
     methods: list[Method],
     writer: ResultWriter,
     on_record: RecordCallback | None = None,
+    *,
+    batch_size: int = 1,
+    share_prefix: bool = True,
 ) -> BatchSummary:
-    """Answer every (question, method) not yet in ``writer``; one decode and encode per video.
+    """Answer every (question, method) not yet in ``writer``.
 
-    The next video is decoded on a CPU thread while the current one is being answered.
+    Per video: one decode, preprocess and encode; per video and method: one compression and (with
+    ``share_prefix``) one prefill of the system prompt + video tokens, continued by every question,
+    ``batch_size`` at a time. The next video is decoded on a CPU thread while the current one is
+    being answered. Records are written as each batch completes.
     """
     from dycoke.pipeline import decode_video
 
@@ -384,10 +390,12 @@ def run_batch(
             except DyCokeError as exc:
                 decoded_or_error = exc
             future = pool.submit(decode, pending[index + 1]) if index + 1 < len(pending) else None
-            for question, method, report, error in _answer_group(qa, group, decoded_or_error, options, methods, writer):
-                emit(question, method, report, error)
+            _answer_group(qa, group, decoded_or_error, options, methods, writer, emit, batch_size, share_prefix)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+Emit = Callable[[Question, str, Report | None, str | None], None]
 
 
 def _answer_group(
@@ -397,7 +405,10 @@ def _answer_group(
     options: RunOptions,
     methods: list[Method],
     writer: ResultWriter,
-) -> Iterator[tuple[Question, str, Report | None, str | None]]:
+    emit: Emit,
+    batch_size: int,
+    share_prefix: bool,
+) -> None:
     """Every pending (question, method) of one video, sharing its decoded and encoded frames."""
     prepared, video_error = None, None
     if isinstance(decoded, DyCokeError):
@@ -407,18 +418,52 @@ def _answer_group(
             prepared = qa.prepare(decoded, options.video)
         except DyCokeError as exc:
             video_error = str(exc)
-    for question in group:
-        for method in methods:
-            if (question.id, method) in writer.done:
-                continue
+    for method in methods:
+        todo = [q for q in group if (q.id, method) not in writer.done]
+        answerable = []
+        for question in todo:
             if question.problem or video_error:
-                yield question, method, None, question.problem or video_error
-                continue
-            run = replace(options, method=replace(options.method, method=method))
-            try:
-                yield question, method, qa.answer(prepared, question.prompt(), run), None
-            except DyCokeError as exc:
-                yield question, method, None, str(exc)
+                emit(question, method, None, question.problem or video_error)
+            else:
+                answerable.append(question)
+        if not answerable:
+            continue
+        run = replace(options, method=replace(options.method, method=method))
+        _answer_method(qa, prepared, answerable, run, emit, batch_size, share_prefix)
+
+
+def _answer_method(
+    qa: Any,
+    prepared: Any,
+    questions: list[Question],
+    run: RunOptions,
+    emit: Emit,
+    batch_size: int,
+    share_prefix: bool,
+) -> None:
+    """One method's answers to questions on one video, emitted batch by batch; a failure fails only
+    the questions not answered yet."""
+    method = run.method.method
+    done = 0
+
+    def on_reports(reports: list[Report]) -> None:
+        nonlocal done
+        for report in reports:
+            emit(questions[done], method, report, None)
+            done += 1
+
+    try:
+        qa.answer_many(
+            prepared,
+            [q.prompt() for q in questions],
+            run,
+            batch_size=batch_size,
+            share_prefix=share_prefix,
+            on_reports=on_reports,
+        )
+    except DyCokeError as exc:
+        for question in questions[done:]:
+            emit(question, method, None, str(exc))
 
 
 def _grade(summary: BatchSummary, record: dict[str, Any]) -> None:

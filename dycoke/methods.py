@@ -46,13 +46,14 @@ class CompressionMethod(Protocol):
         """(F*T, D) frame tokens -> the tokens the LLM sees."""
         ...
 
-    def decoding(self, *, visual_start: int | torch.Tensor, num_visual: int) -> Any:
+    def decoding(self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int) -> Any:
         """A context manager installed around ``generate`` (attention hooks); ``num_visual`` counts
         the visual tokens placed at ``visual_start`` ((B,) per sample, or one int; newline included)."""
         ...
 
-    def stats(self, generated: int) -> dict[str, Any]:
-        """Method-specific figures for the report, after generation."""
+    def stats(self, generated: int, sample: int = 0) -> dict[str, Any]:
+        """Method-specific figures for the report of row ``sample`` of the batch, which generated
+        ``generated`` tokens."""
         ...
 
 
@@ -65,10 +66,10 @@ class FullTokens:
         return CompressedVisual(tokens=features, per_frame=[tokens_per_frame] * num_frames)
 
     @contextmanager
-    def decoding(self, *, visual_start: int | torch.Tensor, num_visual: int) -> Iterator[None]:
+    def decoding(self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int) -> Iterator[None]:
         yield
 
-    def stats(self, generated: int) -> dict[str, Any]:
+    def stats(self, generated: int, sample: int = 0) -> dict[str, Any]:
         return {}
 
 
@@ -107,7 +108,7 @@ class DyCoke:
         )
 
     @contextmanager
-    def decoding(self, *, visual_start: int | torch.Tensor, num_visual: int) -> Iterator[None]:
+    def decoding(self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int) -> Iterator[None]:
         """Install stage II for one ``generate`` call; a fresh state per call (per sample)."""
         o = self.options
         self.num_visual = num_visual
@@ -126,7 +127,7 @@ class DyCoke:
         with dynamic_pruning(self.model, self.state, o.prune_layer):
             yield
 
-    def stats(self, generated: int) -> dict[str, Any]:
+    def stats(self, generated: int, sample: int = 0) -> dict[str, Any]:
         o = self.options
         out: dict[str, Any] = {
             "merge_ratio": o.merge_ratio,
@@ -137,13 +138,14 @@ class DyCoke:
             "paper_final_ratio": (1 - 3 * o.merge_ratio / 4) * (1 - o.prune_ratio),
         }
         state = self.state
-        if state is not None and state.steps > 0:
-            steps = state.steps
+        # A row that stopped early in a batch rides along for the remaining steps: count its own only.
+        steps = min(state.steps, max(generated - 1, 0)) if state is not None else 0
+        if state is not None and steps > 0:
             out["decode_steps"] = steps
-            out["pruned_step_share"] = state.pruned_steps().float().mean().item() / steps
+            out["pruned_step_share"] = state.pruned_steps(steps)[sample].item() / steps
             out["candidates"] = state.num_candidates
             out["kept_when_pruned"] = state.keep
-            attended = state.attended_sum().float().mean().item() / steps
+            attended = state.attended_sum(steps)[sample].item() / steps
             out["avg_candidates_attended_late_layers"] = attended
             out["avg_visual_attended_late_layers"] = attended + self.num_visual - state.num_candidates
         else:

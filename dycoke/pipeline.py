@@ -18,9 +18,18 @@ import torch
 
 from dycoke.config import ModelOptions, RunOptions, VideoOptions
 from dycoke.costs import LlmShape, dycoke_tflops, full_tflops
-from dycoke.errors import OutOfMemoryError
+from dycoke.errors import ConfigError, OutOfMemoryError
 from dycoke.methods import CompressedVisual, CompressionMethod, build_method
 from dycoke.model import LoadedModel, load_model
+from dycoke.prefix_cache import (
+    CACHE_ARGUMENT,
+    PrefixKV,
+    common_prefix_ok,
+    expand_prefix,
+    pad_rows,
+    prefill_prefix,
+    trim_generated,
+)
 from dycoke.preprocess import preprocess_frames
 from dycoke.prompt import expand_video_placeholder, render_prompt, tokenize_prompt
 from dycoke.report import Memory, Report, Timings, TokenCounts, VideoInfo, kv_cache_bytes
@@ -142,10 +151,34 @@ class VideoQA:
         on_text: TextCallback | None = None,
     ) -> Report:
         """Compress the prepared video's tokens, build the prompt, generate, and report."""
+        return self.answer_many(prepared, [question], options, share_prefix=False, on_text=on_text)[0]
+
+    def answer_many(
+        self,
+        prepared: PreparedVideo,
+        questions: list[str],
+        options: RunOptions | None = None,
+        *,
+        batch_size: int = 1,
+        share_prefix: bool = True,
+        on_text: TextCallback | None = None,
+        on_reports: Callable[[list[Report]], None] | None = None,
+    ) -> list[Report]:
+        """Answer several questions about one prepared video, compressing its tokens once.
+
+        With ``share_prefix`` the system prompt and video tokens are prefilled once and every question
+        continues from that KV cache (``dycoke/prefix_cache.py``); ``batch_size`` questions generate
+        together (left padding, a mask and a DyCoke keep set per row). Answers equal those of
+        answering each question alone, up to floating-point summation order. ``on_reports`` receives
+        each batch's reports as soon as it completes; ``on_text`` streams (one question only).
+        """
         options = options or RunOptions()
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be a positive integer, got {batch_size}")
+        if on_text is not None and len(questions) != 1:
+            raise ConfigError("streaming (on_text) answers one question at a time")
         loaded = self.loaded
         method = build_method(options.method, loaded)
-        tokenizer = loaded.tokenizer
         if loaded.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(loaded.device)
 
@@ -156,54 +189,141 @@ class VideoQA:
             )
             visual_tokens = torch.cat([visual.tokens, prepared.newline.to(visual.tokens.dtype)], dim=0)
             _sync(loaded.device)
-        t_compressed = time.perf_counter()
+        compress_s = time.perf_counter() - t_start
+        num_visual = int(visual_tokens.shape[0])
 
-        text = render_prompt(tokenizer, question, options.prompt)
-        ids, visual_start = expand_video_placeholder(
-            tokenize_prompt(tokenizer, text), loaded.video_token_id, visual_tokens.shape[0]
-        )
-        input_ids = torch.tensor([ids], device=loaded.device)
-        streamer = TimedTextStreamer(tokenizer, on_text)
+        rows, visual_start = [], 0
+        for question in questions:
+            text = render_prompt(loaded.tokenizer, question, options.prompt)
+            ids, visual_start = expand_video_placeholder(
+                tokenize_prompt(loaded.tokenizer, text), loaded.video_token_id, num_visual
+            )
+            rows.append(ids)
+        prefix_length = visual_start + num_visual if share_prefix else 0
+        if prefix_length and not common_prefix_ok(rows, prefix_length):
+            prefix_length = 0  # a template that puts text before the video per question: nothing to share
+
+        prefix, prefix_s = None, 0.0
+        if prefix_length:
+            t0 = time.perf_counter()
+            with _oom_guard("prefill", prepared.num_frames), torch.inference_mode():
+                prefix_ids = torch.tensor([rows[0][:prefix_length]], device=loaded.device)
+                prefix = prefill_prefix(loaded.model, self._embed(prefix_ids, visual_tokens))
+                _sync(loaded.device)
+            prefix_s = time.perf_counter() - t0
+
+        reports: list[Report] = []
+        for first in range(0, len(questions), batch_size):
+            chunk = list(range(first, min(first + batch_size, len(questions))))
+            generated, timing = self._generate_rows(
+                [rows[i] for i in chunk], visual_start, num_visual, visual_tokens, prefix, method, options, on_text
+            )
+            batch_reports = []
+            for sample, (index, tokens_out) in enumerate(zip(chunk, generated, strict=True)):
+                timings = self._timings(prepared, compress_s, prefix_s, timing, len(tokens_out))
+                batch_reports.append(
+                    self._report(
+                        prepared, questions[index], options, method, visual, rows[index], tokens_out, timings, sample
+                    )
+                )
+            if on_reports is not None:
+                on_reports(batch_reports)
+            reports.extend(batch_reports)
+        return reports
+
+    def _embed(self, ids: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, S) ids -> (B, S, D) embeddings with each row's video placeholders replaced, in order."""
+        model = self.loaded.model
+        embeds = model.get_input_embeddings()(ids)
+        mask = (ids == self.loaded.video_token_id).unsqueeze(-1)
+        rows_with_video = int(mask.any(dim=1).sum())
+        source = visual_tokens.to(embeds.dtype).repeat(rows_with_video, 1)
+        return embeds.masked_scatter(mask, source)
+
+    def _generate_rows(
+        self,
+        rows: list[list[int]],
+        visual_start: int,
+        num_visual: int,
+        visual_tokens: torch.Tensor,
+        prefix: PrefixKV | None,
+        method: CompressionMethod,
+        options: RunOptions,
+        on_text: TextCallback | None,
+    ) -> tuple[list[list[int]], dict[str, float]]:
+        """Generate for a batch of prompts (one ``generate`` call); the generated ids of each row."""
+        loaded = self.loaded
         gen = options.generation
-        with _oom_guard("generation", prepared.num_frames), torch.inference_mode():
-            embeds = loaded.model.get_input_embeddings()(input_ids)
-            mask = (input_ids == loaded.video_token_id).unsqueeze(-1)
-            embeds = embeds.masked_scatter(mask, visual_tokens.to(embeds.dtype))
+        kwargs = generation_kwargs(loaded, gen)
+        padded = pad_rows(rows, visual_start, prefix.length if prefix else 0, kwargs["pad_token_id"])
+        streamer = TimedTextStreamer(loaded.tokenizer, on_text)
+        t0 = time.perf_counter()
+        with _oom_guard("generation", len(rows)), torch.inference_mode():
+            ids = padded.ids.to(loaded.device)
+            embeds = self._embed(ids, visual_tokens)
+            if prefix is not None:
+                kwargs[CACHE_ARGUMENT] = expand_prefix(prefix, len(rows))
             if gen.seed is not None:
                 torch.manual_seed(gen.seed)
             streamer.start()
-            with method.decoding(visual_start=visual_start, num_visual=visual_tokens.shape[0]):
+            starts: int | list[int] = padded.visual_starts[0] if len(rows) == 1 else padded.visual_starts
+            with method.decoding(visual_start=starts, num_visual=num_visual):
                 output = loaded.model.generate(
                     inputs_embeds=embeds,
-                    attention_mask=torch.ones_like(input_ids),
+                    attention_mask=padded.attention_mask.to(loaded.device),
                     streamer=streamer,
-                    **generation_kwargs(loaded, gen),
+                    **kwargs,
                 )
         t_end = time.perf_counter()
+        generated = [trim_generated(row, kwargs["eos_token_id"]) for row in output.tolist()]
+        first = streamer.first_token_s if streamer.first_token_s is not None else t_end - t0
+        return generated, {
+            "prefill": first,
+            "decode": streamer.decode_s,
+            "steps": len(streamer.times) / len(rows),
+            "total": t_end - t0,
+        }
 
-        generated = output[0].tolist()
-        answer = tokenizer.decode(generated, skip_special_tokens=True).strip()
-        n_gen = len(generated)
-        prefill = streamer.first_token_s if streamer.first_token_s is not None else t_end - t_compressed
-        decode = streamer.decode_s
-        shared = prepared.decode_s + prepared.preprocess_s + prepared.encode_s
-        timings = Timings(
+    @staticmethod
+    def _timings(
+        prepared: PreparedVideo, compress_s: float, prefix_s: float, timing: dict[str, float], n_gen: int
+    ) -> Timings:
+        """Per-question timings; stages shared by several questions count in full for each."""
+        shared = prepared.decode_s + prepared.preprocess_s + prepared.encode_s + compress_s + prefix_s
+        steps = timing["steps"]
+        return Timings(
             video_decode=prepared.decode_s,
             preprocess=prepared.preprocess_s,
             vision_encoder=prepared.encode_s,
-            compress=t_compressed - t_start,
-            prefill=prefill,
-            ttft=shared + (t_compressed - t_start) + prefill,
-            decode=decode,
-            ms_per_token=1000 * decode / (n_gen - 1) if n_gen > 1 else None,
-            total=shared + (t_end - t_start),
+            compress=compress_s,
+            shared_prefix=prefix_s,
+            prefill=timing["prefill"],
+            ttft=shared + timing["prefill"],
+            decode=timing["decode"],
+            ms_per_token=1000 * timing["decode"] / (steps - 1) if steps > 1 and n_gen > 1 else None,
+            total=shared + timing["total"],
         )
+
+    def _report(
+        self,
+        prepared: PreparedVideo,
+        question: str,
+        options: RunOptions,
+        method: CompressionMethod,
+        visual: CompressedVisual,
+        ids: list[int],
+        generated: list[int],
+        timings: Timings,
+        sample: int,
+    ) -> Report:
+        loaded = self.loaded
+        n_gen = len(generated)
         tpf = prepared.tokens_per_frame
         tokens = TokenCounts(
             frames=prepared.num_frames,
             tokens_per_frame=tpf,
             visual_per_frame=visual.per_frame,
-            visual=int(visual_tokens.shape[0]),
+            visual=sum(visual.per_frame) + 1,
             visual_uncompressed=prepared.num_frames * tpf + 1,
             prompt=len(ids),
             generated=n_gen,
@@ -217,7 +337,7 @@ class VideoQA:
         )
         frames = prepared.frames
         return Report(
-            answer=answer,
+            answer=loaded.tokenizer.decode(generated, skip_special_tokens=True).strip(),
             method=options.method.method,
             model=loaded.source,
             random_weights=loaded.random_weights,
@@ -238,16 +358,16 @@ class VideoQA:
             memory=memory,
             options={
                 "video": asdict(options.video),
-                "generation": asdict(gen),
+                "generation": asdict(options.generation),
                 "prompt": asdict(options.prompt),
                 "method": asdict(options.method),
             },
-            compression=self._compression_figures(method, options, tokens, memory),
+            compression=self._compression_figures(method, options, tokens, memory, sample),
             token_ids=generated,
         )
 
     def _compression_figures(
-        self, method: CompressionMethod, options: RunOptions, tokens: TokenCounts, memory: Memory
+        self, method: CompressionMethod, options: RunOptions, tokens: TokenCounts, memory: Memory, sample: int = 0
     ) -> dict[str, Any]:
         """Retained ratios, the paper's TFLOPs for this run vs full, KV bytes stored vs attended."""
         text = self.loaded.text_config
@@ -256,7 +376,7 @@ class VideoQA:
         )
         n_full = tokens.frames * tokens.tokens_per_frame
         merged = tokens.visual - 1
-        figures = method.stats(tokens.generated)
+        figures = method.stats(tokens.generated, sample)
         figures["retained_prefill_ratio"] = merged / n_full if n_full else 1.0
         figures["tflops_full"] = full_tflops(shape, n_full, tokens.generated)
         prune_layer, prune_ratio = shape.layers, 0.0

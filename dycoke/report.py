@@ -46,12 +46,19 @@ class TokenCounts:
 @dataclass
 class Timings:
     """Seconds per stage. ``prefill`` runs from the start of generation to the first token
-    (time to first token of the LLM); ``ttft`` runs from the start of the whole job."""
+    (time to first token of the LLM); ``ttft`` runs from the start of the whole job.
+
+    ``shared_prefix`` is the prefill of the system prompt and video tokens when several questions
+    share it (batch mode); ``prefill`` is then the question part only. Stages shared by several
+    questions (video, encoder, compression, shared prefix) count in full in each question's
+    ``ttft`` and ``total``: the latency of that question had it been the first.
+    """
 
     video_decode: float = 0.0
     preprocess: float = 0.0
     vision_encoder: float = 0.0
     compress: float = 0.0
+    shared_prefix: float = 0.0
     prefill: float = 0.0
     ttft: float = 0.0
     decode: float = 0.0

@@ -22,7 +22,7 @@ from dycoke.batch import (
     run_batch,
 )
 from dycoke.config import GenerationOptions, MethodOptions, ModelOptions, RunOptions, VideoOptions
-from dycoke.errors import CsvError
+from dycoke.errors import CsvError, OutOfMemoryError
 from dycoke.pipeline import VideoQA
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -157,9 +157,9 @@ class CountingQA:
         self.prepared += 1
         return self.qa.prepare(video, options)
 
-    def answer(self, prepared: Any, question: str, options: Any) -> Any:
-        self.answered += 1
-        return self.qa.answer(prepared, question, options)
+    def answer_many(self, prepared: Any, questions: list[str], options: Any, **kwargs: Any) -> Any:
+        self.answered += len(questions)
+        return self.qa.answer_many(prepared, questions, options, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +238,40 @@ def test_cli_batch_bad_header_is_fatal(tiny_checkpoint: Path, workdir: Path) -> 
     result = runner.invoke(app, ["batch", str(questions), "--out", str(workdir / "a.jsonl")])
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: ") and "missing column(s) question" in result.stderr
+
+
+def test_batched_and_shared_records_equal_one_by_one(tiny_qa: VideoQA, tmp_path: Path) -> None:
+    questions = read_questions(SAMPLES / "questions.csv")
+    answers = {}
+    for name, kwargs in {"alone": {"share_prefix": False}, "shared": {"batch_size": 2}}.items():
+        with ResultWriter(tmp_path / f"{name}.jsonl") as w:
+            run_batch(tiny_qa, questions, OPTIONS, ["full", "dycoke"], w, **kwargs)  # type: ignore[arg-type]
+        records = [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        answers[name] = {(r["id"], r["method"]): (r["answer"], r["tokens"]) for r in records}
+    assert answers["shared"] == answers["alone"] and len(answers["alone"]) == 12
+
+
+class FailingAfterFirstBatch(CountingQA):
+    def answer_many(self, prepared: Any, questions: list[str], options: Any, **kwargs: Any) -> Any:
+        on_reports = kwargs.pop("on_reports")
+        first = self.qa.answer_many(prepared, questions[:2], options, **kwargs)
+        on_reports(first)
+        raise OutOfMemoryError("out of GPU memory in generation")
+
+
+def test_a_failing_batch_fails_only_what_was_not_answered(tiny_qa: VideoQA, tmp_path: Path) -> None:
+    questions = [q for q in read_questions(SAMPLES / "questions.csv") if q.video == "bigbuckbunny.mp4"]
+    assert len(questions) >= 3
+    with ResultWriter(tmp_path / "a.jsonl") as w:
+        summary = run_batch(FailingAfterFirstBatch(tiny_qa), questions, OPTIONS, ["full"], w, batch_size=2)
+    records = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [r["error"] for r in records[:2]] == [None, None]
+    assert all(r["error"] == "out of GPU memory in generation" for r in records[2:])
+    assert summary.answered == 2 and summary.failed == len(questions) - 2
+
+
+def test_cli_batch_size_is_checked(workdir: Path) -> None:
+    questions = write_csv(workdir / "q.csv", ["video", "question"], [["bbb.mp4", "What?"]])
+    result = runner.invoke(app, ["batch", str(questions), "--out", str(workdir / "a.jsonl"), "--batch-size", "0"])
+    assert result.exit_code == 2
+    assert result.stderr == "Error: batch size must be a positive integer, got 0\n"

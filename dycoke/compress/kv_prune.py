@@ -134,13 +134,13 @@ class PruneState:
         """Decode steps seen."""
         return len(self.history)
 
-    def pruned_steps(self) -> torch.Tensor:
-        """(B,) decode steps that pruned, per sample."""
-        return (~torch.stack(self.history).all(dim=-1)).sum(dim=0)
+    def pruned_steps(self, steps: int | None = None) -> torch.Tensor:
+        """(B,) decode steps that pruned, per sample, over the first ``steps`` steps (default all)."""
+        return (~torch.stack(self.history[:steps]).all(dim=-1)).sum(dim=0)
 
-    def attended_sum(self) -> torch.Tensor:
-        """(B,) candidates attended by layers >= L, summed over steps."""
-        return torch.stack(self.history).sum(dim=(0, 2))
+    def attended_sum(self, steps: int | None = None) -> torch.Tensor:
+        """(B,) candidates attended by layers >= L, summed over the first ``steps`` steps (default all)."""
+        return torch.stack(self.history[:steps]).sum(dim=(0, 2))
 
     def full_mask(self, kv_length: int) -> torch.Tensor:
         """(B, kv_length) boolean mask for layers >= L: False only at pruned visual positions."""
