@@ -7,6 +7,7 @@ are imported only inside commands that need them, so ``dycoke --help`` stays fas
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -242,22 +243,24 @@ def batch(
         model_options, run_options = o.build_options(locals())
         if batch_size < 1:
             raise ConfigError(f"batch size must be a positive integer, got {batch_size}")
-        from dycoke.batch import ResultWriter, read_questions
+        from dycoke.batch import read_questions
         from dycoke.compare import parse_methods
+        from dycoke.results import ResultWriter
 
         methods = parse_methods(compare) if compare is not None else [run_options.method.method]
         rows = read_questions(questions)
-        with ResultWriter(out, overwrite=overwrite) as writer:
-            summary = _run_batch(
-                rows,
-                writer,
-                model_options,
-                run_options,
-                methods,
-                quiet=quiet,
-                batch_size=batch_size,
-                share_prefix=share_prefix,
-            )
+        ResultWriter.check_path(Path(out))
+        summary = _run_batch(
+            rows,
+            out,
+            overwrite,
+            model_options,
+            run_options,
+            methods,
+            quiet=quiet,
+            batch_size=batch_size,
+            share_prefix=share_prefix,
+        )
     except DyCokeError as exc:
         fail(exc)
     except KeyboardInterrupt:
@@ -269,7 +272,8 @@ def batch(
 
 def _run_batch(
     rows: list[Any],
-    writer: Any,
+    out: str,
+    overwrite: bool,
     model_options: ModelOptions,
     options: RunOptions,
     methods: list[Any],
@@ -278,32 +282,43 @@ def _run_batch(
     batch_size: int,
     share_prefix: bool,
 ) -> Any:
+    """Alone, or as one process of ``accelerate launch``/``torchrun`` (WORLD_SIZE > 1)."""
     from cli.render import batch_progress, loading, print_batch_summary, warn_random_weights
-    from dycoke.batch import run_batch
+    from dycoke.batch import BatchSummary, run_batch
+    from dycoke.parallel import Shard, current_shard, process_device, run_sharded
 
-    total = len(rows) * len(methods)
-    todo = total - sum(1 for q in rows for m in methods if (q.id, m) in writer.done)
-    if todo == 0:
-        from dycoke.batch import BatchSummary
+    shard = Shard()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
 
-        summary = BatchSummary(total=total, already_done=total)
-        if not quiet:
-            print_batch_summary(summary, writer.path)
-        return summary
-    with loading(f"Loading {model_options.model}"):
-        from dycoke.pipeline import VideoQA
+        cuda = torch.cuda.is_available()
+        shard = current_shard(use_cpu=model_options.device == "cpu" or not cuda)
+        device = process_device(model_options.device, model_options.device_map, shard, cuda)
+        model_options = replace(model_options, device=device)
+    show = not quiet and shard.is_main
 
-        qa = VideoQA.load(model_options)
-    for m in methods:
-        replace(options.method, method=m).check_against_model(qa.loaded.num_layers)
-    if qa.loaded.random_weights:
-        warn_random_weights(qa.loaded.source)
-    with batch_progress(todo, enabled=not quiet) as advance:
-        summary = run_batch(
-            qa, rows, options, methods, writer, on_record=advance, batch_size=batch_size, share_prefix=share_prefix
-        )
-    if not quiet:
-        print_batch_summary(summary, writer.path)
+    def answer_share(share: list[Any], writer: Any) -> Any:
+        total = len(share) * len(methods)
+        todo = total - sum(1 for q in share for m in methods if (q.id, m) in writer.done)
+        if todo == 0:
+            return BatchSummary(total=total, already_done=total)
+        with loading(f"Loading {model_options.model}", enabled=show):
+            from dycoke.pipeline import VideoQA
+
+            qa = VideoQA.load(model_options)
+        for m in methods:
+            replace(options.method, method=m).check_against_model(qa.loaded.num_layers)
+        if qa.loaded.random_weights and shard.is_main:
+            warn_random_weights(qa.loaded.source)
+        label = f"process {shard.rank + 1} of {shard.world}: " if shard.world > 1 else ""
+        with batch_progress(todo, enabled=show, label=label) as advance:
+            return run_batch(
+                qa, share, options, methods, writer, on_record=advance, batch_size=batch_size, share_prefix=share_prefix
+            )
+
+    summary = run_sharded(rows, methods, out, shard, answer_share, overwrite=overwrite)
+    if show:
+        print_batch_summary(summary, Path(out))
     return summary
 
 

@@ -14,9 +14,9 @@ console = Console(stderr=True)
 
 
 @contextmanager
-def loading(message: str) -> Iterator[None]:
+def loading(message: str, *, enabled: bool = True) -> Iterator[None]:
     """A spinner on stderr while something slow happens (only on a terminal)."""
-    if console.is_terminal:
+    if enabled and console.is_terminal:
         with console.status(message):
             yield
     else:
@@ -162,14 +162,14 @@ def print_comparison(result: Any) -> None:
 
 
 @contextmanager
-def batch_progress(total: int, *, enabled: bool = True) -> Iterator[Callable[[dict[str, Any]], None]]:
+def batch_progress(total: int, *, enabled: bool = True, label: str = "") -> Iterator[Callable[[dict[str, Any]], None]]:
     """A progress bar on stderr (done/total, questions per second, ETA, failures); yields the
     callback that advances it by one record."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     failures = 0
     progress = Progress(
-        TextColumn("[bold]answering"),
+        TextColumn(f"[bold]{label}answering"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),

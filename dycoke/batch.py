@@ -5,19 +5,14 @@ options separated by ``|``, each starting with its letter: ``A. ...|B. ...``) an
 truth: the option letter, or a reference text). Video paths are relative to the CSV's folder. Without
 an ``id`` column a row's id is its data-row number (1-based), stable as long as the file is.
 
-Output: one record per (question, method), JSON lines (``.jsonl``) or CSV (``.csv``), appended and
-flushed to disk as each answer completes. A rerun reads the output first and skips every (id, method)
-already answered; records of failed rows (and a line cut short by a crash) are dropped and retried,
-by rewriting the file atomically, so the output never holds two records of one (id, method).
+Output: one record per (question, method), written as answers complete (``dycoke/results.py``); a
+rerun skips every (id, method) already answered and retries failed ones.
 """
 
 from __future__ import annotations
 
 import csv
-import json
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,25 +23,9 @@ from typing import Any
 from dycoke.config import Method, RunOptions
 from dycoke.errors import CsvError, DyCokeError
 from dycoke.report import Report
+from dycoke.results import ResultWriter
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-CSV_FIELDS = [
-    "id",
-    "method",
-    "video",
-    "question",
-    "answer",
-    "ground_truth",
-    "correct",
-    "frames",
-    "visual_tokens",
-    "prompt_tokens",
-    "generated_tokens",
-    "ttft_s",
-    "ms_per_token",
-    "total_s",
-    "error",
-]
 
 
 @dataclass(frozen=True)
@@ -186,128 +165,6 @@ def make_record(question: Question, method: str, report: Report | None, error: s
     return record
 
 
-def _csv_row(record: dict[str, Any]) -> dict[str, Any]:
-    tokens, timings = record.get("tokens") or {}, record.get("timings_s") or {}
-    return {
-        "id": record["id"],
-        "method": record["method"],
-        "video": record["video"],
-        "question": record["question"],
-        "answer": record["answer"] if record["answer"] is not None else "",
-        "ground_truth": record["ground_truth"] or "",
-        "correct": "" if record["correct"] is None else str(record["correct"]).lower(),
-        "frames": tokens.get("frames", ""),
-        "visual_tokens": tokens.get("visual", ""),
-        "prompt_tokens": tokens.get("prompt", ""),
-        "generated_tokens": tokens.get("generated", ""),
-        "ttft_s": timings.get("ttft", ""),
-        "ms_per_token": "" if timings.get("ms_per_token") is None else timings["ms_per_token"],
-        "total_s": timings.get("total", ""),
-        "error": record["error"] or "",
-    }
-
-
-class ResultWriter:
-    """Appends records to ``.jsonl`` or ``.csv``, flushed and synced one by one; knows what is done.
-
-    Opening an existing output keeps its successful records (their (id, method) are ``done``) and
-    drops failed ones and any line cut short by a crash, rewriting the file atomically when needed.
-    """
-
-    def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
-        self.path = Path(path)
-        suffix = self.path.suffix.lower()
-        if suffix not in (".jsonl", ".csv"):
-            raise CsvError(f"output must end in .jsonl or .csv, got '{self.path.name}'")
-        self.format = suffix[1:]
-        if self.path.is_dir():
-            raise CsvError(f"output path is a directory: {self.path}")
-        if not self.path.parent.is_dir():
-            raise CsvError(f"output folder does not exist: {self.path.parent}")
-        kept: list[dict[str, Any]] = []
-        if self.path.exists() and not overwrite:
-            kept, dirty = self._load()
-            if dirty:
-                self._rewrite(kept)
-        elif self.path.exists():
-            self.path.unlink()
-        self.done: set[tuple[str, str]] = {(str(r["id"]), str(r["method"])) for r in kept}
-        self.kept = kept
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        self._file = self.path.open("a", newline="", encoding="utf-8")
-        self._csv = csv.DictWriter(self._file, fieldnames=CSV_FIELDS) if self.format == "csv" else None
-        if self._csv is not None and new:
-            self._csv.writeheader()
-            self._sync()
-
-    def _load(self) -> tuple[list[dict[str, Any]], bool]:
-        """Successful records of the existing file, and whether anything had to be dropped."""
-        kept, dirty = [], False
-        text = self.path.read_text(encoding="utf-8")
-        if self.format == "jsonl":
-            for line in text.splitlines():
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a crash
-                    dirty = True
-                    continue
-                if record.get("error"):
-                    dirty = True
-                    continue
-                kept.append(record)
-            if text and not text.endswith("\n"):
-                dirty = True
-        else:
-            rows = list(csv.DictReader(text.splitlines()))
-            for row in rows:
-                if row.get("error") or None in row.values() or row.get("method") in (None, ""):
-                    dirty = True
-                    continue
-                kept.append(row)
-            if text and not text.endswith("\n"):
-                dirty = True
-        return kept, dirty
-
-    def _rewrite(self, records: list[dict[str, Any]]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            if self.format == "jsonl":
-                for record in records:
-                    f.write(json.dumps(record) + "\n")
-            else:
-                writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-                writer.writeheader()
-                writer.writerows(records)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Append one record and make it durable before returning."""
-        if self._csv is not None:
-            self._csv.writerow(_csv_row(record))
-        else:
-            self._file.write(json.dumps(record) + "\n")
-        self._sync()
-        if not record.get("error"):
-            self.done.add((str(record["id"]), str(record["method"])))
-
-    def _sync(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> ResultWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 @dataclass
 class BatchSummary:
     """What a batch run did (this run only, plus what the output already held)."""
@@ -357,7 +214,7 @@ def run_batch(
 
     summary = BatchSummary(total=len(questions) * len(methods))
     for record in writer.kept:
-        _grade(summary, record)
+        grade(summary, record)
     summary.already_done = sum(1 for q in questions for m in methods if (q.id, m) in writer.done)
     pending = [
         [q for q in group if any((q.id, m) not in writer.done for m in methods)] for group in group_by_video(questions)
@@ -372,7 +229,7 @@ def run_batch(
             summary.failed += 1
         else:
             summary.answered += 1
-            _grade(summary, record)
+            grade(summary, record)
         if on_record is not None:
             on_record(record)
 
@@ -466,7 +323,8 @@ def _answer_method(
             emit(question, method, None, str(exc))
 
 
-def _grade(summary: BatchSummary, record: dict[str, Any]) -> None:
+def grade(summary: BatchSummary, record: dict[str, Any]) -> None:
+    """Count a successful record towards its method's accuracy (when it has a ground truth)."""
     correct = record.get("correct")
     if correct in (None, ""):
         return

@@ -37,7 +37,7 @@ def prefill_prefix(model: Any, embeds: torch.Tensor) -> PrefixKV:
     """Run the language model over (1, P, D) prefix embeddings once and keep its KV cache."""
     mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
     out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_ARGUMENT)  # the output field has the same name as the argument
     layers = [(layer.keys, layer.values) for layer in cache.layers]
     return PrefixKV(layers=layers, length=int(embeds.shape[1]))
 

@@ -15,7 +15,6 @@ from cli.app import app
 from dycoke.batch import (
     MC_INSTRUCTION,
     Question,
-    ResultWriter,
     answer_letter,
     is_correct,
     read_questions,
@@ -24,6 +23,7 @@ from dycoke.batch import (
 from dycoke.config import GenerationOptions, MethodOptions, ModelOptions, RunOptions, VideoOptions
 from dycoke.errors import CsvError, OutOfMemoryError
 from dycoke.pipeline import VideoQA
+from dycoke.results import ResultWriter
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 runner = CliRunner()

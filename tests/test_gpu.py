@@ -64,3 +64,20 @@ def test_dp_on_cuda_matches_the_naive_reference(tiny_checkpoint: Path) -> None:
             pad_token_id=0,
         )
     assert out.tolist() == expected
+
+
+@pytest.mark.parametrize("method", ["full", "dycoke"])
+def test_shared_prefix_and_batches_on_cuda_answer_as_one_by_one(tiny_checkpoint: Path, clip: Path, method: str) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda", dtype="float32"))
+    run = RunOptions(
+        video=VideoOptions(num_frames=8),
+        generation=GenerationOptions(max_new_tokens=8, min_new_tokens=8),
+        method=MethodOptions(method=method, prune_layer=2),  # type: ignore[arg-type]
+    )
+    prepared = qa.prepare(clip, run.video)
+    questions = ["What moves?", "Describe the background in detail, please.", "Why?"]
+    alone = [qa.answer(prepared, q, run).token_ids for q in questions]
+    shared = qa.answer_many(prepared, questions, run, batch_size=3)
+    assert [r.token_ids for r in shared] == alone
+    assert all(r.timings_s.shared_prefix > 0 for r in shared)
