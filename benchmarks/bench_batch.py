@@ -1,0 +1,167 @@
+"""Batch throughput: 8 videos x 8 questions, one by one vs shared work, full vs DyCoke.
+
+Run on a CUDA machine with a random-weight model at a real shape (answers are meaningless, so every
+answer is forced to ``--new-tokens`` tokens and all modes do the same work):
+
+    python benchmarks/bench_batch.py --size 7b --frames 32 --new-tokens 16 \
+        --video samples/bigbuckbunny.mp4 --out benchmarks/results/batch-7b.json
+
+Modes, each over the same 64 questions:
+
+- ``one-by-one``: ``VideoQA.ask`` per question (decode, encode, compress, prefill every time): what a
+  loop over ``dycoke ask`` does without the process start-up.
+- ``per-video``: ``dycoke batch --no-share-prefix``: one decode + encode per video, full prefill per
+  question.
+- ``shared``: ``dycoke batch``: plus the system prompt + video prefilled once per video.
+- ``shared-b8``: ``dycoke batch --batch-size 8``: plus the 8 questions of a video generated together.
+
+Questions per second counts the wall time of the whole mode (the next video's decode overlaps on a CPU
+thread in the batch modes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_methods import build
+from dycoke.batch import read_questions, run_batch
+from dycoke.config import GenerationOptions, MethodOptions, RunOptions, VideoOptions
+from dycoke.pipeline import VideoQA
+from dycoke.results import ResultWriter
+
+QUESTIONS = [
+    "What animal is in the video?",
+    "What colour is the sky?",
+    "Describe what happens from the beginning to the end of the clip in a few sentences.",
+    "How many butterflies appear?",
+    "Is it day or night?",
+    "What does the rabbit do after it leaves its burrow, and how do the other animals react?",
+    "Where does the scene take place?",
+    "What is stationary?",
+]
+MODES = {
+    "one-by-one": None,
+    "per-video": {"share_prefix": False, "batch_size": 1},
+    "shared": {"share_prefix": True, "batch_size": 1},
+    "shared-b8": {"share_prefix": True, "batch_size": 8},
+}
+
+
+def write_questions(folder: Path, video: Path, videos: int) -> Path:
+    rows = ["id,video,question"]
+    for v in range(videos):
+        shutil.copy(video, folder / f"video{v}.mp4")
+        rows += [f'v{v}-q{q},video{v}.mp4,"{text}"' for q, text in enumerate(QUESTIONS)]
+    path = folder / "questions.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def run_mode(qa: VideoQA, csv_path: Path, mode: str, options: RunOptions, folder: Path) -> dict[str, Any]:
+    questions = read_questions(csv_path)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    kwargs = MODES[mode]
+    if kwargs is None:
+        for q in questions:
+            qa.ask(q.path, q.prompt(), options)
+    else:
+        with ResultWriter(folder / f"{mode}.jsonl", overwrite=True) as writer:
+            summary = run_batch(qa, questions, options, [options.method.method], writer, **kwargs)
+        assert summary.failed == 0 and summary.answered == len(questions)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {
+        "questions": len(questions),
+        "seconds": seconds,
+        "questions_per_s": len(questions) / seconds,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="7b")
+    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--videos", type=int, default=8)
+    parser.add_argument("--video", default="samples/bigbuckbunny.mp4")
+    parser.add_argument("--methods", nargs="+", default=["full", "dycoke"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    import transformers
+
+    results: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "size": args.size,
+        "frames": args.frames,
+        "new_tokens": args.new_tokens,
+        "videos": args.videos,
+        "questions_per_video": len(QUESTIONS),
+        "runs": [],
+    }
+    qa = build(args.size)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        csv_path = write_questions(folder, Path(args.video), args.videos)
+        (folder / "warm").mkdir()
+        warm = write_questions(folder / "warm", Path(args.video), 1)
+        for method in args.methods:
+            options = RunOptions(
+                video=VideoOptions(num_frames=args.frames),
+                generation=GenerationOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens),
+                method=MethodOptions(method=method),  # type: ignore[arg-type]
+            )
+            for mode in args.modes:
+                run_mode(qa, warm, mode, options, folder)  # warm-up: kernels, allocator, file cache
+                row = {"method": method, "mode": mode, **run_mode(qa, csv_path, mode, options, folder)}
+                print(json.dumps(row), flush=True)
+                results["runs"].append(row)
+    base = {r["method"]: r["questions_per_s"] for r in results["runs"] if r["mode"] == "one-by-one"}
+    for row in results["runs"]:
+        if row["method"] in base:
+            row["speedup_vs_one_by_one"] = row["questions_per_s"] / base[row["method"]]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown(results))
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"{results['size']}, {results['frames']} frames, {results['new_tokens']} new tokens, "
+        f"{results['videos']} videos x {results['questions_per_video']} questions, {results['gpu']}",
+        "",
+        "| method | mode | questions/s | seconds | speed-up | peak GiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["runs"]:
+        speedup = r.get("speedup_vs_one_by_one")
+        lines.append(
+            f"| {r['method']} | {r['mode']} | {r['questions_per_s']:.2f} | {r['seconds']:.1f} | "
+            f"{'-' if speedup is None else f'{speedup:.2f}x'} | {r['peak_gpu_gib']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
