@@ -51,7 +51,7 @@ QUESTIONS = [
     "Where does the scene take place?",
     "What is stationary?",
 ]
-MODES = {
+MODES: dict[str, dict[str, Any] | None] = {
     "one-by-one": None,
     "per-video": {"share_prefix": False, "batch_size": 1},
     "shared": {"share_prefix": True, "batch_size": 1},
@@ -130,7 +130,7 @@ def main() -> None:
             options = RunOptions(
                 video=VideoOptions(num_frames=args.frames),
                 generation=GenerationOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens),
-                method=MethodOptions(method=method),  # type: ignore[arg-type]
+                method=MethodOptions(method=method),
             )
             for mode in args.modes:
                 run_mode(qa, warm, mode, options, folder)  # warm-up: kernels, allocator, file cache
