@@ -26,7 +26,7 @@ Fps = Annotated[float | None, typer.Option(help="Sample at this rate instead (ca
 MaxFrames = Annotated[int, typer.Option(help="Cap on frames with --fps.")]
 Start = Annotated[float | None, typer.Option(help="Start of the time window, seconds.")]
 End = Annotated[float | None, typer.Option(help="End of the time window, seconds.")]
-MethodName = Annotated[str, typer.Option(help="dycoke (compressed) or full (every visual token).")]
+MethodName = Annotated[str, typer.Option(help="dycoke, full (every visual token), fastv, prumerge, random or uniform.")]
 MergeRatio = Annotated[
     float, typer.Option("--merge-ratio", "-K", help="DyCoke K: share of tokens TTM drops from merged frames.")
 ]
@@ -45,6 +45,15 @@ PruneLastWindow = Annotated[
     bool, typer.Option(help="TTM: also re-prune the last 4-frame window (the reference skips it).")
 ]
 KeepOddLastFrame = Annotated[bool, typer.Option(help="TTM: keep an odd last frame whole (the reference drops it).")]
+FastvLayer = Annotated[int, typer.Option(help="FastV K: layer K-1 ranks, layers K.. keep the top share.")]
+FastvKeep = Annotated[float, typer.Option(help="FastV: share of visual tokens kept from layer K on.")]
+PrumergePlus = Annotated[bool, typer.Option(help="PruMerge+: add spatially uniform samples to the outliers.")]
+BudgetTokens = Annotated[
+    int | None,
+    typer.Option(help="random/uniform: visual tokens in the LLM input, newline included (default: DyCoke's)."),
+]
+BudgetRatio = Annotated[float | None, typer.Option(help="random/uniform: share of the frame tokens kept instead.")]
+BudgetSeed = Annotated[int, typer.Option(help="random: seed of the token choice.")]
 MaxNewTokens = Annotated[int, typer.Option(help="Longest answer, in tokens.")]
 MinNewTokens = Annotated[int, typer.Option(help="Force at least this many tokens (benchmarks).")]
 Sample = Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of greedy decoding.")]
@@ -94,6 +103,12 @@ def build_options(values: dict[str, Any]) -> tuple[ModelOptions, RunOptions]:
             similarity_fp32=similarity_fp32(v["similarity"]),
             prune_last_window=v["prune_last_window"],
             keep_odd_last_frame=v["keep_odd_last_frame"],
+            fastv_layer=v["fastv_layer"],
+            fastv_keep=v["fastv_keep"],
+            prumerge_plus=v["prumerge_plus"],
+            budget_tokens=v["budget_tokens"],
+            budget_ratio=v["budget_ratio"],
+            budget_seed=v["budget_seed"],
         ),
     )
     return model, run

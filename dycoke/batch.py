@@ -272,7 +272,7 @@ def _answer_group(
         video_error = str(decoded)
     elif decoded is not None:
         try:
-            prepared = qa.prepare(decoded, options.video)
+            prepared = qa.prepare(decoded, options.video, with_signals="prumerge" in methods)
         except DyCokeError as exc:
             video_error = str(exc)
     for method in methods:

@@ -97,7 +97,9 @@ def compare(
     loaded = qa.loaded
     for name in methods:
         replace(options.method, method=name).check_against_model(loaded.num_layers)
-    prepared = qa.prepare(video, options.video)
+    from dycoke.pipeline import needs_vision_signals
+
+    prepared = qa.prepare(video, options.video, with_signals=needs_vision_signals(list(methods)))
     per_method = {name: replace(options, method=replace(options.method, method=name)) for name in methods}
     on_gpu = loaded.device.type == "cuda"
     if on_gpu:

@@ -16,8 +16,8 @@ from dycoke.errors import ConfigError
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 PAPER_SYSTEM_PROMPT = "You are a helpful assistant."
 
-Method = Literal["full", "dycoke"]
-METHODS: tuple[str, ...] = ("full", "dycoke")
+Method = Literal["full", "dycoke", "fastv", "prumerge", "random", "uniform"]
+METHODS: tuple[str, ...] = ("full", "dycoke", "fastv", "prumerge", "random", "uniform")
 GateMode = Literal["official", "reuse"]
 PromptStyle = Literal["paper", "checkpoint"]
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
@@ -139,6 +139,15 @@ class MethodOptions:
     ``merge_ratio`` (K) at prefill and prunes the visual KV cache at every decode step: layers from
     ``prune_layer`` (L) on attend only to the top ``1 - prune_ratio`` (P) of the visual tokens, chosen by
     the attention of layer L-1, whenever the attention pattern moved (cosine < ``gate_threshold``).
+
+    Baselines: ``fastv`` keeps the ``fastv_keep`` share of visual tokens best ranked by the last prompt
+    token's attention at layer ``fastv_layer - 1`` and drops the rest from layer ``fastv_layer`` on;
+    ``prumerge`` keeps the vision tower's attention outliers of each frame and merges the others into
+    them (``prumerge_plus`` adds spatially uniform samples). Equal-budget controls: ``random`` (a seeded
+    choice of tokens, ``budget_seed``) and ``uniform`` (fewer frames, evenly spaced) keep, by default,
+    as many tokens as DyCoke's merging with ``merge_ratio`` would; ``budget_tokens`` (visual tokens in the
+    LLM input, newline included, as ``tokens.visual`` counts them) or ``budget_ratio`` (share of the frame
+    tokens) set another budget.
     """
 
     method: Method = "dycoke"
@@ -150,10 +159,27 @@ class MethodOptions:
     similarity_fp32: bool = True
     prune_last_window: bool = False
     keep_odd_last_frame: bool = False
+    fastv_layer: int = 2
+    fastv_keep: float = 0.35
+    prumerge_plus: bool = False
+    budget_tokens: int | None = None
+    budget_ratio: float | None = None
+    budget_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if self.fastv_layer < 1:
+            raise ConfigError(f"fastv-layer must be >= 1, got {self.fastv_layer}")
+        _check_range("fastv-keep", self.fastv_keep, 0.0, 1.0, lo_open=True)
+        if self.budget_tokens is not None and self.budget_ratio is not None:
+            raise ConfigError("give --budget-tokens or --budget-ratio, not both")
+        if self.budget_tokens is not None and self.budget_tokens < 2:
+            raise ConfigError(
+                f"budget-tokens must be >= 2 (the newline token and one frame token), got {self.budget_tokens}"
+            )
+        if self.budget_ratio is not None:
+            _check_range("budget-ratio", self.budget_ratio, 0.0, 1.0, lo_open=True)
         _check_range("merge-ratio (K)", self.merge_ratio, 0.0, 1.0, hi_open=True)
         _check_range("prune-ratio (P)", self.prune_ratio, 0.0, 1.0, hi_open=True)
         _check_range("gate-threshold", self.gate_threshold, -1.0, 1.0)
@@ -168,6 +194,11 @@ class MethodOptions:
             raise ConfigError(
                 f"prune-layer (L) must be below the model's {num_layers} layers (1..{num_layers - 1}), "
                 f"got {self.prune_layer}"
+            )
+        if self.method == "fastv" and self.fastv_layer >= num_layers:
+            raise ConfigError(
+                f"fastv-layer must be below the model's {num_layers} layers (1..{num_layers - 1}), "
+                f"got {self.fastv_layer}"
             )
 
 

@@ -63,3 +63,11 @@ def dycoke_tflops(
 def paper_merged_tokens(n: float, merge_ratio: float) -> float:
     """The paper's count of tokens after TTM: ``(1 - 3K/4) n``."""
     return (1 - 3 * merge_ratio / 4) * n
+
+
+def fastv_tflops(shape: LlmShape, n: float, kept: float, generated: int, layer: int) -> float:
+    """FastV: every layer below K sees ``n`` visual tokens, in prefill and decode; layers >= K see ``kept``."""
+    late = shape.layers - layer
+    early_flops = prefill_flops(shape, n, layers=layer) + decode_flops(shape, n, generated, layers=layer)
+    late_flops = prefill_flops(shape, kept, layers=late) + decode_flops(shape, kept, generated, layers=late)
+    return (early_flops + late_flops) / 1e12

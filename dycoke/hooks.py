@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from dycoke.compress.fastv import kept_slots
 from dycoke.compress.kv_prune import PruneState, head_mean_attention
 
 ATTENTION_NAME = "dycoke_dp"
@@ -134,3 +135,202 @@ def dynamic_pruning(model: Any, state: PruneState, prune_layer: int) -> Iterator
     finally:
         language_model.set_attn_implementation(previous)
         _ACTIVE.reset(token)
+
+
+# -- FastV -------------------------------------------------------------------------------------------
+
+FASTV_ATTENTION = "dycoke_fastv"
+
+
+@dataclass
+class FastVSession:
+    """What FastV's attention function and cache share during one ``generate`` call.
+
+    ``slots`` is set at layer K-1 of the prefill: the (B, S') prompt slots kept from layer K on. The
+    cache then stores only those entries for layers >= K, and the attention function maps every
+    key it sees there back to its slot to build the mask.
+    """
+
+    layer: int  # K
+    starts: torch.Tensor  # (B,) first visual slot per row
+    num_visual: int
+    keep: int
+    slots: torch.Tensor | None = None
+    prompt_length: int = 0
+    step_masks: dict[tuple[torch.device, int, int], torch.Tensor | None] = field(default_factory=dict)
+
+    def select(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> None:
+        """Rank the visual tokens by the last prompt token's head-mean attention (layer K-1, prefill)."""
+        last_mask = None if mask is None else mask[:, :, -1:, :]
+        probabilities = head_mean_attention(query[:, :, -1:], key, scaling, last_mask)
+        starts = self.starts.to(probabilities.device)
+        self.slots = kept_slots(probabilities, starts, self.num_visual, self.keep)
+        self.prompt_length = key.shape[2]
+
+    def layer_mask(
+        self, attention_mask: torch.Tensor | None, query: torch.Tensor, kv_length: int
+    ) -> torch.Tensor | None:
+        """The mask of a layer >= K, whose cache holds the kept slots then every later token.
+
+        ``attention_mask`` is the model's (B, 1, q, S_all) boolean mask over every slot, or None
+        (causal, no padding). Returns (B, 1, q, kv_length) boolean, or None where nothing is hidden.
+        """
+        key = (query.device, id(attention_mask), kv_length)
+        if key in self.step_masks:
+            return self.step_masks[key]
+        assert self.slots is not None
+        slots = self.slots.to(query.device)
+        b, kept = slots.shape
+        later = torch.arange(self.prompt_length, self.prompt_length + kv_length - kept, device=query.device)
+        key_slots = torch.cat([slots, later.expand(b, -1)], dim=1)  # (B, kv_length)
+        q_len = query.shape[2]
+        if attention_mask is not None:
+            index = key_slots[:, None, None, :].expand(-1, attention_mask.shape[1], attention_mask.shape[2], -1)
+            mask: torch.Tensor | None = attention_mask.to(torch.bool).gather(3, index)
+        elif q_len > 1:
+            total = self.prompt_length + kv_length - kept
+            query_slots = torch.arange(total - q_len, total, device=query.device)
+            mask = (key_slots[:, None, None, :] <= query_slots[None, None, :, None]).expand(b, 1, q_len, kv_length)
+        else:
+            mask = None
+        self.step_masks = {key: mask}  # one entry: masks change every step, layers share them
+        return mask
+
+
+_FASTV: contextvars.ContextVar[FastVSession | None] = contextvars.ContextVar("dycoke_fastv", default=None)
+
+
+def fastv_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA attention with FastV: layer K-1 ranks (prefill), layers >= K see the kept tokens only.
+
+    Shapes: query (B, Hq, q, d); key/value (B, Hkv, S, d), at layers >= K only the kept entries
+    (``FastVCache``); attention_mask None or (B, 1, q, S_all) boolean over every slot.
+    """
+    session = _FASTV.get()
+    layer = getattr(module, "layer_idx", None)
+    if session is None or layer is None or layer < session.layer - 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if layer == session.layer - 1:
+        if query.shape[2] > 1 and session.slots is None:
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            session.select(query, key, attention_mask, scaling)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    mask = session.layer_mask(attention_mask, query, key.shape[2])
+    kwargs["is_causal"] = False
+    return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+
+AttentionInterface.register(FASTV_ATTENTION, fastv_attention)
+AttentionMaskInterface.register(FASTV_ATTENTION, sdpa_mask)
+
+
+class FastVCache(DynamicCache):
+    """A dynamic cache that stores, for layers >= K, only the prompt entries FastV keeps.
+
+    Passed to ``generate`` like any cache (the extension point for custom caches); layers < K and every
+    generated token are stored as usual.
+    """
+
+    def __init__(self, session: FastVSession) -> None:
+        super().__init__()
+        self.session = session
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> Any:
+        slots = self.session.slots
+        if layer_idx >= self.session.layer and key_states.shape[2] > 1 and slots is not None:
+            index = slots.to(key_states.device)[:, None, :, None]
+            index = index.expand(-1, key_states.shape[1], -1, key_states.shape[3])
+            key_states, value_states = key_states.gather(2, index), value_states.gather(2, index)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+@contextmanager
+def fastv_pruning(model: Any, session: FastVSession) -> Iterator[FastVCache]:
+    """Install FastV's attention on ``model``'s language model; yields the cache to give ``generate``."""
+    language_model = model.get_decoder() if hasattr(model, "get_decoder") else model.model.language_model
+    previous = language_model.config._attn_implementation
+    if previous not in ("sdpa", FASTV_ATTENTION):
+        raise ValueError(f"FastV builds on SDPA attention, the model uses '{previous}'")
+    token = _FASTV.set(session)
+    language_model.set_attn_implementation(FASTV_ATTENTION)
+    try:
+        yield FastVCache(session)
+    finally:
+        language_model.set_attn_implementation(previous)
+        _FASTV.reset(token)
+
+
+# -- PruMerge: what the vision tower's selected layer attends to ----------------------------------
+
+VISION_PROBE_ATTENTION = "dycoke_vision_probe"
+
+
+@dataclass
+class VisionProbe:
+    """Captures, for one vision layer, the attention each patch receives and the layer's keys."""
+
+    target: torch.nn.Module
+    scores: torch.Tensor | None = None  # (F, N) mean over heads and queries
+    keys: torch.Tensor | None = None  # (F, N, H*d)
+
+
+_PROBE: contextvars.ContextVar[VisionProbe | None] = contextvars.ContextVar("dycoke_probe", default=None)
+
+
+def vision_probe_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA attention that also records the probe's layer: probabilities one frame at a time, so that
+    at most one (H, N, N) matrix exists at once. Shapes: query/key/value (F, H, N, d)."""
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    probe = _PROBE.get()
+    if probe is not None and module is probe.target:
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        received = []
+        for frame in range(query.shape[0]):
+            logits = torch.matmul(query[frame].float(), key[frame].float().transpose(-1, -2)) * scaling
+            received.append(logits.softmax(dim=-1).mean(dim=(0, 1)))
+        probe.scores = torch.stack(received)
+        probe.keys = key.transpose(1, 2).reshape(key.shape[0], key.shape[2], -1)
+    return out
+
+
+AttentionInterface.register(VISION_PROBE_ATTENTION, vision_probe_attention)
+AttentionMaskInterface.register(VISION_PROBE_ATTENTION, sdpa_mask)
+
+
+@contextmanager
+def vision_probe(model: Any) -> Iterator[VisionProbe]:
+    """Record the attention of the vision layer whose output LLaVA-OneVision selects
+    (``vision_feature_layer``, the last one in the released checkpoints) during the block."""
+    config = model.config
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"PruMerge needs one vision_feature_layer, the checkpoint selects {layer}")
+    tower = model.vision_tower if hasattr(model, "vision_tower") else model.model.vision_tower
+    layers = tower.vision_model.encoder.layers
+    # hidden_states[i] is the output of layer i - 1 (hidden_states[0] is the embeddings)
+    index = layer - 1 if layer > 0 else len(layers) + layer
+    probe = VisionProbe(target=layers[index].self_attn)
+    previous = tower.config._attn_implementation
+    token = _PROBE.set(probe)
+    tower.set_attn_implementation(VISION_PROBE_ATTENTION)
+    try:
+        yield probe
+    finally:
+        tower.set_attn_implementation(previous)
+        _PROBE.reset(token)

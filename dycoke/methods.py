@@ -13,10 +13,13 @@ from typing import Any, Protocol
 
 import torch
 
+from dycoke.compress.budget import random_token_indices, uniform_frame_indices
+from dycoke.compress.fastv import fastv_keep_count
 from dycoke.compress.kv_prune import PruneState, keep_count
-from dycoke.compress.ttm import MergeResult, temporal_token_merge_with_positions
+from dycoke.compress.ttm import MergeResult, temporal_token_merge_with_positions, ttm_token_count
 from dycoke.config import MethodOptions
-from dycoke.hooks import dynamic_pruning
+from dycoke.errors import ConfigError
+from dycoke.hooks import FastVSession, dynamic_pruning, fastv_pruning
 from dycoke.model import LoadedModel
 
 
@@ -37,18 +40,36 @@ class CompressedVisual:
     patch_index: torch.Tensor | None = None
 
 
+@dataclass
+class VisionSignals:
+    """What the vision tower saw, for methods that select inside it (PruMerge).
+
+    Attributes:
+        scores: (F, T) attention each pooled token receives (mean over heads and patch queries).
+        keys: (F, T, C) keys of that layer (heads concatenated), pooled like the features.
+    """
+
+    scores: torch.Tensor
+    keys: torch.Tensor
+
+
 class CompressionMethod(Protocol):
     """What every method provides to the pipeline."""
 
     name: str
+    shares_prefix: bool  # whether the prefilled system prompt + video can serve every question
+    needs_vision_signals: bool
 
-    def compress(self, features: torch.Tensor, num_frames: int, tokens_per_frame: int) -> CompressedVisual:
+    def compress(
+        self, features: torch.Tensor, num_frames: int, tokens_per_frame: int, vision: VisionSignals | None = None
+    ) -> CompressedVisual:
         """(F*T, D) frame tokens -> the tokens the LLM sees."""
         ...
 
     def decoding(self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int) -> Any:
         """A context manager installed around ``generate`` (attention hooks); ``num_visual`` counts
-        the visual tokens placed at ``visual_start`` ((B,) per sample, or one int; newline included)."""
+        the visual tokens placed at ``visual_start`` ((B,) per sample, or one int; newline included).
+        It yields extra ``generate`` arguments (a dict) or None."""
         ...
 
     def stats(self, generated: int, sample: int = 0) -> dict[str, Any]:
@@ -61,8 +82,12 @@ class FullTokens:
     """No compression: every visual token, every layer, every step."""
 
     name = "full"
+    shares_prefix = True
+    needs_vision_signals = False
 
-    def compress(self, features: torch.Tensor, num_frames: int, tokens_per_frame: int) -> CompressedVisual:
+    def compress(
+        self, features: torch.Tensor, num_frames: int, tokens_per_frame: int, vision: VisionSignals | None = None
+    ) -> CompressedVisual:
         return CompressedVisual(tokens=features, per_frame=[tokens_per_frame] * num_frames)
 
     @contextmanager
@@ -81,6 +106,8 @@ class DyCoke:
     """
 
     name = "dycoke"
+    shares_prefix = True
+    needs_vision_signals = False
 
     def __init__(self, options: MethodOptions, model: Any) -> None:
         self.options = options
@@ -89,7 +116,9 @@ class DyCoke:
         self.merge: MergeResult | None = None
         self.num_visual = 0
 
-    def compress(self, features: torch.Tensor, num_frames: int, tokens_per_frame: int) -> CompressedVisual:
+    def compress(
+        self, features: torch.Tensor, num_frames: int, tokens_per_frame: int, vision: VisionSignals | None = None
+    ) -> CompressedVisual:
         o = self.options
         merge = temporal_token_merge_with_positions(
             features,
@@ -154,9 +183,177 @@ class DyCoke:
         return out
 
 
+class FastV:
+    """FastV: the last prompt token's attention at layer K-1 keeps the top share of visual tokens for
+    layers >= K, in prefill and decoding (``dycoke/compress/fastv.py``). Every visual token enters the
+    LLM; the selection depends on the question, so no prefix is shared between questions."""
+
+    name = "fastv"
+    shares_prefix = False
+    needs_vision_signals = False
+
+    def __init__(self, options: MethodOptions, model: Any) -> None:
+        self.options = options
+        self.model = model
+        self.num_visual = 0
+        self.keep = 0
+
+    def compress(
+        self, features: torch.Tensor, num_frames: int, tokens_per_frame: int, vision: VisionSignals | None = None
+    ) -> CompressedVisual:
+        return CompressedVisual(tokens=features, per_frame=[tokens_per_frame] * num_frames)
+
+    @contextmanager
+    def decoding(self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int) -> Iterator[dict[str, Any]]:
+        from dycoke.prefix_cache import CACHE_ARGUMENT
+
+        self.num_visual = num_visual
+        self.keep = fastv_keep_count(num_visual, self.options.fastv_keep)
+        device = self.model.get_input_embeddings().weight.device
+        starts = torch.as_tensor(visual_start, device=device).reshape(-1)
+        session = FastVSession(layer=self.options.fastv_layer, starts=starts, num_visual=num_visual, keep=self.keep)
+        with fastv_pruning(self.model, session) as cache:
+            yield {CACHE_ARGUMENT: cache}
+
+    def stats(self, generated: int, sample: int = 0) -> dict[str, Any]:
+        return {
+            "fastv_layer": self.options.fastv_layer,
+            "fastv_keep": self.options.fastv_keep,
+            "visual_kept_late_layers": self.keep,
+            "fastv_retained_ratio": self.keep / self.num_visual if self.num_visual else 1.0,
+        }
+
+
+def budget_count(options: MethodOptions, num_frames: int, tokens_per_frame: int) -> int:
+    """Frame tokens an equal-budget control keeps (newline excluded): ``budget_tokens - 1``, or
+    ``budget_ratio`` of the frame tokens, or by default as many as DyCoke's merging keeps."""
+    total = num_frames * tokens_per_frame
+    if options.budget_tokens is not None:
+        return min(total, options.budget_tokens - 1)
+    if options.budget_ratio is not None:
+        return min(total, max(1, round(options.budget_ratio * total)))
+    return ttm_token_count(
+        num_frames,
+        tokens_per_frame,
+        options.merge_ratio,
+        prune_last_window=options.prune_last_window,
+        keep_odd_last_frame=options.keep_odd_last_frame,
+    )
+
+
+class _TokensOnly:
+    """A method that only chooses the tokens entering the LLM (no hooks)."""
+
+    name = ""
+    shares_prefix = True
+    needs_vision_signals = False
+
+    def __init__(self, options: MethodOptions) -> None:
+        self.options = options
+        self.figures: dict[str, Any] = {}
+
+    @contextmanager
+    def decoding(self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int) -> Iterator[None]:
+        yield
+
+    def stats(self, generated: int, sample: int = 0) -> dict[str, Any]:
+        return dict(self.figures)
+
+
+class RandomTokens(_TokensOnly):
+    """Equal-budget control: a seeded uniform choice of visual tokens, in raster order."""
+
+    name = "random"
+
+    def compress(
+        self, features: torch.Tensor, num_frames: int, tokens_per_frame: int, vision: VisionSignals | None = None
+    ) -> CompressedVisual:
+        count = budget_count(self.options, num_frames, tokens_per_frame)
+        chosen = random_token_indices(num_frames * tokens_per_frame, count, self.options.budget_seed)
+        frame = chosen // tokens_per_frame
+        per_frame = torch.bincount(frame, minlength=num_frames).tolist()
+        self.figures = {"budget_tokens": count + 1, "budget_seed": self.options.budget_seed}
+        index = chosen.to(features.device)
+        return CompressedVisual(
+            tokens=features.index_select(0, index),
+            per_frame=per_frame,
+            frame_index=frame,
+            patch_index=chosen % tokens_per_frame,
+        )
+
+
+class UniformFrames(_TokensOnly):
+    """Equal-budget control: fewer frames, evenly spaced among the sampled ones, every token of each."""
+
+    name = "uniform"
+
+    def compress(
+        self, features: torch.Tensor, num_frames: int, tokens_per_frame: int, vision: VisionSignals | None = None
+    ) -> CompressedVisual:
+        count = budget_count(self.options, num_frames, tokens_per_frame)
+        frames = uniform_frame_indices(num_frames, tokens_per_frame, count)
+        t = tokens_per_frame
+        grid = features.reshape(num_frames, t, -1)
+        kept = torch.tensor(frames, device=features.device)
+        self.figures = {"budget_tokens": count + 1, "frames_kept": frames}
+        per_frame = [t if f in frames else 0 for f in range(num_frames)]
+        frame_index = torch.tensor(frames).repeat_interleave(t)
+        return CompressedVisual(
+            tokens=grid.index_select(0, kept).reshape(len(frames) * t, -1),
+            per_frame=per_frame,
+            frame_index=frame_index,
+            patch_index=torch.arange(t).repeat(len(frames)),
+        )
+
+
 def build_method(options: MethodOptions, loaded: LoadedModel) -> CompressionMethod:
     """The method named by ``options.method``, checked against the loaded model."""
     options.check_against_model(loaded.num_layers)
     if options.method == "dycoke":
         return DyCoke(options, loaded.model)
+    if options.method == "fastv":
+        return FastV(options, loaded.model)
+    if options.method == "random":
+        return RandomTokens(options)
+    if options.method == "uniform":
+        return UniformFrames(options)
+    if options.method == "prumerge":
+        return PruMerge(options)
     return FullTokens()
+
+
+class PruMerge(_TokensOnly):
+    """LLaVA-PruMerge (+): per frame, the tokens whose vision-tower attention is an IQR outlier are kept
+    and the others merged into them by key similarity (``dycoke/compress/prumerge.py``).
+
+    Adaptation to SigLIP (no class token) and LLaVA-OneVision's pooled video tokens: the "class
+    attention" is the attention each patch receives, averaged over heads and patch queries, in the vision
+    layer that produces the selected features; scores and keys are pooled to the 14x14 grid with the
+    model's own bilinear pooling, and selection and merging act on the projected, pooled tokens the LLM
+    receives (the reference merges CLIP features before the projector).
+    """
+
+    name = "prumerge"
+    needs_vision_signals = True
+
+    def compress(
+        self, features: torch.Tensor, num_frames: int, tokens_per_frame: int, vision: VisionSignals | None = None
+    ) -> CompressedVisual:
+        if vision is None:
+            raise ConfigError("prumerge needs the vision tower's attention: prepare the video with it")
+        from dycoke.compress.prumerge import prumerge
+
+        t = tokens_per_frame
+        result = prumerge(
+            features.reshape(num_frames, t, -1),
+            vision.scores.to(features.device),
+            vision.keys.to(features.device),
+            plus=self.options.prumerge_plus,
+        )
+        self.figures = {"prumerge_plus": self.options.prumerge_plus, "iqr_outlier_ratio": result.ratio}
+        return CompressedVisual(
+            tokens=result.tokens,
+            per_frame=list(result.tokens_per_frame),
+            frame_index=result.frame_index,
+            patch_index=result.patch_index,
+        )

@@ -7,9 +7,10 @@ that several questions or methods can share one decoded and encoded video.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ from typing import Any
 import torch
 
 from dycoke.config import ModelOptions, RunOptions, VideoOptions
-from dycoke.costs import LlmShape, dycoke_tflops, full_tflops
+from dycoke.costs import LlmShape, dycoke_tflops, fastv_tflops, full_tflops
 from dycoke.errors import ConfigError, OutOfMemoryError
-from dycoke.methods import CompressedVisual, CompressionMethod, build_method
+from dycoke.hooks import vision_probe
+from dycoke.methods import CompressedVisual, CompressionMethod, VisionSignals, build_method
 from dycoke.model import LoadedModel, load_model
 from dycoke.prefix_cache import (
     CACHE_ARGUMENT,
@@ -56,6 +58,8 @@ class PreparedVideo:
     decode_s: float
     preprocess_s: float
     encode_s: float
+    pixels: torch.Tensor  # (F, 3, H, W) on the model's device
+    vision: VisionSignals | None = None
 
 
 @dataclass
@@ -95,9 +99,12 @@ class VideoQA:
 
     # -- stages -------------------------------------------------------------------------------------
 
-    def prepare(self, video: str | Path | DecodedVideo, options: VideoOptions | None = None) -> PreparedVideo:
+    def prepare(
+        self, video: str | Path | DecodedVideo, options: VideoOptions | None = None, *, with_signals: bool = False
+    ) -> PreparedVideo:
         """Decode and sample frames (unless ``video`` is already decoded), preprocess them on the model's
-        device, run the vision encoder."""
+        device, run the vision encoder (``with_signals``: also record what PruMerge selects by; a method
+        that needs it and finds it missing runs the encoder again)."""
         decoded = video if isinstance(video, DecodedVideo) else decode_video(video, options)
         frames = decoded.frames
         loaded = self.loaded
@@ -107,7 +114,7 @@ class VideoQA:
             _sync(loaded.device)
         t2 = time.perf_counter()
         with _oom_guard("the vision encoder", frames.num_frames), torch.inference_mode():
-            features, newline = self._encode(pixels)
+            features, newline, vision = self._encode(pixels, with_signals=with_signals)
             _sync(loaded.device)
         t3 = time.perf_counter()
         return PreparedVideo(
@@ -120,28 +127,39 @@ class VideoQA:
             decode_s=decoded.decode_s,
             preprocess_s=t2 - t1,
             encode_s=t3 - t2,
+            pixels=pixels,
+            vision=vision,
         )
 
-    def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(F, 3, H, W) pixels -> ((F*T, D) frame tokens, (1, D) newline token).
+    def _encode(
+        self, pixels: torch.Tensor, *, with_signals: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, VisionSignals | None]:
+        """(F, 3, H, W) pixels -> ((F*T, D) frame tokens, (1, D) newline token, PruMerge's signals).
 
         transformers >= 5.2x appends the newline token to ``get_video_features``' output; older 5.x
         releases return the frame tokens alone and add ``image_newline`` in ``forward``.
         """
         model = self.loaded.model
         config = model.config
-        out = model.get_video_features(
-            pixels.unsqueeze(0),  # named pixel_values_videos in 5.2x, pixel_values in 5.17: pass by position
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
-        )
+        with vision_probe(model) if with_signals else nullcontext() as probe:
+            out = model.get_video_features(
+                pixels.unsqueeze(0),  # named pixel_values_videos in 5.2x, pixel_values in 5.17: pass by position
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+            )
         tokens = out.pooler_output if hasattr(out, "pooler_output") else out
         tokens = tokens.reshape(-1, tokens.shape[-1])
         frame_tokens = pixels.shape[0] * self.loaded.tokens_per_frame
+        signals = None
+        if probe is not None:
+            assert probe.scores is not None and probe.keys is not None
+            signals = VisionSignals(
+                scores=pool_like_model(probe.scores.unsqueeze(-1)).squeeze(-1), keys=pool_like_model(probe.keys)
+            )
         if tokens.shape[0] == frame_tokens + 1:
-            return tokens[:-1], tokens[-1:]
+            return tokens[:-1], tokens[-1:], signals
         newline = model.model.image_newline.reshape(1, -1).to(tokens.device, tokens.dtype)
-        return tokens, newline
+        return tokens, newline, signals
 
     def answer(
         self,
@@ -184,8 +202,10 @@ class VideoQA:
 
         t_start = time.perf_counter()
         with _oom_guard("compression", prepared.num_frames), torch.inference_mode():
+            if method.needs_vision_signals and prepared.vision is None:
+                prepared.vision = self._encode(prepared.pixels, with_signals=True)[2]  # timed as compression
             visual: CompressedVisual = method.compress(
-                prepared.features, prepared.num_frames, prepared.tokens_per_frame
+                prepared.features, prepared.num_frames, prepared.tokens_per_frame, prepared.vision
             )
             visual_tokens = torch.cat([visual.tokens, prepared.newline.to(visual.tokens.dtype)], dim=0)
             _sync(loaded.device)
@@ -199,7 +219,7 @@ class VideoQA:
                 tokenize_prompt(loaded.tokenizer, text), loaded.video_token_id, num_visual
             )
             rows.append(ids)
-        prefix_length = visual_start + num_visual if share_prefix else 0
+        prefix_length = visual_start + num_visual if share_prefix and method.shares_prefix else 0
         if prefix_length and not common_prefix_ok(rows, prefix_length):
             prefix_length = 0  # a template that puts text before the video per question: nothing to share
 
@@ -267,7 +287,8 @@ class VideoQA:
                 torch.manual_seed(gen.seed)
             streamer.start()
             starts: int | list[int] = padded.visual_starts[0] if len(rows) == 1 else padded.visual_starts
-            with method.decoding(visual_start=starts, num_visual=num_visual):
+            with method.decoding(visual_start=starts, num_visual=num_visual) as extra:
+                kwargs.update(extra or {})
                 output = loaded.model.generate(
                     inputs_embeds=embeds,
                     attention_mask=padded.attention_mask.to(loaded.device),
@@ -382,7 +403,11 @@ class VideoQA:
         prune_layer, prune_ratio = shape.layers, 0.0
         if options.method.method == "dycoke" and figures.get("decode_steps", 0) > 0:
             prune_layer, prune_ratio = options.method.prune_layer, options.method.prune_ratio
-        figures["tflops"] = dycoke_tflops(shape, merged, tokens.generated, prune_layer, prune_ratio)
+        if options.method.method == "fastv":
+            kept = min(figures["visual_kept_late_layers"], merged)
+            figures["tflops"] = fastv_tflops(shape, merged, kept, tokens.generated, options.method.fastv_layer)
+        else:
+            figures["tflops"] = dycoke_tflops(shape, merged, tokens.generated, prune_layer, prune_ratio)
         hidden_per_step = figures.get("candidates", 0) - figures.get("avg_candidates_attended_late_layers", 0)
         stored = memory.kv_cache_bytes
         late_share = (shape.layers - prune_layer) / shape.layers
@@ -402,8 +427,23 @@ class VideoQA:
         options = options or RunOptions()
         if self.loaded.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.loaded.device)
-        prepared = self.prepare(video, options.video)
+        prepared = self.prepare(video, options.video, with_signals=needs_vision_signals([options.method.method]))
         return self.answer(prepared, question, options, on_text)
+
+
+def needs_vision_signals(methods: list[str]) -> bool:
+    """Whether any of ``methods`` selects by the vision tower's attention (record it while encoding)."""
+    return "prumerge" in methods
+
+
+def pool_like_model(values: torch.Tensor) -> torch.Tensor:
+    """(F, N, C) per-patch values on the square patch grid -> (F, T, C) on the pooled grid, with
+    LLaVA-OneVision's own video pooling (bilinear to ceil(side / 2)), in float32."""
+    f, n, c = values.shape
+    side = math.isqrt(n)
+    grid = values.float().reshape(f, side, side, c).permute(0, 3, 1, 2)
+    pooled = torch.nn.functional.interpolate(grid, size=[math.ceil(side / 2)] * 2, mode="bilinear")
+    return pooled.permute(0, 2, 3, 1).reshape(f, -1, c)
 
 
 def generation_kwargs(loaded: LoadedModel, gen: Any) -> dict[str, Any]:

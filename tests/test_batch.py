@@ -153,9 +153,9 @@ class CountingQA:
     def __init__(self, qa: VideoQA) -> None:
         self.qa, self.prepared, self.answered = qa, 0, 0
 
-    def prepare(self, video: Any, options: Any) -> Any:
+    def prepare(self, video: Any, options: Any, **kwargs: Any) -> Any:
         self.prepared += 1
-        return self.qa.prepare(video, options)
+        return self.qa.prepare(video, options, **kwargs)
 
     def answer_many(self, prepared: Any, questions: list[str], options: Any, **kwargs: Any) -> Any:
         self.answered += len(questions)

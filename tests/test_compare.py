@@ -26,8 +26,11 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_parse_methods() -> None:
     assert parse_methods(None) == ["full", "dycoke"]
     assert parse_methods("dycoke, full") == ["dycoke", "full"]
-    with pytest.raises(ConfigError, match="unknown method 'fastv'; allowed: full, dycoke"):
-        parse_methods("full,fastv")
+    assert parse_methods("full,fastv,prumerge,random,uniform") == ["full", "fastv", "prumerge", "random", "uniform"]
+    with pytest.raises(
+        ConfigError, match="unknown method 'tome'; allowed: full, dycoke, fastv, prumerge, random, uniform"
+    ):
+        parse_methods("full,tome")
     with pytest.raises(ConfigError, match="each method once"):
         parse_methods("full,full")
     with pytest.raises(ConfigError, match="at least two methods"):
@@ -87,4 +90,6 @@ def test_cli_compare_table(tiny_checkpoint: Path, clip: Path) -> None:
 def test_cli_compare_bad_method(tiny_checkpoint: Path, clip: Path) -> None:
     result = runner.invoke(app, ["ask", str(clip), "q", "--model", str(tiny_checkpoint), "--compare", "full,zip"])
     assert result.exit_code == 2
-    assert result.stderr.strip() == "Error: compare: unknown method 'zip'; allowed: full, dycoke"
+    assert result.stderr.strip() == (
+        "Error: compare: unknown method 'zip'; allowed: full, dycoke, fastv, prumerge, random, uniform"
+    )
