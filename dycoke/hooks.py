@@ -322,7 +322,7 @@ def vision_probe(model: Any) -> Iterator[VisionProbe]:
     if not isinstance(layer, int):
         raise ValueError(f"PruMerge needs one vision_feature_layer, the checkpoint selects {layer}")
     tower = model.vision_tower if hasattr(model, "vision_tower") else model.model.vision_tower
-    layers = tower.vision_model.encoder.layers
+    layers = (tower.vision_model if hasattr(tower, "vision_model") else tower).encoder.layers  # 5.17 | 5.2x
     # hidden_states[i] is the output of layer i - 1 (hidden_states[0] is the embeddings)
     index = layer - 1 if layer > 0 else len(layers) + layer
     probe = VisionProbe(target=layers[index].self_attn)
