@@ -111,3 +111,28 @@ def test_every_method_from_ask_compare_and_batch(tiny_checkpoint: Path, clip: Pa
     assert result.exit_code == 0, result.stderr
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted((r["id"], r["method"]) for r in records) == sorted((i, m) for i in ("1", "2") for m in METHODS)
+
+
+def test_vision_probe_matches_the_towers_own_attention_weights(qa: VideoQA, prepared: PreparedVideo) -> None:
+    """The PruMerge signals equal what the vision tower reports with output_attentions (eager)."""
+    from dycoke.pipeline import pool_like_model
+
+    model = qa.loaded.model
+    tower = model.model.vision_tower
+    layer = model.config.vision_feature_layer
+    assert layer == -1
+    previous = tower.config._attn_implementation
+    tower.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = tower(prepared.pixels, output_attentions=True, output_hidden_states=True)
+    finally:
+        tower.set_attn_implementation(previous)
+    received = out.attentions[-1].float().mean(dim=(1, 2))  # (F, N): heads, then queries
+    encoder = tower.vision_model.encoder if hasattr(tower, "vision_model") else tower.encoder
+    last = encoder.layers[-1]
+    with torch.inference_mode():
+        keys = last.self_attn.k_proj(last.layer_norm1(out.hidden_states[-2]))  # (F, N, C), heads concatenated
+    assert prepared.vision is not None
+    torch.testing.assert_close(prepared.vision.scores, pool_like_model(received.unsqueeze(-1)).squeeze(-1))
+    torch.testing.assert_close(prepared.vision.keys, pool_like_model(keys))

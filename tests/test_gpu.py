@@ -81,3 +81,33 @@ def test_shared_prefix_and_batches_on_cuda_answer_as_one_by_one(tiny_checkpoint:
     shared = qa.answer_many(prepared, questions, run, batch_size=3)
     assert [r.token_ids for r in shared] == alone
     assert all(r.timings_s.shared_prefix > 0 for r in shared)
+
+
+@pytest.mark.parametrize("method", ["fastv", "prumerge", "random", "uniform"])
+def test_baselines_on_cuda_in_bf16_batched(tiny_checkpoint: Path, clip: Path, method: str) -> None:
+    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda"))
+    run = RunOptions(
+        video=VideoOptions(num_frames=8),
+        generation=GenerationOptions(max_new_tokens=6, min_new_tokens=6),
+        method=MethodOptions(method=method),  # type: ignore[arg-type]
+    )
+    prepared = qa.prepare(clip, run.video, with_signals=method == "prumerge")
+    reports = qa.answer_many(prepared, ["What moves?", "Describe the scene in detail."], run, batch_size=2)
+    assert [r.tokens.generated for r in reports] == [6, 6]
+    assert reports[0].tokens.visual == reports[1].tokens.visual < 8 * 196 + 1 or method == "fastv"
+
+
+def test_fastv_keeping_everything_on_cuda_is_full(tiny_checkpoint: Path, clip: Path) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda", dtype="float32"))
+
+    def run(method: str, **kwargs: Any) -> RunOptions:
+        return RunOptions(
+            video=VideoOptions(num_frames=8),
+            generation=GenerationOptions(max_new_tokens=8, min_new_tokens=8),
+            method=MethodOptions(method=method, **kwargs),  # type: ignore[arg-type]
+        )
+
+    prepared = qa.prepare(clip, VideoOptions(num_frames=8))
+    full = qa.answer(prepared, "What moves?", run("full"))
+    assert qa.answer(prepared, "What moves?", run("fastv", fastv_keep=1.0)).token_ids == full.token_ids
