@@ -21,7 +21,7 @@ from dycoke.config import ModelOptions, RunOptions, VideoOptions
 from dycoke.costs import LlmShape, dycoke_tflops, fastv_tflops, full_tflops
 from dycoke.errors import ConfigError, OutOfMemoryError
 from dycoke.hooks import vision_probe
-from dycoke.methods import CompressedVisual, CompressionMethod, VisionSignals, build_method
+from dycoke.methods import CompressedVisual, CompressionMethod, FastV, VisionSignals, build_method
 from dycoke.model import LoadedModel, load_model
 from dycoke.prefix_cache import (
     CACHE_ARGUMENT,
@@ -354,7 +354,7 @@ class VideoQA:
             device=str(loaded.device),
             dtype=str(loaded.dtype).removeprefix("torch."),
             peak_gpu_bytes=torch.cuda.max_memory_allocated(loaded.device) if loaded.device.type == "cuda" else None,
-            kv_cache_bytes=kv_cache_bytes(loaded.text_config, len(ids) + max(n_gen - 1, 0), element),
+            kv_cache_bytes=stored_kv_bytes(method, loaded.text_config, len(ids) + max(n_gen - 1, 0), element),
         )
         frames = prepared.frames
         return Report(
@@ -429,6 +429,17 @@ class VideoQA:
             torch.cuda.reset_peak_memory_stats(self.loaded.device)
         prepared = self.prepare(video, options.video, with_signals=needs_vision_signals([options.method.method]))
         return self.answer(prepared, question, options, on_text)
+
+
+def stored_kv_bytes(method: CompressionMethod, text_config: Any, seq_len: int, element: int) -> int:
+    """KV-cache bytes at the end of generation; FastV stores only its kept entries from layer K on."""
+    full = kv_cache_bytes(text_config, seq_len, element)
+    if not isinstance(method, FastV) or not method.num_visual:
+        return full
+    layers = int(text_config.num_hidden_layers)
+    late = layers - method.options.fastv_layer
+    dropped = method.num_visual - method.keep
+    return full - kv_cache_bytes(text_config, dropped, element) * late // layers
 
 
 def needs_vision_signals(methods: list[str]) -> bool:

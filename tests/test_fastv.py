@@ -170,3 +170,7 @@ def test_fastv_keeping_everything_is_the_full_path(tiny_checkpoint: Path, tmp_pa
     assert pruned.tokens.visual == full.tokens.visual  # every token enters the LLM ...
     assert pruned.compression["visual_kept_late_layers"] == round(785 * 0.35)  # ... 35 % survive layer 2
     assert pruned.compression["tflops"] < full.compression["tflops"]
+    # layers 2 and 3 of 4 store 275 of the 785 visual entries
+    dropped_bytes = pruned.memory.kv_cache_bytes - full.memory.kv_cache_bytes
+    per_token_layer = full.memory.kv_cache_bytes // ((full.tokens.prompt + 7) * 4)
+    assert dropped_bytes == -(785 - 275) * 2 * per_token_layer
