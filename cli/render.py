@@ -109,6 +109,7 @@ def summary_table(report: Any) -> Table:
                 f"{c['avg_visual_attended_late_layers']:.0f}",
                 "visual tokens per decode step",
             )
+    _method_rows(table, report.method, c)
     if "tflops" in c:
         table.add_row("TFLOPs (paper formula)", f"{c['tflops']:.3g}", f"full tokens: {c['tflops_full']:.3g}")
     table.add_section()
@@ -119,6 +120,26 @@ def summary_table(report: Any) -> Table:
     if c.get("kv_bytes_attended_per_step", m.kv_cache_bytes) != m.kv_cache_bytes:
         table.add_row("KV read per step", fmt_bytes(c["kv_bytes_attended_per_step"]), "with DP, at the last step")
     return table
+
+
+def _method_rows(table: Table, method: str, c: dict[str, Any]) -> None:
+    """What the baselines and controls did, each in its own terms."""
+    if method == "fastv":
+        table.add_section()
+        table.add_row(
+            f"FastV: kept from layer {c['fastv_layer']}",
+            str(c["visual_kept_late_layers"]),
+            f"{100 * c['fastv_retained_ratio']:.1f} % of the visual tokens (FastV's ratio)",
+        )
+    elif method == "prumerge":
+        table.add_section()
+        label = "PruMerge+" if c.get("prumerge_plus") else "PruMerge"
+        table.add_row(f"{label}: retained", f"{100 * c['retained_prefill_ratio']:.1f} %", "tokens entering the LLM")
+        table.add_row("IQR outlier ratio", f"{100 * c['iqr_outlier_ratio']:.2f} %", "of the pooled tokens")
+    elif method in ("random", "uniform"):
+        table.add_section()
+        detail = f"seed {c['budget_seed']}" if method == "random" else f"frames {c['frames_kept']}"
+        table.add_row("budget (visual tokens)", str(c["budget_tokens"]), detail)
 
 
 def print_summary(report: Any) -> None:

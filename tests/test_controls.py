@@ -136,3 +136,20 @@ def test_vision_probe_matches_the_towers_own_attention_weights(qa: VideoQA, prep
     assert prepared.vision is not None
     torch.testing.assert_close(prepared.vision.scores, pool_like_model(received.unsqueeze(-1)).squeeze(-1))
     torch.testing.assert_close(prepared.vision.keys, pool_like_model(keys))
+
+
+def test_prumerge_plus_adds_samples_and_the_summary_names_each_method(tiny_checkpoint: Path, clip: Path) -> None:
+    common = ["ask", str(clip), "What?", "--model", str(tiny_checkpoint), "--frames", "8", "--max-new-tokens", "2"]
+    plain = json.loads(runner.invoke(app, [*common, "--method", "prumerge", "--json"]).stdout)
+    plus = json.loads(runner.invoke(app, [*common, "--method", "prumerge", "--prumerge-plus", "--json"]).stdout)
+    assert plus["compression"]["prumerge_plus"] and not plain["compression"]["prumerge_plus"]
+    assert plus["tokens"]["visual"] > plain["tokens"]["visual"]
+    expected = {
+        "fastv": "FastV: kept from layer 2",
+        "prumerge": "IQR outlier ratio",
+        "random": "budget (visual tokens)",
+        "uniform": "frames [0, 2, 4, 7]",
+    }
+    for method, text in expected.items():
+        result = runner.invoke(app, [*common, "--method", method])
+        assert result.exit_code == 0 and text in result.stderr, (method, result.stderr)
