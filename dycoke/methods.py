@@ -66,7 +66,7 @@ class CompressionMethod(Protocol):
         """(F*T, D) frame tokens -> the tokens the LLM sees."""
         ...
 
-    def decoding(self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int) -> Any:
+    def decoding(self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int, max_steps: int = 1024) -> Any:
         """A context manager installed around ``generate`` (attention hooks); ``num_visual`` counts
         the visual tokens placed at ``visual_start`` ((B,) per sample, or one int; newline included).
         It yields extra ``generate`` arguments (a dict) or None."""
@@ -91,7 +91,9 @@ class FullTokens:
         return CompressedVisual(tokens=features, per_frame=[tokens_per_frame] * num_frames)
 
     @contextmanager
-    def decoding(self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int) -> Iterator[None]:
+    def decoding(
+        self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int, max_steps: int = 1024
+    ) -> Iterator[None]:
         yield
 
     def stats(self, generated: int, sample: int = 0) -> dict[str, Any]:
@@ -137,7 +139,9 @@ class DyCoke:
         )
 
     @contextmanager
-    def decoding(self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int) -> Iterator[None]:
+    def decoding(
+        self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int, max_steps: int = 1024
+    ) -> Iterator[None]:
         """Install stage II for one ``generate`` call; a fresh state per call (per sample)."""
         o = self.options
         self.num_visual = num_visual
@@ -151,7 +155,12 @@ class DyCoke:
         device = self.model.get_input_embeddings().weight.device
         starts = torch.as_tensor(visual_start, device=device).reshape(-1)
         self.state = PruneState(
-            starts=starts, num_candidates=candidates, keep=keep, threshold=o.gate_threshold, mode=o.gate_mode
+            starts=starts,
+            num_candidates=candidates,
+            keep=keep,
+            threshold=o.gate_threshold,
+            mode=o.gate_mode,
+            max_steps=max_steps,
         )
         with dynamic_pruning(self.model, self.state, o.prune_layer):
             yield
@@ -204,7 +213,9 @@ class FastV:
         return CompressedVisual(tokens=features, per_frame=[tokens_per_frame] * num_frames)
 
     @contextmanager
-    def decoding(self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int) -> Iterator[dict[str, Any]]:
+    def decoding(
+        self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int, max_steps: int = 1024
+    ) -> Iterator[dict[str, Any]]:
         from dycoke.prefix_cache import CACHE_ARGUMENT
 
         self.num_visual = num_visual
@@ -253,7 +264,9 @@ class _TokensOnly:
         self.figures: dict[str, Any] = {}
 
     @contextmanager
-    def decoding(self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int) -> Iterator[None]:
+    def decoding(
+        self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int, max_steps: int = 1024
+    ) -> Iterator[None]:
         yield
 
     def stats(self, generated: int, sample: int = 0) -> dict[str, Any]:

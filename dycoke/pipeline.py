@@ -287,7 +287,7 @@ class VideoQA:
                 torch.manual_seed(gen.seed)
             streamer.start()
             starts: int | list[int] = padded.visual_starts[0] if len(rows) == 1 else padded.visual_starts
-            with method.decoding(visual_start=starts, num_visual=num_visual) as extra:
+            with method.decoding(visual_start=starts, num_visual=num_visual, max_steps=gen.max_new_tokens) as extra:
                 kwargs.update(extra or {})
                 output = loaded.model.generate(
                     inputs_embeds=embeds,

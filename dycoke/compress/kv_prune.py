@@ -89,6 +89,10 @@ def keep_count(num_candidates: int, prune_ratio: float) -> int:
 class PruneState:
     """Per-run state of stage II, reset for every sample (the reference code does not: a bug).
 
+    Everything that lives from one decode step to the next is a device buffer updated in place
+    (previous attention, last keep set, per-step history, step counter), so a decode step can be
+    captured once as a CUDA graph and replayed: the replay updates the same buffers.
+
     Attributes:
         starts: (B,) position of each sample's first visual token in the KV cache (left padding
             included), on the model's device.
@@ -97,6 +101,7 @@ class PruneState:
         threshold: gate threshold on the cosine similarity.
         mode: "official" prunes nothing at a step whose similarity reaches the threshold; "reuse"
             keeps the previous selection at such a step.
+        max_steps: decode steps the history has room for (the longest answer).
     """
 
     starts: torch.Tensor
@@ -104,43 +109,53 @@ class PruneState:
     keep: int
     threshold: float = 0.9
     mode: GateMode = "official"
-    previous: torch.Tensor | None = None
-    kept: torch.Tensor | None = None  # (B, n) bool: visual positions attended by layers >= L this step
-    history: list[torch.Tensor] = field(default_factory=list)  # every step's (B, n) kept mask
+    max_steps: int = 1024
+    previous: torch.Tensor = field(init=False)  # (B, n) float32, zeros before the first step (similarity 0)
+    kept: torch.Tensor = field(init=False)  # (B, n) bool, this step's keep set (all True before the first)
+    history: torch.Tensor = field(init=False)  # (max_steps, B, n) bool, every step's keep set
+    step: torch.Tensor = field(init=False)  # () long, decode steps seen
     span: torch.Tensor = field(init=False)  # (B, n) KV positions of each sample's candidates
 
     def __post_init__(self) -> None:
-        self.span = span_indices(self.starts, self.num_candidates)
+        b, n, device = self.starts.shape[0], self.num_candidates, self.starts.device
+        self.span = span_indices(self.starts, n)
+        self.previous = torch.zeros(b, n, dtype=torch.float32, device=device)
+        self.kept = torch.ones(b, n, dtype=torch.bool, device=device)
+        self.history = torch.zeros(max(self.max_steps, 1), b, n, dtype=torch.bool, device=device)
+        self.step = torch.zeros((), dtype=torch.long, device=device)
 
     def update(self, visual_attention: torch.Tensor) -> torch.Tensor:
         """Take this step's (B, n) visual attention; decide and return the (B, n) keep mask.
 
-        A handful of device ops, no host synchronisation; the statistics are derived from ``history``
-        after generation.
+        A handful of device ops writing into the state's buffers, no host synchronisation. The cosine
+        with the zero buffer of the first step is exactly 0, as with no previous step at all.
         """
         prune = (gate_similarity(visual_attention, self.previous) < self.threshold).unsqueeze(1)  # (B, 1)
         selected = top_keep(visual_attention, self.keep)
-        if self.mode == "reuse" and self.kept is not None:
-            kept = torch.where(prune, selected, self.kept)
+        if self.mode == "reuse":
+            kept = torch.where(prune, selected, self.kept)  # before any selection: all kept
         else:
             kept = selected | ~prune  # a step that does not prune keeps everything
-        self.previous = visual_attention
-        self.kept = kept
-        self.history.append(kept)
-        return kept
+        self.previous.copy_(visual_attention)
+        self.kept.copy_(kept)
+        slot = self.step.clamp(max=self.history.shape[0] - 1).reshape(1)
+        self.history.index_copy_(0, slot, kept.unsqueeze(0))
+        self.step.add_(1)
+        return self.kept
 
     @property
     def steps(self) -> int:
-        """Decode steps seen."""
-        return len(self.history)
+        """Decode steps seen (reads the device counter)."""
+        return min(int(self.step.item()), self.history.shape[0])
 
     def pruned_steps(self, steps: int | None = None) -> torch.Tensor:
         """(B,) decode steps that pruned, per sample, over the first ``steps`` steps (default all)."""
-        return (~torch.stack(self.history[:steps]).all(dim=-1)).sum(dim=0)
+        history = self.history[: self.steps if steps is None else steps]
+        return (~history.all(dim=-1)).sum(dim=0)
 
     def attended_sum(self, steps: int | None = None) -> torch.Tensor:
         """(B,) candidates attended by layers >= L, summed over the first ``steps`` steps (default all)."""
-        return torch.stack(self.history[:steps]).sum(dim=(0, 2))
+        return self.history[: self.steps if steps is None else steps].sum(dim=(0, 2))
 
     def full_mask(self, kv_length: int) -> torch.Tensor:
         """(B, kv_length) boolean mask for layers >= L: False only at pruned visual positions."""
