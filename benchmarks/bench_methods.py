@@ -113,6 +113,9 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=["full", "dycoke"], help="e.g. full dycoke dycoke:gate_threshold=1.0"
     )
+    parser.add_argument(
+        "--decoders", nargs="+", default=["auto"], help="decode loops to compare: hf, static, graph, auto"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -130,21 +133,25 @@ def main() -> None:
     for size in args.sizes:
         qa = build(size)
         for frames in args.frames:
-            per_method: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
+            names = [m if len(args.decoders) == 1 else f"{m}@{d}" for m in args.methods for d in args.decoders]
+            per_method: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
             opts = {
-                m: RunOptions(
+                (m if len(args.decoders) == 1 else f"{m}@{d}"): RunOptions(
                     video=VideoOptions(num_frames=frames),
-                    generation=GenerationOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens),
+                    generation=GenerationOptions(
+                        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, decoder=d
+                    ),
                     method=method_options(m),
                 )
                 for m in args.methods
+                for d in args.decoders
             }
-            for m in args.methods:  # warm-up
+            for m in names:  # warm-up
                 run_once(qa, args.video, opts[m])
             for _ in range(args.repeats):
-                for m in args.methods:
+                for m in names:
                     per_method[m].append(run_once(qa, args.video, opts[m]))
-            for m in args.methods:
+            for m in names:
                 row = {"size": size, "frames": frames, "method": m, **median_of(per_method[m])}
                 row["ms_per_token_all"] = [r["ms_per_token"] for r in per_method[m]]
                 row["prefill_ms_all"] = [r["prefill_ms"] for r in per_method[m]]

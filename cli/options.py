@@ -60,6 +60,10 @@ Sample = Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead 
 Temperature = Annotated[float, typer.Option(help="Sampling temperature (with --sample).")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling mass (with --sample).")]
 TopK = Annotated[int, typer.Option(help="Top-k sampling, 0 = off (with --sample).")]
+Decoder = Annotated[
+    str,
+    typer.Option(help="auto (CUDA graphs for greedy on one GPU), hf (transformers' generate), static, graph."),
+]
 Seed = Annotated[int | None, typer.Option(help="Random seed for sampling.")]
 Prompt = Annotated[str, typer.Option(help="paper (the paper's evaluation prompt) or checkpoint (its template).")]
 System = Annotated[str, typer.Option(help="System prompt of the paper style.")]
@@ -91,6 +95,7 @@ def build_options(values: dict[str, Any]) -> tuple[ModelOptions, RunOptions]:
             top_p=v["top_p"],
             top_k=v["top_k"],
             seed=v["seed"],
+            decoder=v["decoder"],
         ),
         prompt=PromptOptions(style=v["prompt"], system_prompt=v["system"]),
         method=MethodOptions(

@@ -21,6 +21,7 @@ METHODS: tuple[str, ...] = ("full", "dycoke", "fastv", "prumerge", "random", "un
 GateMode = Literal["official", "reuse"]
 PromptStyle = Literal["paper", "checkpoint"]
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+DECODERS: tuple[str, ...] = ("auto", "hf", "static", "graph")
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
@@ -94,7 +95,10 @@ class ModelOptions:
 class GenerationOptions:
     """Decoding: greedy by default (as the paper evaluates), sampling on request.
 
-    ``min_new_tokens`` forces a length (benchmarks on random weights use it).
+    ``min_new_tokens`` forces a length (benchmarks on random weights use it). ``decoder`` picks the
+    decode loop: ``hf`` (transformers' ``generate``), ``static`` (greedy on a static KV cache),
+    ``graph`` (the same, one CUDA graph replay per token) or ``auto`` (``graph`` for greedy decoding on
+    one CUDA device, ``hf`` otherwise). All give the same tokens.
     """
 
     max_new_tokens: int = 256
@@ -104,8 +108,13 @@ class GenerationOptions:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    decoder: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.decoder not in DECODERS:
+            raise ConfigError(f"decoder must be one of {', '.join(DECODERS)}, got '{self.decoder}'")
+        if self.do_sample and self.decoder in ("static", "graph"):
+            raise ConfigError(f"decoder '{self.decoder}' decodes greedily; sample with --decoder hf or auto")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max-new-tokens must be a positive integer, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:

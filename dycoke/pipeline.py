@@ -35,6 +35,7 @@ from dycoke.prefix_cache import (
 from dycoke.preprocess import preprocess_frames
 from dycoke.prompt import expand_video_placeholder, render_prompt, tokenize_prompt
 from dycoke.report import Memory, Report, Timings, TokenCounts, VideoInfo, kv_cache_bytes
+from dycoke.static_decode import StaticGreedyDecoder
 from dycoke.streaming import TimedTextStreamer
 from dycoke.video import VideoFrames, read_video
 
@@ -277,24 +278,37 @@ class VideoQA:
         kwargs = generation_kwargs(loaded, gen)
         padded = pad_rows(rows, visual_start, prefix.length if prefix else 0, kwargs["pad_token_id"])
         streamer = TimedTextStreamer(loaded.tokenizer, on_text)
+        decoder = choose_decoder(gen, loaded, method)
         t0 = time.perf_counter()
         with _oom_guard("generation", len(rows)), torch.inference_mode():
             ids = padded.ids.to(loaded.device)
+            mask = padded.attention_mask.to(loaded.device)
             embeds = self._embed(ids, visual_tokens)
-            if prefix is not None:
-                kwargs[CACHE_ARGUMENT] = expand_prefix(prefix, len(rows))
+            prefix_cache = expand_prefix(prefix, len(rows)) if prefix is not None else None
             if gen.seed is not None:
                 torch.manual_seed(gen.seed)
             streamer.start()
             starts: int | list[int] = padded.visual_starts[0] if len(rows) == 1 else padded.visual_starts
             with method.decoding(visual_start=starts, num_visual=num_visual, max_steps=gen.max_new_tokens) as extra:
-                kwargs.update(extra or {})
-                output = loaded.model.generate(
-                    inputs_embeds=embeds,
-                    attention_mask=padded.attention_mask.to(loaded.device),
-                    streamer=streamer,
-                    **kwargs,
-                )
+                if decoder == "hf":
+                    if prefix_cache is not None:
+                        kwargs[CACHE_ARGUMENT] = prefix_cache
+                    kwargs.update(extra or {})
+                    output = loaded.model.generate(
+                        inputs_embeds=embeds, attention_mask=mask, streamer=streamer, **kwargs
+                    )
+                else:
+                    static = StaticGreedyDecoder(
+                        loaded.model,
+                        max_new_tokens=gen.max_new_tokens,
+                        min_new_tokens=gen.min_new_tokens,
+                        eos_ids=kwargs["eos_token_id"],
+                        pad_id=kwargs["pad_token_id"],
+                        use_graph=decoder == "graph",
+                    )
+                    streamer.put(None)  # the prompt, which the streamer skips
+                    output = static.generate(embeds, mask, on_tokens=streamer.put, prefix=prefix_cache)
+                    streamer.end()
         t_end = time.perf_counter()
         generated = [trim_generated(row, kwargs["eos_token_id"]) for row in output.tolist()]
         first = streamer.first_token_s if streamer.first_token_s is not None else t_end - t0
@@ -440,6 +454,21 @@ def stored_kv_bytes(method: CompressionMethod, text_config: Any, seq_len: int, e
     late = layers - method.options.fastv_layer
     dropped = method.num_visual - method.keep
     return full - kv_cache_bytes(text_config, dropped, element) * late // layers
+
+
+def choose_decoder(gen: Any, loaded: LoadedModel, method: CompressionMethod) -> str:
+    """The decode loop for this run: ``auto`` takes the CUDA-graph loop for greedy decoding on one GPU
+    with a method it supports (every method but FastV, whose cache shrinks), ``hf`` otherwise."""
+    if gen.decoder != "auto":
+        if gen.decoder == "graph" and loaded.device.type != "cuda":
+            raise ConfigError(f"decoder 'graph' needs a CUDA device, the model is on {loaded.device.type}")
+        if gen.decoder != "hf" and isinstance(method, FastV):
+            raise ConfigError("fastv stores fewer keys in later layers: use --decoder hf or auto with it")
+        return str(gen.decoder)
+    single_device = len(set(getattr(loaded.model, "hf_device_map", {"": 0}).values())) <= 1
+    if loaded.device.type == "cuda" and not gen.do_sample and single_device and not isinstance(method, FastV):
+        return "graph"
+    return "hf"
 
 
 def needs_vision_signals(methods: list[str]) -> bool:

@@ -111,3 +111,26 @@ def test_fastv_keeping_everything_on_cuda_is_full(tiny_checkpoint: Path, clip: P
     prepared = qa.prepare(clip, VideoOptions(num_frames=8))
     full = qa.answer(prepared, "What moves?", run("full"))
     assert qa.answer(prepared, "What moves?", run("fastv", fastv_keep=1.0)).token_ids == full.token_ids
+
+
+@pytest.mark.parametrize("method", ["full", "dycoke"])
+def test_cuda_graph_decoder_generates_what_generate_does(tiny_checkpoint: Path, clip: Path, method: str) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda", dtype="float32"))
+
+    def run(decoder: str) -> RunOptions:
+        return RunOptions(
+            video=VideoOptions(num_frames=8),
+            generation=GenerationOptions(max_new_tokens=12, min_new_tokens=12, decoder=decoder),
+            method=MethodOptions(method=method, prune_layer=2),  # type: ignore[arg-type]
+        )
+
+    prepared = qa.prepare(clip, VideoOptions(num_frames=8))
+    questions = ["What moves?", "Describe the scene in detail, please.", "Why?"]
+    for batch in (1, 3):
+        hf = qa.answer_many(prepared, questions, run("hf"), batch_size=batch)
+        graph = qa.answer_many(prepared, questions, run("graph"), batch_size=batch)
+        assert [r.token_ids for r in graph] == [r.token_ids for r in hf]
+        assert [r.compression.get("pruned_step_share") for r in graph] == [
+            r.compression.get("pruned_step_share") for r in hf
+        ]

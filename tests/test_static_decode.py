@@ -1,0 +1,102 @@
+"""The static-cache decode loop (the CUDA-graph path without the graph) generates exactly what
+transformers' ``generate`` does: every method, batches with left padding, shared prefixes, end
+tokens and forced lengths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dycoke.config import GenerationOptions, MethodOptions, ModelOptions, RunOptions, VideoOptions
+from dycoke.errors import ConfigError
+from dycoke.pipeline import PreparedVideo, VideoQA
+from dycoke.static_decode import StaticGreedyDecoder, prefill_mask
+from tests.test_dp_exact import make_batch
+from tests.videos import textured_frames, write_video
+
+QUESTIONS = ["What moves in the video?", "Why is the sky that colour, and what else can you see?", "Who?"]
+
+
+@pytest.fixture(scope="module")
+def qa(tiny_checkpoint: Path) -> VideoQA:
+    return VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def prepared(qa: VideoQA, tmp_path_factory: pytest.TempPathFactory) -> PreparedVideo:
+    clip = write_video(tmp_path_factory.mktemp("sd") / "c.mp4", textured_frames(16, 96, 128, seed=11), fps=8)
+    return qa.prepare(clip, VideoOptions(num_frames=8), with_signals=True)
+
+
+def run(method: str, decoder: str, **kwargs: Any) -> RunOptions:
+    return RunOptions(
+        video=VideoOptions(num_frames=8),
+        generation=GenerationOptions(max_new_tokens=8, min_new_tokens=8, decoder=decoder),
+        method=MethodOptions(method=method, **kwargs),  # type: ignore[arg-type]
+    )
+
+
+def test_prefill_mask_is_causal_and_hides_padding_and_empty_slots() -> None:
+    mask = prefill_mask(torch.tensor([[0, 1, 1]]), 5)[0, 0]
+    assert mask.int().tolist() == [[0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 1, 1, 0, 0]]
+
+
+@pytest.mark.parametrize(
+    "method,kwargs",
+    [
+        ("full", {}),
+        ("dycoke", {"prune_layer": 2}),
+        ("dycoke", {"prune_layer": 1, "gate_mode": "reuse", "gate_threshold": 0.99}),
+        ("random", {}),
+        ("uniform", {}),
+        ("prumerge", {"prumerge_plus": True}),
+    ],
+)
+def test_static_decoder_equals_generate(
+    qa: VideoQA, prepared: PreparedVideo, method: str, kwargs: dict[str, Any]
+) -> None:
+    for share, batch in [(False, 1), (True, 3), (False, 3)]:
+        hf = qa.answer_many(prepared, QUESTIONS, run(method, "hf", **kwargs), share_prefix=share, batch_size=batch)
+        static = qa.answer_many(
+            prepared, QUESTIONS, run(method, "static", **kwargs), share_prefix=share, batch_size=batch
+        )
+        for a, b in zip(hf, static, strict=True):
+            assert b.token_ids == a.token_ids, (method, share, batch)
+            assert b.compression.get("pruned_step_share") == a.compression.get("pruned_step_share")
+
+
+@pytest.mark.parametrize("eos,min_new", [([53], 0), ([53, 722], 0), ([53], 3), ([11], 0)])
+def test_end_tokens_and_forced_lengths_as_generate(tiny_checkpoint: Path, eos: list[int], min_new: int) -> None:
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    embeds, mask, _ = make_batch(model, [0, 4, 1])
+    with torch.inference_mode():
+        expected = model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=10,
+            min_new_tokens=min_new or None,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=eos,
+        )
+        decoder = StaticGreedyDecoder(
+            model, max_new_tokens=10, min_new_tokens=min_new, eos_ids=eos, pad_id=0, use_graph=False
+        )
+        got = decoder.generate(embeds, mask)
+    assert got.tolist() == expected.tolist()
+
+
+def test_decoder_choices_are_checked(qa: VideoQA, prepared: PreparedVideo) -> None:
+    with pytest.raises(ConfigError, match="decoder must be one of auto, hf, static, graph, got 'fast'"):
+        GenerationOptions(decoder="fast")
+    with pytest.raises(ConfigError, match="decoder 'static' decodes greedily"):
+        GenerationOptions(decoder="static", do_sample=True)
+    with pytest.raises(ConfigError, match="decoder 'graph' needs a CUDA device, the model is on cpu"):
+        qa.answer(prepared, "What?", run("full", "graph"))
+    with pytest.raises(ConfigError, match="fastv stores fewer keys"):
+        qa.answer(prepared, "What?", run("fastv", "static"))
