@@ -82,7 +82,7 @@ def dycoke_attention(
     session = _ACTIVE.get()
     layer = getattr(module, "layer_idx", None)
     if session is None or layer is None or query.shape[2] != 1 or layer < session.prune_layer - 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return decode_attention(module, query, key, value, attention_mask, **kwargs)
     state = session.state
     if layer == session.prune_layer - 1:
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
@@ -90,8 +90,76 @@ def dycoke_attention(
         state.update(state.visual_attention(probabilities.to(state.starts.device)))
         session.keep = state.full_mask(key.shape[2]).reshape(query.shape[0], 1, 1, key.shape[2])
         session.step_masks.clear()
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return decode_attention(module, query, key, value, attention_mask, **kwargs)
     return masked_decode_attention(query, key, value, session.layer_mask(attention_mask, query), kwargs.get("scaling"))
+
+
+# -- decode steps on a static cache ---------------------------------------------------------------
+
+DECODE_ATTENTION = "dycoke_decode"
+
+
+@dataclass
+class DecodeSession:
+    """Per-step additive biases built from the model's boolean decode mask, one per device.
+
+    On a static cache every decode step carries a mask (the empty slots), and transformers' SDPA path
+    then repeats the grouped K/V heads in every layer (a copy of the whole cache per layer and step).
+    With an additive bias and ``enable_gqa`` one fused kernel reads the cache once. The bias is built
+    at layer 0 of each step (or the first layer on a device) and shared by the later layers.
+    """
+
+    biases: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+
+    def bias(self, attention_mask: torch.Tensor, query: torch.Tensor, layer: int | None) -> torch.Tensor:
+        if layer == 0:
+            self.biases.clear()
+        bias = self.biases.get(query.device)
+        if bias is None:
+            allowed = attention_mask.to(query.device, torch.bool)
+            b, s = allowed.shape[0], allowed.shape[-1]
+            storage = torch.zeros(b, 1, 1, s + (-s) % 16, dtype=query.dtype, device=query.device)
+            bias = storage[..., :s].masked_fill_(~allowed.reshape(b, 1, 1, s), float("-inf"))
+            self.biases[query.device] = bias
+        return bias
+
+
+_DECODE: contextvars.ContextVar[DecodeSession | None] = contextvars.ContextVar("dycoke_decode", default=None)
+
+
+def decode_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA, except that a masked one-query step inside ``static_decoding`` runs as one fused GQA
+    kernel with an additive bias. Shapes as ``dycoke_attention``."""
+    session = _DECODE.get()
+    if session is None or query.shape[2] != 1 or attention_mask is None or attention_mask.dtype != torch.bool:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    bias = session.bias(attention_mask, query, getattr(module, "layer_idx", None))
+    return masked_decode_attention(query, key, value, bias, kwargs.get("scaling"))
+
+
+@contextmanager
+def static_decoding(model: Any) -> Iterator[DecodeSession]:
+    """Decode steps on a static cache use ``decode_attention`` (directly, or through DP's function
+    when DyCoke's pruning is installed) for the duration of the block."""
+    language_model = model.get_decoder() if hasattr(model, "get_decoder") else model.model.language_model
+    previous = language_model.config._attn_implementation
+    session = DecodeSession()
+    token = _DECODE.set(session)
+    if previous == "sdpa":
+        language_model.set_attn_implementation(DECODE_ATTENTION)
+    try:
+        yield session
+    finally:
+        if previous == "sdpa":
+            language_model.set_attn_implementation(previous)
+        _DECODE.reset(token)
 
 
 def masked_decode_attention(
@@ -114,6 +182,8 @@ def masked_decode_attention(
 
 AttentionInterface.register(ATTENTION_NAME, dycoke_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
 
 
 @contextmanager

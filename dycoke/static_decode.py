@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from transformers import StaticCache
 
+from dycoke.hooks import static_decoding
 from dycoke.prefix_cache import CACHE_ARGUMENT
 
 
@@ -128,13 +129,14 @@ class StaticGreedyDecoder:
         tokens = [buffers.token[:, 0].clone()]
         if on_tokens is not None:
             on_tokens(tokens[-1].cpu())
-        for step in range(1, self.max_new_tokens):
-            if bool(buffers.finished.all()):
-                break
-            self._step(first=step == 1)
-            tokens.append(buffers.token[:, 0].clone())
-            if on_tokens is not None:
-                on_tokens(tokens[-1].cpu())
+        with static_decoding(model):
+            for step in range(1, self.max_new_tokens):
+                if bool(buffers.finished.all()):
+                    break
+                self._step(first=step == 1)
+                tokens.append(buffers.token[:, 0].clone())
+                if on_tokens is not None:
+                    on_tokens(tokens[-1].cpu())
         return torch.stack(tokens, dim=1)
 
     def _choose(self, logits: torch.Tensor) -> None:
