@@ -94,6 +94,18 @@ def hf_plain(qa: VideoQA, video: str, frames: int, new_tokens: int, processor: A
     }
 
 
+def one(qa: VideoQA, name: str, frames: int, args: argparse.Namespace, processor: Any) -> dict[str, Any]:
+    """One timed run of one contender."""
+    if name == "hf-plain":
+        return hf_plain(qa, args.video, frames, args.new_tokens, processor)
+    options = RunOptions(
+        video=VideoOptions(num_frames=frames),
+        generation=GenerationOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens),
+        method=MethodOptions(method=name),  # type: ignore[arg-type]
+    )
+    return run_once(qa, args.video, options)
+
+
 def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in runs[0]:
@@ -130,23 +142,12 @@ def main() -> None:
     for size in args.sizes:
         qa = build(size)
         for frames in args.frames:
-
-            def one(name: str, frames: int = frames) -> dict[str, Any]:
-                if name == "hf-plain":
-                    return hf_plain(qa, args.video, frames, args.new_tokens, processor)
-                options = RunOptions(
-                    video=VideoOptions(num_frames=frames),
-                    generation=GenerationOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens),
-                    method=MethodOptions(method=name),  # type: ignore[arg-type]
-                )
-                return run_once(qa, args.video, options)
-
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.contenders}
             for name in args.contenders:
-                one(name)  # warm-up
+                one(qa, name, frames, args, processor)  # warm-up
             for _ in range(args.repeats):
                 for name in args.contenders:
-                    runs[name].append(one(name))
+                    runs[name].append(one(qa, name, frames, args, processor))
             for name in args.contenders:
                 row = {"size": size, "frames": frames, "contender": name, **median_row(runs[name])}
                 row["total_ms_all"] = [r["total_ms"] for r in runs[name]]
