@@ -101,8 +101,16 @@ def main() -> None:
     parser.add_argument("--video", default="samples/bigbuckbunny.mp4")
     parser.add_argument("--methods", nargs="+", default=["full", "dycoke"])
     parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="*", default=[], help="add shared-prefix modes at these batch sizes"
+    )
+    parser.add_argument("--decoder", default="auto", help="decode loop: auto (CUDA graphs), hf, static, graph")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    for size in args.batch_sizes:
+        MODES[f"shared-b{size}"] = {"share_prefix": True, "batch_size": size}
+        if f"shared-b{size}" not in args.modes:
+            args.modes.append(f"shared-b{size}")
 
     import transformers
 
@@ -117,6 +125,7 @@ def main() -> None:
         "frames": args.frames,
         "new_tokens": args.new_tokens,
         "videos": args.videos,
+        "decoder": args.decoder,
         "questions_per_video": len(QUESTIONS),
         "runs": [],
     }
@@ -129,7 +138,9 @@ def main() -> None:
         for method in args.methods:
             options = RunOptions(
                 video=VideoOptions(num_frames=args.frames),
-                generation=GenerationOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens),
+                generation=GenerationOptions(
+                    max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, decoder=args.decoder
+                ),
                 method=MethodOptions(method=method),
             )
             for mode in args.modes:
