@@ -59,11 +59,14 @@ MODES: dict[str, dict[str, Any] | None] = {
 }
 
 
-def write_questions(folder: Path, video: Path, videos: int) -> Path:
+def write_questions(folder: Path, video: Path, videos: int, per_video: int = len(QUESTIONS)) -> Path:
     rows = ["id,video,question"]
+    texts = [
+        QUESTIONS[i % len(QUESTIONS)] + (f" ({i + 1})" if per_video > len(QUESTIONS) else "") for i in range(per_video)
+    ]
     for v in range(videos):
         shutil.copy(video, folder / f"video{v}.mp4")
-        rows += [f'v{v}-q{q},video{v}.mp4,"{text}"' for q, text in enumerate(QUESTIONS)]
+        rows += [f'v{v}-q{q},video{v}.mp4,"{text}"' for q, text in enumerate(texts)]
     path = folder / "questions.csv"
     path.write_text("\n".join(rows) + "\n")
     return path
@@ -98,6 +101,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--videos", type=int, default=8)
+    parser.add_argument("--questions-per-video", type=int, default=len(QUESTIONS))
     parser.add_argument("--video", default="samples/bigbuckbunny.mp4")
     parser.add_argument("--methods", nargs="+", default=["full", "dycoke"])
     parser.add_argument("--modes", nargs="+", default=list(MODES))
@@ -126,15 +130,15 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "videos": args.videos,
         "decoder": args.decoder,
-        "questions_per_video": len(QUESTIONS),
+        "questions_per_video": args.questions_per_video,
         "runs": [],
     }
     qa = build(args.size)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        csv_path = write_questions(folder, Path(args.video), args.videos)
+        csv_path = write_questions(folder, Path(args.video), args.videos, args.questions_per_video)
         (folder / "warm").mkdir()
-        warm = write_questions(folder / "warm", Path(args.video), 1)
+        warm = write_questions(folder / "warm", Path(args.video), 1, args.questions_per_video)
         for method in args.methods:
             options = RunOptions(
                 video=VideoOptions(num_frames=args.frames),
