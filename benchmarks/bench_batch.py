@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--questions-per-video", type=int, default=len(QUESTIONS))
     parser.add_argument("--video", default="samples/bigbuckbunny.mp4")
     parser.add_argument("--methods", nargs="+", default=["full", "dycoke"])
-    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--modes", nargs="*", default=list(MODES))
     parser.add_argument(
         "--batch-sizes", type=int, nargs="*", default=[], help="add shared-prefix modes at these batch sizes"
     )
