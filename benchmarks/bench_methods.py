@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -35,8 +36,9 @@ from dycoke.tiny import build_tiny_tokenizer, real_shape_config
 QUESTION = "What is the rabbit doing, and what happens to the butterflies?"
 
 
-def build(size: str) -> VideoQA:
-    """A random-weight LLaVA-OneVision at the real shape of ``size``, built directly on the GPU in bf16."""
+def build(size: str, device: str = "cuda") -> VideoQA:
+    """A random-weight LLaVA-OneVision at the real shape of ``size``, built directly on the device
+    (bf16 on a GPU, fp32 on a CPU, the dtypes ``--dtype auto`` picks)."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     tokenizer = build_tiny_tokenizer()
@@ -44,25 +46,25 @@ def build(size: str) -> VideoQA:
     # the offline tokenizer's ids for <image>/<video> (the real vocabulary is larger, so they are valid)
     config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config.video_token_id = tokenizer.convert_tokens_to_ids("<video>")
-    with torch.device("cuda"):
-        model = LlavaOnevisionForConditionalGeneration._from_config(
-            config, dtype=torch.bfloat16, attn_implementation="sdpa"
-        )
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.eval()
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
         preprocess=PreprocessConfig(),
         source=f"random-{size}",
-        device=torch.device("cuda"),
-        dtype=torch.bfloat16,
+        device=torch.device(device),
+        dtype=dtype,
         random_weights=True,
     )
     return VideoQA(loaded)
 
 
 def run_once(qa: VideoQA, video: str, options: RunOptions) -> dict[str, Any]:
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     report = qa.ask(video, QUESTION, options)
     t = report.timings_s
     return {
@@ -116,6 +118,7 @@ def main() -> None:
     parser.add_argument(
         "--decoders", nargs="+", default=["auto"], help="decode loops to compare: hf, static, graph, auto"
     )
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -123,7 +126,7 @@ def main() -> None:
 
     results: dict[str, Any] = {
         "command": " ".join(["python", *sys.argv]),
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else f"CPU only, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -131,7 +134,7 @@ def main() -> None:
         "runs": [],
     }
     for size in args.sizes:
-        qa = build(size)
+        qa = build(size, args.device)
         for frames in args.frames:
             names = [m if len(args.decoders) == 1 else f"{m}@{d}" for m in args.methods for d in args.decoders]
             per_method: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
@@ -158,7 +161,8 @@ def main() -> None:
                 results["runs"].append(row)
                 print(json.dumps(row), flush=True)
         del qa
-        torch.cuda.empty_cache()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(markdown(results))
