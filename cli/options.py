@@ -45,6 +45,12 @@ PruneLastWindow = Annotated[
     bool, typer.Option(help="TTM: also re-prune the last 4-frame window (the reference skips it).")
 ]
 KeepOddLastFrame = Annotated[bool, typer.Option(help="TTM: keep an odd last frame whole (the reference drops it).")]
+DpEvict = Annotated[
+    bool,
+    typer.Option(
+        "--dp-evict", help="Deviation: drop the visual KV the first decode step prunes from layers >= L for good."
+    ),
+]
 FastvLayer = Annotated[int, typer.Option(help="FastV K: layer K-1 ranks, layers K.. keep the top share.")]
 FastvKeep = Annotated[float, typer.Option(help="FastV: share of visual tokens kept from layer K on.")]
 PrumergePlus = Annotated[bool, typer.Option(help="PruMerge+: add spatially uniform samples to the outliers.")]
@@ -114,6 +120,7 @@ def build_options(values: dict[str, Any]) -> tuple[ModelOptions, RunOptions]:
             budget_tokens=v["budget_tokens"],
             budget_ratio=v["budget_ratio"],
             budget_seed=v["budget_seed"],
+            dp_evict=v["dp_evict"],
         ),
     )
     return model, run

@@ -156,7 +156,8 @@ class MethodOptions:
     choice of tokens, ``budget_seed``) and ``uniform`` (fewer frames, evenly spaced) keep, by default,
     as many tokens as DyCoke's merging with ``merge_ratio`` would; ``budget_tokens`` (visual tokens in the
     LLM input, newline included, as ``tokens.visual`` counts them) or ``budget_ratio`` (share of the frame
-    tokens) set another budget.
+    tokens) set another budget. ``dp_evict`` (a deviation, off by default) removes the visual entries the
+    first decode step does not keep from the caches of layers >= L for good, freeing their memory.
     """
 
     method: Method = "dycoke"
@@ -174,10 +175,15 @@ class MethodOptions:
     budget_tokens: int | None = None
     budget_ratio: float | None = None
     budget_seed: int = 0
+    dp_evict: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if self.dp_evict and self.gate_threshold <= 0:
+            raise ConfigError(
+                f"dp-evict needs a gate threshold above 0 (the first decode step must prune), got {self.gate_threshold}"
+            )
         if self.fastv_layer < 1:
             raise ConfigError(f"fastv-layer must be >= 1, got {self.fastv_layer}")
         _check_range("fastv-keep", self.fastv_keep, 0.0, 1.0, lo_open=True)

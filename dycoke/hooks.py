@@ -40,6 +40,7 @@ class PruneSession:
     state: PruneState
     prune_layer: int  # L: layers >= L attend to the keep set; layer L-1 chooses it
     keep: torch.Tensor | None = None  # (B, 1, 1, S) this step's keep mask
+    eviction: Eviction | None = None
     step_masks: dict[tuple[torch.device, int], torch.Tensor] = field(default_factory=dict)
 
     def layer_mask(self, attention_mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
@@ -61,6 +62,83 @@ class PruneSession:
             bias = storage[..., :s].masked_fill_(~allowed.reshape(b, 1, 1, s), float("-inf"))
             self.step_masks[cache_key] = bias
         return bias
+
+
+def compacted_mask(
+    slots: torch.Tensor, prompt_length: int, attention_mask: torch.Tensor | None, query: torch.Tensor, kv_length: int
+) -> torch.Tensor | None:
+    """The mask of a layer whose cache holds only ``slots`` of the prompt, then every later token.
+
+    ``slots`` (B, S') are the prompt slots still stored; ``attention_mask`` is the model's
+    (B, 1, q, S_all) boolean mask over every slot, or None (causal, no padding). Returns
+    (B, 1, q, kv_length) boolean, or None where nothing is hidden (one query, no padding).
+    """
+    slots = slots.to(query.device)
+    b, kept = slots.shape
+    later = torch.arange(prompt_length, prompt_length + kv_length - kept, device=query.device)
+    key_slots = torch.cat([slots, later.expand(b, -1)], dim=1)  # (B, kv_length)
+    q_len = query.shape[2]
+    if attention_mask is not None:
+        index = key_slots[:, None, None, :].expand(-1, attention_mask.shape[1], attention_mask.shape[2], -1)
+        return attention_mask.to(torch.bool).gather(3, index)
+    if q_len > 1:
+        total = prompt_length + kv_length - kept
+        query_slots = torch.arange(total - q_len, total, device=query.device)
+        return (key_slots[:, None, None, :] <= query_slots[None, None, :, None]).expand(b, 1, q_len, kv_length)
+    return None
+
+
+@dataclass
+class Eviction:
+    """DP with eviction (a deviation from the paper, opt-in): the visual entries the first decode step
+    did not keep are removed from the caches of layers >= L for good, so their memory is freed; later
+    steps attend to the survivors. ``back_steps``/``back_tokens`` count, per row, the steps at which the
+    paper's DP would have attended an evicted token again, and how many such tokens in all."""
+
+    slots: torch.Tensor | None = None  # (B, S') prompt slots kept for layers >= L
+    alive: torch.Tensor | None = None  # (B, n) candidates that survived
+    prompt_length: int = 0
+    back_steps: torch.Tensor | None = None  # (B,) long
+    back_tokens: torch.Tensor | None = None  # (B,) long
+
+    def observe(self, state: PruneState, kept: torch.Tensor, kv_length: int) -> None:
+        """Take a decode step's keep set: the first one decides what survives, later ones are counted."""
+        if self.slots is None:
+            b = kept.shape[0]
+            self.prompt_length = kv_length - 1  # the slots before this step's token
+            survive = torch.ones(b, self.prompt_length, dtype=torch.bool, device=kept.device)
+            survive.scatter_(1, state.span, kept)
+            self.slots = survive.nonzero()[:, 1].reshape(b, -1)
+            self.alive = kept.clone()
+            self.back_steps = torch.zeros(b, dtype=torch.long, device=kept.device)
+            self.back_tokens = torch.zeros(b, dtype=torch.long, device=kept.device)
+            return
+        assert self.alive is not None and self.back_steps is not None and self.back_tokens is not None
+        back = (kept & ~self.alive).sum(dim=-1)
+        self.back_tokens += back
+        self.back_steps += back > 0
+
+
+class EvictingCache(DynamicCache):
+    """A dynamic cache whose layers >= L drop the evicted entries once the first decode step chose them."""
+
+    def __init__(self, eviction: Eviction, prune_layer: int) -> None:
+        super().__init__()
+        self.eviction = eviction
+        self.prune_layer = prune_layer
+        self.compacted: set[int] = set()
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> Any:
+        slots = self.eviction.slots
+        if layer_idx >= self.prune_layer and slots is not None and layer_idx not in self.compacted:
+            layer: Any = self.layers[layer_idx]  # a DynamicLayer: keys/values (B, Hkv, S, d)
+            keys = layer.keys
+            index = slots.to(keys.device)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+            layer.keys, layer.values = keys.gather(2, index), layer.values.gather(2, index)
+            self.compacted.add(layer_idx)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 _ACTIVE: contextvars.ContextVar[PruneSession | None] = contextvars.ContextVar("dycoke_prune", default=None)
@@ -87,10 +165,18 @@ def dycoke_attention(
     if layer == session.prune_layer - 1:
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         probabilities = head_mean_attention(query, key, scaling, attention_mask)
-        state.update(state.visual_attention(probabilities.to(state.starts.device)))
-        session.keep = state.full_mask(key.shape[2]).reshape(query.shape[0], 1, 1, key.shape[2])
+        kept = state.update(state.visual_attention(probabilities.to(state.starts.device)))
+        if session.eviction is not None:
+            session.eviction.observe(state, kept, key.shape[2])
+        else:
+            session.keep = state.full_mask(key.shape[2]).reshape(query.shape[0], 1, 1, key.shape[2])
         session.step_masks.clear()
         return decode_attention(module, query, key, value, attention_mask, **kwargs)
+    if session.eviction is not None:
+        ev = session.eviction
+        assert ev.slots is not None
+        mask = compacted_mask(ev.slots, ev.prompt_length, attention_mask, query, key.shape[2])
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     return masked_decode_attention(query, key, value, session.layer_mask(attention_mask, query), kwargs.get("scaling"))
 
 
@@ -187,7 +273,9 @@ AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
 
 
 @contextmanager
-def dynamic_pruning(model: Any, state: PruneState, prune_layer: int) -> Iterator[PruneSession]:
+def dynamic_pruning(
+    model: Any, state: PruneState, prune_layer: int, eviction: Eviction | None = None
+) -> Iterator[PruneSession]:
     """Install DyCoke's pruning attention on ``model``'s language model for the duration of the block.
 
     ``model`` is a ``LlavaOnevisionForConditionalGeneration``; only its language model switches
@@ -197,7 +285,7 @@ def dynamic_pruning(model: Any, state: PruneState, prune_layer: int) -> Iterator
     previous = language_model.config._attn_implementation
     if previous not in ("sdpa", ATTENTION_NAME):
         raise ValueError(f"dynamic pruning builds on SDPA attention, the model uses '{previous}'")
-    session = PruneSession(state=state, prune_layer=prune_layer)
+    session = PruneSession(state=state, prune_layer=prune_layer, eviction=eviction)
     token = _ACTIVE.set(session)
     language_model.set_attn_implementation(ATTENTION_NAME)
     try:
@@ -240,31 +328,13 @@ class FastVSession:
     def layer_mask(
         self, attention_mask: torch.Tensor | None, query: torch.Tensor, kv_length: int
     ) -> torch.Tensor | None:
-        """The mask of a layer >= K, whose cache holds the kept slots then every later token.
-
-        ``attention_mask`` is the model's (B, 1, q, S_all) boolean mask over every slot, or None
-        (causal, no padding). Returns (B, 1, q, kv_length) boolean, or None where nothing is hidden.
-        """
+        """The mask of a layer >= K (``compacted_mask``), built once per step and shared by the layers."""
         key = (query.device, id(attention_mask), kv_length)
-        if key in self.step_masks:
-            return self.step_masks[key]
-        assert self.slots is not None
-        slots = self.slots.to(query.device)
-        b, kept = slots.shape
-        later = torch.arange(self.prompt_length, self.prompt_length + kv_length - kept, device=query.device)
-        key_slots = torch.cat([slots, later.expand(b, -1)], dim=1)  # (B, kv_length)
-        q_len = query.shape[2]
-        if attention_mask is not None:
-            index = key_slots[:, None, None, :].expand(-1, attention_mask.shape[1], attention_mask.shape[2], -1)
-            mask: torch.Tensor | None = attention_mask.to(torch.bool).gather(3, index)
-        elif q_len > 1:
-            total = self.prompt_length + kv_length - kept
-            query_slots = torch.arange(total - q_len, total, device=query.device)
-            mask = (key_slots[:, None, None, :] <= query_slots[None, None, :, None]).expand(b, 1, q_len, kv_length)
-        else:
-            mask = None
-        self.step_masks = {key: mask}  # one entry: masks change every step, layers share them
-        return mask
+        if key not in self.step_masks:
+            assert self.slots is not None
+            mask = compacted_mask(self.slots, self.prompt_length, attention_mask, query, kv_length)
+            self.step_masks = {key: mask}  # one entry: masks change every step, layers share them
+        return self.step_masks[key]
 
 
 _FASTV: contextvars.ContextVar[FastVSession | None] = contextvars.ContextVar("dycoke_fastv", default=None)

@@ -19,7 +19,7 @@ from dycoke.compress.kv_prune import PruneState, keep_count
 from dycoke.compress.ttm import MergeResult, temporal_token_merge_with_positions, ttm_token_count
 from dycoke.config import MethodOptions
 from dycoke.errors import ConfigError
-from dycoke.hooks import FastVSession, dynamic_pruning, fastv_pruning
+from dycoke.hooks import EvictingCache, Eviction, FastVSession, dynamic_pruning, fastv_pruning
 from dycoke.model import LoadedModel
 
 
@@ -115,6 +115,7 @@ class DyCoke:
         self.options = options
         self.model = model
         self.state: PruneState | None = None
+        self.eviction: Eviction | None = None
         self.merge: MergeResult | None = None
         self.num_visual = 0
 
@@ -141,7 +142,7 @@ class DyCoke:
     @contextmanager
     def decoding(
         self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int, max_steps: int = 1024
-    ) -> Iterator[None]:
+    ) -> Iterator[dict[str, Any] | None]:
         """Install stage II for one ``generate`` call; a fresh state per call (per sample)."""
         o = self.options
         self.num_visual = num_visual
@@ -150,7 +151,7 @@ class DyCoke:
         keep = keep_count(candidates, o.prune_ratio)
         if o.prune_ratio == 0 or candidates == 0:
             self.state = None
-            yield
+            yield None
             return
         device = self.model.get_input_embeddings().weight.device
         starts = torch.as_tensor(visual_start, device=device).reshape(-1)
@@ -162,8 +163,16 @@ class DyCoke:
             mode=o.gate_mode,
             max_steps=max_steps,
         )
-        with dynamic_pruning(self.model, self.state, o.prune_layer):
-            yield
+        if not o.dp_evict:
+            self.eviction = None
+            with dynamic_pruning(self.model, self.state, o.prune_layer):
+                yield None
+            return
+        from dycoke.prefix_cache import CACHE_ARGUMENT
+
+        self.eviction = Eviction()
+        with dynamic_pruning(self.model, self.state, o.prune_layer, self.eviction):
+            yield {CACHE_ARGUMENT: EvictingCache(self.eviction, o.prune_layer)}
 
     def stats(self, generated: int, sample: int = 0) -> dict[str, Any]:
         o = self.options
@@ -186,6 +195,13 @@ class DyCoke:
             attended = state.attended_sum(steps)[sample].item() / steps
             out["avg_candidates_attended_late_layers"] = attended
             out["avg_visual_attended_late_layers"] = attended + self.num_visual - state.num_candidates
+            ev = self.eviction
+            if ev is not None and ev.back_steps is not None and ev.back_tokens is not None:
+                out["dp_evict"] = True
+                out["evicted"] = state.num_candidates - state.keep
+                later = max(steps - 1, 1)
+                out["evicted_wanted_back_step_share"] = ev.back_steps[sample].item() / later
+                out["evicted_wanted_back_avg_tokens"] = ev.back_tokens[sample].item() / later
         else:
             out["decode_steps"] = 0
             out["pruned_step_share"] = 0.0

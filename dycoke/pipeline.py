@@ -21,7 +21,7 @@ from dycoke.config import ModelOptions, RunOptions, VideoOptions
 from dycoke.costs import LlmShape, dycoke_tflops, fastv_tflops, full_tflops
 from dycoke.errors import ConfigError, OutOfMemoryError
 from dycoke.hooks import vision_probe
-from dycoke.methods import CompressedVisual, CompressionMethod, FastV, VisionSignals, build_method
+from dycoke.methods import CompressedVisual, CompressionMethod, DyCoke, FastV, VisionSignals, build_method
 from dycoke.model import LoadedModel, load_model
 from dycoke.prefix_cache import (
     CACHE_ARGUMENT,
@@ -291,9 +291,13 @@ class VideoQA:
             starts: int | list[int] = padded.visual_starts[0] if len(rows) == 1 else padded.visual_starts
             with method.decoding(visual_start=starts, num_visual=num_visual, max_steps=gen.max_new_tokens) as extra:
                 if decoder == "hf":
-                    if prefix_cache is not None:
-                        kwargs[CACHE_ARGUMENT] = prefix_cache
                     kwargs.update(extra or {})
+                    if prefix_cache is not None and CACHE_ARGUMENT in kwargs:  # the method's cache starts
+                        layers: list[Any] = list(prefix_cache.layers)  # from the shared prefix
+                        for index, layer in enumerate(layers):
+                            kwargs[CACHE_ARGUMENT].update(layer.keys, layer.values, index)
+                    elif prefix_cache is not None:
+                        kwargs[CACHE_ARGUMENT] = prefix_cache
                     output = loaded.model.generate(
                         inputs_embeds=embeds, attention_mask=mask, streamer=streamer, **kwargs
                     )
@@ -448,12 +452,20 @@ class VideoQA:
 def stored_kv_bytes(method: CompressionMethod, text_config: Any, seq_len: int, element: int) -> int:
     """KV-cache bytes at the end of generation; FastV stores only its kept entries from layer K on."""
     full = kv_cache_bytes(text_config, seq_len, element)
-    if not isinstance(method, FastV) or not method.num_visual:
-        return full
     layers = int(text_config.num_hidden_layers)
-    late = layers - method.options.fastv_layer
-    dropped = method.num_visual - method.keep
+    if isinstance(method, FastV) and method.num_visual:
+        late, dropped = layers - method.options.fastv_layer, method.num_visual - method.keep
+    elif isinstance(method, DyCoke) and method.eviction is not None and method.eviction.slots is not None:
+        assert method.state is not None
+        late, dropped = layers - method.options.prune_layer, method.state.num_candidates - method.state.keep
+    else:
+        return full
     return full - kv_cache_bytes(text_config, dropped, element) * late // layers
+
+
+def shrinks_cache(method: CompressionMethod) -> bool:
+    """FastV and DyCoke with eviction change the cache's length per layer: ``generate`` only."""
+    return isinstance(method, FastV) or (isinstance(method, DyCoke) and method.options.dp_evict)
 
 
 def choose_decoder(gen: Any, loaded: LoadedModel, method: CompressionMethod) -> str:
@@ -462,11 +474,11 @@ def choose_decoder(gen: Any, loaded: LoadedModel, method: CompressionMethod) -> 
     if gen.decoder != "auto":
         if gen.decoder == "graph" and loaded.device.type != "cuda":
             raise ConfigError(f"decoder 'graph' needs a CUDA device, the model is on {loaded.device.type}")
-        if gen.decoder != "hf" and isinstance(method, FastV):
-            raise ConfigError("fastv stores fewer keys in later layers: use --decoder hf or auto with it")
+        if gen.decoder != "hf" and shrinks_cache(method):
+            raise ConfigError(f"{method.name} shrinks the KV cache of later layers: use --decoder hf or auto with it")
         return str(gen.decoder)
     single_device = len(set(getattr(loaded.model, "hf_device_map", {"": 0}).values())) <= 1
-    if loaded.device.type == "cuda" and not gen.do_sample and single_device and not isinstance(method, FastV):
+    if loaded.device.type == "cuda" and not gen.do_sample and single_device and not shrinks_cache(method):
         return "graph"
     return "hf"
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dycoke.config import MethodOptions
+from dycoke.errors import ConfigError
 from dycoke.methods import DyCoke
 
 N_VISUAL = 60  # visual tokens in the prompt, newline included
@@ -64,8 +65,12 @@ def naive_generate(
     ratio_p: float,
     threshold: float,
     mode: str,
+    evict: bool = False,
 ) -> tuple[list[list[int]], list[int]]:
-    """Greedy decoding, explicit attention; returns tokens and per-sample counts of pruned steps."""
+    """Greedy decoding, explicit attention; returns tokens and per-sample counts of pruned steps.
+
+    ``evict``: the first decode step's keep set is final for layers >= L (what it dropped never returns).
+    """
     from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
     lm = model.model.language_model
@@ -82,6 +87,7 @@ def naive_generate(
     previous: list[torch.Tensor | None] = [None] * b
     previous_keep: list[torch.Tensor | None] = [None] * b
     pruned_steps = [0] * b
+    alive: list[torch.Tensor | None] = [None] * b
     tokens: list[list[int]] = [[] for _ in range(b)]
     x, pos, decoding = embeds, positions, False
     for _ in range(NEW_TOKENS):
@@ -125,7 +131,12 @@ def naive_generate(
                         chosen = torch.ones(n_cand, dtype=torch.bool)
                     previous[bi], previous_keep[bi] = a, chosen
                     pruned_steps[bi] += int(not bool(chosen.all()))
-                    keep_full[bi, st : st + n_cand] = chosen
+                    if evict:
+                        if alive[bi] is None:
+                            alive[bi] = chosen
+                        keep_full[bi, st : st + n_cand] = alive[bi]  # type: ignore[assignment]
+                    else:
+                        keep_full[bi, st : st + n_cand] = chosen
             out = (probs @ vr).transpose(1, 2).reshape(b, q_len, hq * hd)
             x = x + att.o_proj(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -144,7 +155,7 @@ def dycoke_generate(
     model: Any, embeds: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor, options: MethodOptions
 ) -> tuple[list[list[int]], list[int]]:
     method = DyCoke(options, model)
-    with torch.inference_mode(), method.decoding(visual_start=starts, num_visual=N_VISUAL):
+    with torch.inference_mode(), method.decoding(visual_start=starts, num_visual=N_VISUAL) as extra:
         out = model.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -152,6 +163,7 @@ def dycoke_generate(
             min_new_tokens=NEW_TOKENS,
             do_sample=False,
             pad_token_id=0,
+            **(extra or {}),
         )
     state = method.state
     pruned = [] if state is None or state.steps == 0 else state.pruned_steps().tolist()
@@ -216,3 +228,49 @@ def test_hook_is_removed_after_generation(model: Any) -> None:
     with method.decoding(visual_start=starts, num_visual=N_VISUAL):
         assert model.model.language_model.config._attn_implementation == "dycoke_dp"
     assert model.model.language_model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("pads", [[0], [3, 0, 11]], ids=["batch1", "batch3"])
+@pytest.mark.parametrize("threshold,mode", [(0.9, "official"), (1.0, "official"), (0.9999, "reuse")])
+def test_eviction_matches_the_reference_and_frees_the_entries(
+    model: Any, pads: list[int], threshold: float, mode: str
+) -> None:
+    embeds, mask, starts = make_batch(model, pads)
+    options = MethodOptions(
+        method="dycoke",
+        prune_layer=2,
+        gate_threshold=threshold,
+        gate_mode=mode,
+        dp_evict=True,  # type: ignore[arg-type]
+    )
+    method = DyCoke(options, model)
+    with torch.inference_mode(), method.decoding(visual_start=starts, num_visual=N_VISUAL) as extra:
+        cache = extra["past_key_values" if "past_key_values" in extra else "cache"]
+        out = model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+            **extra,
+        )
+    expected, _ = naive_generate(
+        model, embeds, mask, starts, prune=True, layer_l=2, ratio_p=0.7, threshold=threshold, mode=mode, evict=True
+    )
+    assert out.tolist() == expected
+    s = mask.shape[1]
+    candidates, keep = N_VISUAL - 2, int((N_VISUAL - 2) * 0.3)
+    assert cache.layers[1].keys.shape[2] == s + NEW_TOKENS - 1  # layers < L keep everything
+    assert cache.layers[2].keys.shape[2] == s - candidates + keep + NEW_TOKENS - 1  # evicted for good
+    stats = method.stats(NEW_TOKENS)
+    assert stats["dp_evict"] and stats["evicted"] == candidates - keep
+    if threshold == 1.0 and mode == "official":  # a new top-k every step: how often would it want more?
+        assert 0.0 <= stats["evicted_wanted_back_step_share"] <= 1.0
+    if mode == "reuse":  # reuse keeps the first selection while stable: nothing wanted back on such steps
+        assert stats["evicted_wanted_back_avg_tokens"] <= candidates - keep
+
+
+def test_eviction_needs_a_pruning_first_step() -> None:
+    with pytest.raises(ConfigError, match="dp-evict needs a gate threshold above 0"):
+        MethodOptions(dp_evict=True, gate_threshold=0.0)

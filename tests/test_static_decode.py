@@ -98,5 +98,5 @@ def test_decoder_choices_are_checked(qa: VideoQA, prepared: PreparedVideo) -> No
         GenerationOptions(decoder="static", do_sample=True)
     with pytest.raises(ConfigError, match="decoder 'graph' needs a CUDA device, the model is on cpu"):
         qa.answer(prepared, "What?", run("full", "graph"))
-    with pytest.raises(ConfigError, match="fastv stores fewer keys"):
+    with pytest.raises(ConfigError, match="fastv shrinks the KV cache of later layers"):
         qa.answer(prepared, "What?", run("fastv", "static"))
