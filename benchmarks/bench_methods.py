@@ -83,6 +83,8 @@ def run_once(qa: VideoQA, video: str, options: RunOptions) -> dict[str, Any]:
         "generated": report.tokens.generated,
         "pruned_step_share": report.compression.get("pruned_step_share"),
         "tflops_paper": report.compression.get("tflops"),
+        "evicted_wanted_back_step_share": report.compression.get("evicted_wanted_back_step_share"),
+        "evicted_wanted_back_avg_tokens": report.compression.get("evicted_wanted_back_avg_tokens"),
     }
 
 
