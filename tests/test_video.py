@@ -464,3 +464,27 @@ def test_samples_questions_csv() -> None:
             assert row["answer"] in letters, row
     for clip in SAMPLES.glob("*.mp4"):
         assert clip.stat().st_size <= 2 * 1024 * 1024, clip
+
+
+def test_keyframe_chunks_split_whole_segments_balanced() -> None:
+    from dycoke.video import keyframe_chunks
+
+    keys = [0, 10, 20, 30]
+    assert keyframe_chunks([1, 5, 12, 25, 31], keys, 1) == [[1, 5, 12, 25, 31]]
+    assert keyframe_chunks([1, 5, 8], keys, 4) == [[1, 5, 8]]  # one segment: one reader
+    assert keyframe_chunks([1, 12, 25, 31], keys, 4) == [[1], [12], [25], [31]]
+    assert keyframe_chunks([1, 12, 15, 25, 31], keys, 2) == [[1, 12, 15], [25, 31]]
+    chunks = keyframe_chunks(list(range(0, 40, 3)), keys, 3)
+    assert [i for chunk in chunks for i in chunk] == list(range(0, 40, 3)) and len(chunks) == 3
+
+
+@pytest.mark.parametrize("workers", ["1", "3", "8"])
+def test_parallel_decoding_returns_the_same_frames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: str
+) -> None:
+    path = write_video(tmp_path / "gop.mp4", numbered_frames(120, 64, 96), 25, gop=10)
+    monkeypatch.setenv("DYCOKE_DECODE_WORKERS", workers)
+    video = read_video(path, num_frames=16)
+    assert [frame_number(f) for f in video.frames] == video.indices
+    monkeypatch.setenv("DYCOKE_DECODE_WORKERS", "1")
+    assert np.array_equal(read_video(path, num_frames=16).frames, video.frames)
