@@ -100,6 +100,10 @@ def ask(
     compare: o.Compare = None,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
+    show_tokens: Annotated[
+        Path | None,
+        typer.Option("--show-tokens", help="Write a PNG of what the method kept (frames, and DyCoke's decode steps)."),
+    ] = None,
 ) -> None:
     """Answer QUESTION about VIDEO; the answer streams to stdout, a summary follows on stderr."""
     try:
@@ -107,13 +111,17 @@ def ask(
         if not question.strip():
             raise ConfigError("question must not be empty")
         _check_video_path(video)
+        if show_tokens is not None:
+            _check_png_path(show_tokens)
         if compare is not None:
             from dycoke.compare import parse_methods
 
             methods = parse_methods(compare)
-            _run_compare(video, question, model_options, run_options, methods, as_json=as_json, quiet=quiet)
+            _run_compare(
+                video, question, model_options, run_options, methods, as_json=as_json, quiet=quiet, picture=show_tokens
+            )
             return
-        report = _run_ask(video, question, model_options, run_options, as_json=as_json)
+        report = _run_ask(video, question, model_options, run_options, as_json=as_json, picture=show_tokens)
     except DyCokeError as exc:
         fail(exc)
     except KeyboardInterrupt:
@@ -138,7 +146,22 @@ def _check_video_path(video: str) -> None:
         raise VideoError(f"video path is a directory, not a file: {video}")
 
 
-def _run_ask(video: str, question: str, model_options: ModelOptions, options: RunOptions, *, as_json: bool) -> Any:
+def _check_png_path(path: Path) -> None:
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"show-tokens must name a .png file, got '{path.name}'")
+    if not path.parent.is_dir():
+        raise ConfigError(f"show-tokens: folder does not exist: {path.parent}")
+
+
+def _run_ask(
+    video: str,
+    question: str,
+    model_options: ModelOptions,
+    options: RunOptions,
+    *,
+    as_json: bool,
+    picture: Path | None = None,
+) -> Any:
     from cli.render import console
 
     qa, decoded = _load(video, model_options, options)
@@ -147,7 +170,12 @@ def _run_ask(video: str, question: str, model_options: ModelOptions, options: Ru
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    report = qa.ask(decoded, question, options, on_text=None if as_json else write)
+    report = qa.ask(decoded, question, options, on_text=None if as_json else write, record=picture is not None)
+    if picture is not None and report.trace is not None:
+        from dycoke.visualize import save_png
+
+        save_png([report.trace], picture, [f"{report.method} · {question}"])
+        console.print(f"what {report.method} kept: {picture}", highlight=False, soft_wrap=True)
     if not as_json:
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -181,13 +209,20 @@ def _run_compare(
     *,
     as_json: bool,
     quiet: bool,
+    picture: Path | None = None,
 ) -> None:
-    from cli.render import loading, print_comparison
+    from cli.render import console, loading, print_comparison
     from dycoke.compare import compare
 
     qa, decoded = _load(video, model_options, options)
     with loading(f"Comparing {', '.join(methods)}"):
-        result = compare(qa, decoded, question, options, methods)
+        result = compare(qa, decoded, question, options, methods, record=picture is not None)
+    if picture is not None:
+        from dycoke.visualize import save_png
+
+        traces = [r.trace for r in result.reports.values() if r.trace is not None]
+        save_png(traces, picture, [f"{name} · {question}" for name in result.reports])
+        console.print(f"what each method kept: {picture}", highlight=False, soft_wrap=True)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -249,6 +284,10 @@ def batch(
     system: o.System = PAPER_SYSTEM_PROMPT,
     compare: o.Compare = None,
     quiet: o.Quiet = False,
+    show_tokens_dir: Annotated[
+        Path | None,
+        typer.Option("--show-tokens-dir", help="Folder for <id>.<method>.png: what the method kept for each row."),
+    ] = None,
 ) -> None:
     """Answer every question of a CSV file; records are written as they complete, a rerun resumes.
 
@@ -259,6 +298,8 @@ def batch(
         model_options, run_options = o.build_options(locals())
         if batch_size < 1:
             raise ConfigError(f"batch size must be a positive integer, got {batch_size}")
+        if show_tokens_dir is not None and not show_tokens_dir.is_dir():
+            raise ConfigError(f"show-tokens-dir must be an existing folder, got '{show_tokens_dir}'")
         from dycoke.batch import read_questions
         from dycoke.compare import parse_methods
         from dycoke.results import ResultWriter
@@ -276,6 +317,7 @@ def batch(
             quiet=quiet,
             batch_size=batch_size,
             share_prefix=share_prefix,
+            pictures=show_tokens_dir,
         )
     except DyCokeError as exc:
         fail(exc)
@@ -297,6 +339,7 @@ def _run_batch(
     quiet: bool,
     batch_size: int,
     share_prefix: bool,
+    pictures: Path | None = None,
 ) -> Any:
     """Alone, or as one process of ``accelerate launch``/``torchrun`` (WORLD_SIZE > 1)."""
     from cli.render import batch_progress, loading, print_batch_summary, warn_random_weights
@@ -329,7 +372,15 @@ def _run_batch(
         label = f"process {shard.rank + 1} of {shard.world}: " if shard.world > 1 else ""
         with batch_progress(todo, enabled=show, label=label) as advance:
             return run_batch(
-                qa, share, options, methods, writer, on_record=advance, batch_size=batch_size, share_prefix=share_prefix
+                qa,
+                share,
+                options,
+                methods,
+                writer,
+                on_record=advance,
+                batch_size=batch_size,
+                share_prefix=share_prefix,
+                pictures=pictures,
             )
 
     summary = run_sharded(rows, methods, out, shard, answer_share, overwrite=overwrite)

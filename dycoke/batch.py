@@ -202,13 +202,15 @@ def run_batch(
     *,
     batch_size: int = 1,
     share_prefix: bool = True,
+    pictures: Path | None = None,
 ) -> BatchSummary:
     """Answer every (question, method) not yet in ``writer``.
 
     Per video: one decode, preprocess and encode; per video and method: one compression and (with
     ``share_prefix``) one prefill of the system prompt + video tokens, continued by every question,
     ``batch_size`` at a time. The next video is decoded on a CPU thread while the current one is
-    being answered. Records are written as each batch completes.
+    being answered. Records are written as each batch completes. ``pictures``: a folder that gets
+    ``<id>.<method>.png``, what the method kept for each answered row.
     """
     from dycoke.pipeline import decode_video
 
@@ -247,7 +249,9 @@ def run_batch(
             except DyCokeError as exc:
                 decoded_or_error = exc
             future = pool.submit(decode, pending[index + 1]) if index + 1 < len(pending) else None
-            _answer_group(qa, group, decoded_or_error, options, methods, writer, emit, batch_size, share_prefix)
+            _answer_group(
+                qa, group, decoded_or_error, options, methods, writer, emit, batch_size, share_prefix, pictures
+            )
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -265,6 +269,7 @@ def _answer_group(
     emit: Emit,
     batch_size: int,
     share_prefix: bool,
+    pictures: Path | None = None,
 ) -> None:
     """Every pending (question, method) of one video, sharing its decoded and encoded frames."""
     prepared, video_error = None, None
@@ -286,7 +291,7 @@ def _answer_group(
         if not answerable:
             continue
         run = replace(options, method=replace(options.method, method=method))
-        _answer_method(qa, prepared, answerable, run, emit, batch_size, share_prefix)
+        _answer_method(qa, prepared, answerable, run, emit, batch_size, share_prefix, pictures)
 
 
 def _answer_method(
@@ -297,6 +302,7 @@ def _answer_method(
     emit: Emit,
     batch_size: int,
     share_prefix: bool,
+    pictures: Path | None = None,
 ) -> None:
     """One method's answers to questions on one video, emitted batch by batch; a failure fails only
     the questions not answered yet."""
@@ -306,6 +312,11 @@ def _answer_method(
     def on_reports(reports: list[Report]) -> None:
         nonlocal done
         for report in reports:
+            if pictures is not None and report.trace is not None:
+                from dycoke.visualize import save_png
+
+                name = re.sub(r"[^A-Za-z0-9._-]", "_", questions[done].id)
+                save_png([report.trace], pictures / f"{name}.{method}.png", [f"{questions[done].id} · {method}"])
             emit(questions[done], method, report, None)
             done += 1
 
@@ -317,6 +328,7 @@ def _answer_method(
             batch_size=batch_size,
             share_prefix=share_prefix,
             on_reports=on_reports,
+            record=pictures is not None,
         )
     except DyCokeError as exc:
         for question in questions[done:]:

@@ -92,8 +92,11 @@ def compare(
     question: str,
     options: RunOptions,
     methods: list[Method],
+    *,
+    record: bool = False,
 ) -> Comparison:
-    """Answer ``question`` with each method on the same decoded and encoded video."""
+    """Answer ``question`` with each method on the same decoded and encoded video (``record``: keep
+    each method's ``Report.trace`` for a drawing)."""
     loaded = qa.loaded
     for name in methods:
         replace(options.method, method=name).check_against_model(loaded.num_layers)
@@ -106,7 +109,9 @@ def compare(
         warm_gen = replace(options.generation, max_new_tokens=2, min_new_tokens=0)
         for run in per_method.values():
             qa.answer(prepared, question, replace(run, generation=warm_gen))
-    reports: dict[str, Report] = {name: qa.answer(prepared, question, run) for name, run in per_method.items()}
+    reports: dict[str, Report] = {
+        name: qa.answer(prepared, question, run, record=record) for name, run in per_method.items()
+    }
     notes: list[str] = []
     if not on_gpu:
         notes.append(f"on {loaded.device.type}: no GPU memory figures; CPU timings do not predict GPU ones")

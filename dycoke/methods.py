@@ -116,6 +116,7 @@ class DyCoke:
         self.model = model
         self.state: PruneState | None = None
         self.eviction: Eviction | None = None
+        self.record = False  # keep every step's attention for a drawing
         self.merge: MergeResult | None = None
         self.num_visual = 0
 
@@ -162,6 +163,7 @@ class DyCoke:
             threshold=o.gate_threshold,
             mode=o.gate_mode,
             max_steps=max_steps,
+            record_attention=self.record,
         )
         if not o.dp_evict:
             self.eviction = None
@@ -222,6 +224,7 @@ class FastV:
         self.model = model
         self.num_visual = 0
         self.keep = 0
+        self.session: FastVSession | None = None
 
     def compress(
         self, features: torch.Tensor, num_frames: int, tokens_per_frame: int, vision: VisionSignals | None = None
@@ -239,6 +242,7 @@ class FastV:
         device = self.model.get_input_embeddings().weight.device
         starts = torch.as_tensor(visual_start, device=device).reshape(-1)
         session = FastVSession(layer=self.options.fastv_layer, starts=starts, num_visual=num_visual, keep=self.keep)
+        self.session = session
         with fastv_pruning(self.model, session) as cache:
             yield {CACHE_ARGUMENT: cache}
 

@@ -37,6 +37,7 @@ from dycoke.prompt import expand_video_placeholder, render_prompt, tokenize_prom
 from dycoke.report import Memory, Report, Timings, TokenCounts, VideoInfo, kv_cache_bytes
 from dycoke.static_decode import StaticGreedyDecoder
 from dycoke.streaming import TimedTextStreamer
+from dycoke.trace import build_trace
 from dycoke.video import VideoFrames, read_video
 
 TextCallback = Callable[[str], None]
@@ -168,9 +169,11 @@ class VideoQA:
         question: str,
         options: RunOptions | None = None,
         on_text: TextCallback | None = None,
+        *,
+        record: bool = False,
     ) -> Report:
         """Compress the prepared video's tokens, build the prompt, generate, and report."""
-        return self.answer_many(prepared, [question], options, share_prefix=False, on_text=on_text)[0]
+        return self.answer_many(prepared, [question], options, share_prefix=False, on_text=on_text, record=record)[0]
 
     def answer_many(
         self,
@@ -182,6 +185,7 @@ class VideoQA:
         share_prefix: bool = True,
         on_text: TextCallback | None = None,
         on_reports: Callable[[list[Report]], None] | None = None,
+        record: bool = False,
     ) -> list[Report]:
         """Answer several questions about one prepared video, compressing its tokens once.
 
@@ -190,6 +194,7 @@ class VideoQA:
         together (left padding, a mask and a DyCoke keep set per row). Answers equal those of
         answering each question alone, up to floating-point summation order. ``on_reports`` receives
         each batch's reports as soon as it completes; ``on_text`` streams (one question only).
+        ``record`` keeps what the method kept in ``Report.trace`` (for ``dycoke.visualize``).
         """
         options = options or RunOptions()
         if batch_size < 1:
@@ -198,6 +203,8 @@ class VideoQA:
             raise ConfigError("streaming (on_text) answers one question at a time")
         loaded = self.loaded
         method = build_method(options.method, loaded)
+        if isinstance(method, DyCoke):
+            method.record = record
         if loaded.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(loaded.device)
 
@@ -242,11 +249,14 @@ class VideoQA:
             batch_reports = []
             for sample, (index, tokens_out) in enumerate(zip(chunk, generated, strict=True)):
                 timings = self._timings(prepared, compress_s, prefix_s, timing, len(tokens_out))
-                batch_reports.append(
-                    self._report(
-                        prepared, questions[index], options, method, visual, rows[index], tokens_out, timings, sample
-                    )
+                report = self._report(
+                    prepared, questions[index], options, method, visual, rows[index], tokens_out, timings, sample
                 )
+                if record:
+                    report.trace = build_trace(
+                        method, visual, prepared.frames.frames, prepared.tokens_per_frame, sample, len(tokens_out)
+                    )
+                batch_reports.append(report)
             if on_reports is not None:
                 on_reports(batch_reports)
             reports.extend(batch_reports)
@@ -440,13 +450,15 @@ class VideoQA:
         question: str,
         options: RunOptions | None = None,
         on_text: TextCallback | None = None,
+        *,
+        record: bool = False,
     ) -> Report:
         """Answer ``question`` about ``video``; ``on_text`` receives the answer as it is generated."""
         options = options or RunOptions()
         if self.loaded.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.loaded.device)
         prepared = self.prepare(video, options.video, with_signals=needs_vision_signals([options.method.method]))
-        return self.answer(prepared, question, options, on_text)
+        return self.answer(prepared, question, options, on_text, record=record)
 
 
 def stored_kv_bytes(method: CompressionMethod, text_config: Any, seq_len: int, element: int) -> int:

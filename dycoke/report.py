@@ -78,6 +78,32 @@ class Memory:
 
 
 @dataclass
+class Trace:
+    """What a method kept, for drawing (``dycoke/visualize.py``); recorded only when asked for.
+
+    Token positions are (frame, patch) with patch in 0..T-1 on the pooled ``grid`` x ``grid`` layout
+    (row-major); patch -1 is a token that stands for no single patch (PruMerge's summary token).
+
+    Attributes:
+        frames: (F, H, W, 3) uint8, the sampled frames as decoded.
+        kept: (frame, patch) of every visual token given to the LLM (newline excluded).
+        late_kept: FastV: the tokens still attended from layer K on; None for other methods.
+        step_attention: DyCoke: per decode step, each frame's share of the visual attention at layer L-1.
+        step_kept: DyCoke: per decode step, each frame's tokens attended by layers >= L.
+    """
+
+    method: str
+    frames: Any
+    tokens_per_frame: int
+    grid: int
+    kept: list[tuple[int, int]]
+    late_kept: list[tuple[int, int]] | None = None
+    late_layer: int | None = None
+    step_attention: list[list[float]] = field(default_factory=list)
+    step_kept: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
 class Report:
     """Everything about one answered question."""
 
@@ -93,10 +119,17 @@ class Report:
     options: dict[str, Any] = field(default_factory=dict)
     compression: dict[str, Any] = field(default_factory=dict)
     token_ids: list[int] = field(default_factory=list)
+    trace: Trace | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (tuples become lists)."""
-        return asdict(self)
+        """A JSON-serialisable dict (tuples become lists); the drawing trace is left out."""
+        trace, self.trace = self.trace, None
+        try:
+            data = asdict(self)
+        finally:
+            self.trace = trace
+        data.pop("trace")
+        return data
 
 
 def kv_cache_bytes(text_config: Any, seq_len: int, bytes_per_value: int, batch: int = 1) -> int:

@@ -110,6 +110,8 @@ class PruneState:
     threshold: float = 0.9
     mode: GateMode = "official"
     max_steps: int = 1024
+    record_attention: bool = False
+    attention_history: torch.Tensor | None = field(init=False, default=None)  # (max_steps, B, n) if recorded
     previous: torch.Tensor = field(init=False)  # (B, n) float32, zeros before the first step (similarity 0)
     kept: torch.Tensor = field(init=False)  # (B, n) bool, this step's keep set (all True before the first)
     history: torch.Tensor = field(init=False)  # (max_steps, B, n) bool, every step's keep set
@@ -123,6 +125,8 @@ class PruneState:
         self.kept = torch.ones(b, n, dtype=torch.bool, device=device)
         self.history = torch.zeros(max(self.max_steps, 1), b, n, dtype=torch.bool, device=device)
         self.step = torch.zeros((), dtype=torch.long, device=device)
+        if self.record_attention:
+            self.attention_history = torch.zeros(max(self.max_steps, 1), b, n, dtype=torch.float32, device=device)
 
     def update(self, visual_attention: torch.Tensor) -> torch.Tensor:
         """Take this step's (B, n) visual attention; decide and return the (B, n) keep mask.
@@ -140,6 +144,8 @@ class PruneState:
         self.kept.copy_(kept)
         slot = self.step.clamp(max=self.history.shape[0] - 1).reshape(1)
         self.history.index_copy_(0, slot, kept.unsqueeze(0))
+        if self.attention_history is not None:
+            self.attention_history.index_copy_(0, slot, visual_attention.float().unsqueeze(0))
         self.step.add_(1)
         return self.kept
 
