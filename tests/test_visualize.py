@@ -125,3 +125,21 @@ def test_show_tokens_from_ask_compare_and_batch(tiny_checkpoint: Path, tmp_path:
     assert batch.exit_code == 0, batch.stderr
     assert (tmp_path / "pics" / "q1.dycoke.png").is_file()
     assert "trace" not in json.loads(out.read_text().splitlines()[0])
+
+
+def test_nothing_is_recorded_unless_asked(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from dycoke.config import GenerationOptions, MethodOptions, ModelOptions, RunOptions, VideoOptions
+    from dycoke.methods import DyCoke
+    from dycoke.pipeline import VideoQA
+
+    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cpu"))
+    clip = write_video(tmp_path / "c.mp4", textured_frames(8, 96, 128, seed=2), fps=8)
+    run = RunOptions(
+        video=VideoOptions(num_frames=4),
+        generation=GenerationOptions(max_new_tokens=3, min_new_tokens=3),
+        method=MethodOptions(prune_layer=2),
+    )
+    assert qa.ask(clip, "What?", run).trace is None
+    recorded = qa.ask(clip, "What?", run, record=True).trace
+    assert recorded is not None and len(recorded.step_attention) == 2  # 3 tokens: 2 decode steps
+    assert not DyCoke(run.method, qa.loaded.model).record
