@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,3 +135,23 @@ def test_cuda_graph_decoder_generates_what_generate_does(tiny_checkpoint: Path, 
         assert [r.compression.get("pruned_step_share") for r in graph] == [
             r.compression.get("pruned_step_share") for r in hf
         ]
+
+
+def test_recording_inside_the_cuda_graph_matches_generate(tiny_checkpoint: Path, clip: Path) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda", dtype="float32"))
+
+    def run(decoder: str) -> RunOptions:
+        return RunOptions(
+            video=VideoOptions(num_frames=8),
+            generation=GenerationOptions(max_new_tokens=10, min_new_tokens=10, decoder=decoder),
+            method=MethodOptions(method="dycoke", prune_layer=2, gate_threshold=0.999),
+        )
+
+    prepared = qa.prepare(clip, VideoOptions(num_frames=8))
+    hf = qa.answer(prepared, "What moves?", run("hf"), record=True)
+    graph = qa.answer(prepared, "What moves?", run("graph"), record=True)
+    assert graph.token_ids == hf.token_ids
+    assert hf.trace is not None and graph.trace is not None
+    assert graph.trace.step_kept == hf.trace.step_kept and len(graph.trace.step_kept) == 9
+    np.testing.assert_allclose(graph.trace.step_attention, hf.trace.step_attention, atol=1e-4)
