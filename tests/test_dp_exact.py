@@ -240,11 +240,12 @@ def test_eviction_matches_the_reference_and_frees_the_entries(
         method="dycoke",
         prune_layer=2,
         gate_threshold=threshold,
-        gate_mode=mode,
-        dp_evict=True,  # type: ignore[arg-type]
+        gate_mode=mode,  # type: ignore[arg-type]
+        dp_evict=True,
     )
     method = DyCoke(options, model)
     with torch.inference_mode(), method.decoding(visual_start=starts, num_visual=N_VISUAL) as extra:
+        assert extra is not None
         cache = extra["past_key_values" if "past_key_values" in extra else "cache"]
         out = model.generate(
             inputs_embeds=embeds,
