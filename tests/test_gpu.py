@@ -155,3 +155,40 @@ def test_recording_inside_the_cuda_graph_matches_generate(tiny_checkpoint: Path,
     assert hf.trace is not None and graph.trace is not None
     assert graph.trace.step_kept == hf.trace.step_kept and len(graph.trace.step_kept) == 9
     np.testing.assert_allclose(graph.trace.step_attention, hf.trace.step_attention, atol=1e-4)
+
+
+def split_over_cpu_and_gpu(model: Any, first_cpu_layer: int) -> Any:
+    """Run layers >= ``first_cpu_layer``, the final norm and the LM head on the CPU, the rest on the GPU,
+    with accelerate's hooks moving activations between them (what ``--device-map`` does across GPUs)."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    language_model = model.model.language_model
+    for module in [*language_model.layers[first_cpu_layer:], language_model.norm, model.lm_head]:
+        module.to("cpu")
+        add_hook_to_module(module, AlignDevicesHook(execution_device=torch.device("cpu"), io_same_device=False))
+    add_hook_to_module(model, AlignDevicesHook(io_same_device=True))
+    return model
+
+
+@pytest.mark.parametrize("method", ["full", "dycoke"])
+def test_a_model_split_over_cpu_and_gpu_answers_as_on_one_device(
+    tiny_checkpoint: Path, clip: Path, method: str
+) -> None:
+    """DP's keep sets reach layers on another device; the answer equals the single-device one."""
+    from dataclasses import replace as dc_replace
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    one = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda", dtype="float32"))
+    run = RunOptions(
+        video=VideoOptions(num_frames=8),
+        generation=GenerationOptions(max_new_tokens=10, min_new_tokens=10, decoder="hf"),
+        method=MethodOptions(method=method, prune_layer=2, gate_threshold=0.999),  # type: ignore[arg-type]
+    )
+    prepared = one.prepare(clip, VideoOptions(num_frames=8))
+    expected = one.answer(prepared, "What moves?", run)
+    other = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda", dtype="float32"))
+    split = VideoQA(dc_replace(other.loaded, model=split_over_cpu_and_gpu(other.loaded.model, 2)))
+    assert split.loaded.model.model.language_model.layers[3].self_attn.q_proj.weight.device.type == "cpu"
+    got = split.answer(prepared, "What moves?", run)
+    assert got.token_ids == expected.token_ids
+    assert got.compression.get("pruned_step_share") == expected.compression.get("pruned_step_share")
