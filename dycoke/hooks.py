@@ -29,6 +29,31 @@ from dycoke.compress.kv_prune import PruneState, head_mean_attention
 ATTENTION_NAME = "dycoke_dp"
 
 
+def language_model_of(model: Any) -> Any:
+    """The decoder of a ``LlavaOnevisionForConditionalGeneration`` (the vision tower keeps its attention)."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model.language_model
+
+
+@contextmanager
+def installed_attention(
+    module: Any, name: str, variable: contextvars.ContextVar[Any], session: Any, what: str
+) -> Iterator[None]:
+    """For the block: ``session`` in ``variable`` and ``module`` on the registered attention ``name``.
+
+    ``module`` must run SDPA (or already ``name``); both are restored afterwards, whatever happens.
+    """
+    previous = module.config._attn_implementation
+    if previous not in ("sdpa", name):
+        raise ValueError(f"{what} builds on SDPA attention, the model uses '{previous}'")
+    token = variable.set(session)
+    module.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        module.set_attn_implementation(previous)
+        variable.reset(token)
+
+
 @dataclass
 class PruneSession:
     """What the attention function needs during one ``generate`` call.
@@ -234,18 +259,17 @@ def decode_attention(
 def static_decoding(model: Any) -> Iterator[DecodeSession]:
     """Decode steps on a static cache use ``decode_attention`` (directly, or through DP's function
     when DyCoke's pruning is installed) for the duration of the block."""
-    language_model = model.get_decoder() if hasattr(model, "get_decoder") else model.model.language_model
-    previous = language_model.config._attn_implementation
+    language_model = language_model_of(model)
     session = DecodeSession()
-    token = _DECODE.set(session)
-    if previous == "sdpa":
-        language_model.set_attn_implementation(DECODE_ATTENTION)
-    try:
+    if language_model.config._attn_implementation == ATTENTION_NAME:  # DP's function calls decode_attention
+        token = _DECODE.set(session)
+        try:
+            yield session
+        finally:
+            _DECODE.reset(token)
+        return
+    with installed_attention(language_model, DECODE_ATTENTION, _DECODE, session, "the static decoder"):
         yield session
-    finally:
-        if previous == "sdpa":
-            language_model.set_attn_implementation(previous)
-        _DECODE.reset(token)
 
 
 def masked_decode_attention(
@@ -281,18 +305,9 @@ def dynamic_pruning(
     ``model`` is a ``LlavaOnevisionForConditionalGeneration``; only its language model switches
     attention implementation (the vision tower keeps its own).
     """
-    language_model = model.get_decoder() if hasattr(model, "get_decoder") else model.model.language_model
-    previous = language_model.config._attn_implementation
-    if previous not in ("sdpa", ATTENTION_NAME):
-        raise ValueError(f"dynamic pruning builds on SDPA attention, the model uses '{previous}'")
     session = PruneSession(state=state, prune_layer=prune_layer, eviction=eviction)
-    token = _ACTIVE.set(session)
-    language_model.set_attn_implementation(ATTENTION_NAME)
-    try:
+    with installed_attention(language_model_of(model), ATTENTION_NAME, _ACTIVE, session, "dynamic pruning"):
         yield session
-    finally:
-        language_model.set_attn_implementation(previous)
-        _ACTIVE.reset(token)
 
 
 # -- FastV -------------------------------------------------------------------------------------------
@@ -396,17 +411,8 @@ class FastVCache(DynamicCache):
 @contextmanager
 def fastv_pruning(model: Any, session: FastVSession) -> Iterator[FastVCache]:
     """Install FastV's attention on ``model``'s language model; yields the cache to give ``generate``."""
-    language_model = model.get_decoder() if hasattr(model, "get_decoder") else model.model.language_model
-    previous = language_model.config._attn_implementation
-    if previous not in ("sdpa", FASTV_ATTENTION):
-        raise ValueError(f"FastV builds on SDPA attention, the model uses '{previous}'")
-    token = _FASTV.set(session)
-    language_model.set_attn_implementation(FASTV_ATTENTION)
-    try:
+    with installed_attention(language_model_of(model), FASTV_ATTENTION, _FASTV, session, "FastV"):
         yield FastVCache(session)
-    finally:
-        language_model.set_attn_implementation(previous)
-        _FASTV.reset(token)
 
 
 # -- PruMerge: what the vision tower's selected layer attends to ----------------------------------
@@ -466,11 +472,5 @@ def vision_probe(model: Any) -> Iterator[VisionProbe]:
     # hidden_states[i] is the output of layer i - 1 (hidden_states[0] is the embeddings)
     index = layer - 1 if layer > 0 else len(layers) + layer
     probe = VisionProbe(target=layers[index].self_attn)
-    previous = tower.config._attn_implementation
-    token = _PROBE.set(probe)
-    tower.set_attn_implementation(VISION_PROBE_ATTENTION)
-    try:
+    with installed_attention(tower, VISION_PROBE_ATTENTION, _PROBE, probe, "PruMerge's probe"):
         yield probe
-    finally:
-        tower.set_attn_implementation(previous)
-        _PROBE.reset(token)
