@@ -7,7 +7,6 @@ that several questions or methods can share one decoded and encoded video.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -155,8 +154,9 @@ class VideoQA:
         signals = None
         if probe is not None:
             assert probe.scores is not None and probe.keys is not None
+            pool = model.model.apply_pooling  # the model's own video pooling (bilinear, 27x27 -> 14x14)
             signals = VisionSignals(
-                scores=pool_like_model(probe.scores.unsqueeze(-1)).squeeze(-1), keys=pool_like_model(probe.keys)
+                scores=pool(probe.scores.float().unsqueeze(-1)).squeeze(-1), keys=pool(probe.keys.float())
             )
         if tokens.shape[0] == frame_tokens + 1:
             return tokens[:-1], tokens[-1:], signals
@@ -498,16 +498,6 @@ def choose_decoder(gen: Any, loaded: LoadedModel, method: CompressionMethod) -> 
 def needs_vision_signals(methods: list[str]) -> bool:
     """Whether any of ``methods`` selects by the vision tower's attention (record it while encoding)."""
     return "prumerge" in methods
-
-
-def pool_like_model(values: torch.Tensor) -> torch.Tensor:
-    """(F, N, C) per-patch values on the square patch grid -> (F, T, C) on the pooled grid, with
-    LLaVA-OneVision's own video pooling (bilinear to ceil(side / 2)), in float32."""
-    f, n, c = values.shape
-    side = math.isqrt(n)
-    grid = values.float().reshape(f, side, side, c).permute(0, 3, 1, 2)
-    pooled = torch.nn.functional.interpolate(grid, size=[math.ceil(side / 2)] * 2, mode="bilinear")
-    return pooled.permute(0, 2, 3, 1).reshape(f, -1, c)
 
 
 def generation_kwargs(loaded: LoadedModel, gen: Any) -> dict[str, Any]:

@@ -115,8 +115,6 @@ def test_every_method_from_ask_compare_and_batch(tiny_checkpoint: Path, clip: Pa
 
 def test_vision_probe_matches_the_towers_own_attention_weights(qa: VideoQA, prepared: PreparedVideo) -> None:
     """The PruMerge signals equal what the vision tower reports with output_attentions (eager)."""
-    from dycoke.pipeline import pool_like_model
-
     model = qa.loaded.model
     tower = model.model.vision_tower
     layer = model.config.vision_feature_layer
@@ -134,8 +132,9 @@ def test_vision_probe_matches_the_towers_own_attention_weights(qa: VideoQA, prep
     with torch.inference_mode():
         keys = last.self_attn.k_proj(last.layer_norm1(out.hidden_states[-2]))  # (F, N, C), heads concatenated
     assert prepared.vision is not None
-    torch.testing.assert_close(prepared.vision.scores, pool_like_model(received.unsqueeze(-1)).squeeze(-1))
-    torch.testing.assert_close(prepared.vision.keys, pool_like_model(keys))
+    pool = model.model.apply_pooling
+    torch.testing.assert_close(prepared.vision.scores, pool(received.unsqueeze(-1)).squeeze(-1))
+    torch.testing.assert_close(prepared.vision.keys, pool(keys.float()))
 
 
 def test_prumerge_plus_adds_samples_and_the_summary_names_each_method(tiny_checkpoint: Path, clip: Path) -> None:

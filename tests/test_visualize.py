@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,6 @@ from typer.testing import CliRunner
 from cli.app import app
 from dycoke.compress.ttm import temporal_token_merge_with_positions
 from dycoke.errors import ConfigError
-from dycoke.pipeline import pool_like_model
 from dycoke.preprocess import PreprocessConfig, preprocess_frames
 from dycoke.report import Trace
 from dycoke.visualize import DIM, kept_masks, patch_box, render, save_png
@@ -34,10 +34,18 @@ def test_patch_box_tiles_the_seen_part_of_the_frame() -> None:
     assert (covered[472:] == 0).all() and (covered[:, 630:] == 0).all()  # the unseen 6/384 margin
 
 
+@pytest.fixture(scope="module")
+def apply_pooling(tiny_checkpoint: Path) -> Any:
+    """The model's own video pooling (27x27 -> 14x14, bilinear); the tiny checkpoint has the real geometry."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_checkpoint).model.apply_pooling
+
+
 @pytest.mark.parametrize("cell", [(0, 0), (3, 11), (7, 7), (13, 2)])
-def test_a_painted_cell_lands_in_the_same_pooled_token(cell: tuple[int, int]) -> None:
+def test_a_painted_cell_lands_in_the_same_pooled_token(cell: tuple[int, int], apply_pooling: Any) -> None:
     """Paint cell (r, c) of a 480x640 frame, run the model's geometry (384x384 resize, 14 px patches,
-    27x27 grid pooled bilinearly to 14x14): the pooled token with the most paint is (r, c)."""
+    27x27 grid pooled by the model's own pooling to 14x14): the pooled token with the most paint is (r, c)."""
     row, col = cell
     frame = np.zeros((1, 480, 640, 3), dtype=np.uint8)
     x0, y0, x1, y1 = patch_box(row * 14 + col, 14, 480, 640)
@@ -45,7 +53,8 @@ def test_a_painted_cell_lands_in_the_same_pooled_token(cell: tuple[int, int]) ->
     pixels = preprocess_frames(frame, PreprocessConfig())  # (1, 3, 384, 384), normalised
     brightness = pixels.mean(dim=1)[0]  # (384, 384)
     patches = brightness[:378, :378].reshape(27, 14, 27, 14).mean(dim=(1, 3)).reshape(1, 729, 1)
-    pooled = pool_like_model(patches).reshape(196)
+    with torch.inference_mode():
+        pooled = apply_pooling(patches).reshape(196)
     assert int(pooled.argmax()) == row * 14 + col
 
 
