@@ -24,9 +24,19 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from dycoke.compress.fastv import kept_slots
-from dycoke.compress.kv_prune import PruneState, head_mean_attention
+from dycoke.compress.kv_prune import PruneState, head_mean_attention, surviving_slots
 
 ATTENTION_NAME = "dycoke_dp"
+
+
+def additive_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, ..., S) boolean "may attend" -> (B, 1, 1, S) additive bias: 0 or -inf, in ``dtype``.
+
+    Its storage is padded to 16 keys so that SDPA's fused kernel takes it without an aligning copy.
+    """
+    b, s = allowed.shape[0], allowed.shape[-1]
+    storage = torch.zeros(b, 1, 1, s + (-s) % 16, dtype=dtype, device=allowed.device)
+    return storage[..., :s].masked_fill_(~allowed.reshape(b, 1, 1, s), float("-inf"))
 
 
 def language_model_of(model: Any) -> Any:
@@ -82,9 +92,7 @@ class PruneSession:
             allowed = self.keep.to(query.device)
             if attention_mask is not None:
                 allowed = attention_mask.to(torch.bool) & allowed
-            b, s = allowed.shape[0], allowed.shape[-1]
-            storage = torch.zeros(b, 1, 1, s + (-s) % 16, dtype=query.dtype, device=query.device)
-            bias = storage[..., :s].masked_fill_(~allowed.reshape(b, 1, 1, s), float("-inf"))
+            bias = additive_bias(allowed, query.dtype)
             self.step_masks[cache_key] = bias
         return bias
 
@@ -131,9 +139,7 @@ class Eviction:
         if self.slots is None:
             b = kept.shape[0]
             self.prompt_length = kv_length - 1  # the slots before this step's token
-            survive = torch.ones(b, self.prompt_length, dtype=torch.bool, device=kept.device)
-            survive.scatter_(1, state.span, kept)
-            self.slots = survive.nonzero()[:, 1].reshape(b, -1)
+            self.slots = surviving_slots(state.span, kept, self.prompt_length)
             self.alive = kept.clone()
             self.back_steps = torch.zeros(b, dtype=torch.long, device=kept.device)
             self.back_tokens = torch.zeros(b, dtype=torch.long, device=kept.device)
@@ -227,10 +233,7 @@ class DecodeSession:
             self.biases.clear()
         bias = self.biases.get(query.device)
         if bias is None:
-            allowed = attention_mask.to(query.device, torch.bool)
-            b, s = allowed.shape[0], allowed.shape[-1]
-            storage = torch.zeros(b, 1, 1, s + (-s) % 16, dtype=query.dtype, device=query.device)
-            bias = storage[..., :s].masked_fill_(~allowed.reshape(b, 1, 1, s), float("-inf"))
+            bias = additive_bias(attention_mask.to(query.device, torch.bool), query.dtype)
             self.biases[query.device] = bias
         return bias
 

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 
@@ -123,12 +123,8 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (tuples become lists); the drawing trace is left out."""
-        trace, self.trace = self.trace, None
-        try:
-            data = asdict(self)
-        finally:
-            self.trace = trace
-        data.pop("trace")
+        data = asdict(replace(self, trace=None))
+        del data["trace"]
         return data
 
 

@@ -181,19 +181,6 @@ class StaticGreedyDecoder:
                 self._forward_step()
                 return
             self.graph = torch.cuda.CUDAGraph()
-            snapshot = self._snapshot()  # capturing does not run the kernels, but be safe about the state
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph):  # records the step's kernels without running them
                 self._forward_step()
-            self._restore(snapshot)
         self.graph.replay()
-
-    def _snapshot(self) -> list[torch.Tensor]:
-        b = self.buffers
-        assert b is not None
-        return [t.clone() for t in (b.token, b.position, b.slot, b.mask, b.finished, b.generated)]
-
-    def _restore(self, snapshot: list[torch.Tensor]) -> None:
-        b = self.buffers
-        assert b is not None
-        for target, saved in zip((b.token, b.position, b.slot, b.mask, b.finished, b.generated), snapshot, strict=True):
-            target.copy_(saved)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from dycoke.compress.kv_prune import span_indices
+from dycoke.compress.kv_prune import span_indices, surviving_slots, top_keep
 
 
 def fastv_keep_count(num_visual: int, keep_ratio: float) -> int:
@@ -39,10 +39,6 @@ def kept_slots(last_token_attention: torch.Tensor, starts: torch.Tensor, num_vis
     Returns:
         (B, S - n + keep) long: every non-visual slot and the ``keep`` best-ranked visual slots, sorted.
     """
-    b, s = last_token_attention.shape
     span = span_indices(starts, num_visual)  # (B, n)
-    top = last_token_attention.gather(1, span).topk(keep, dim=1).indices  # (B, keep), positions in the span
-    survive = torch.ones(b, s, dtype=torch.bool, device=last_token_attention.device)
-    survive.scatter_(1, span, False)
-    survive.scatter_(1, span.gather(1, top), True)
-    return survive.nonzero()[:, 1].reshape(b, s - num_visual + keep)
+    kept = top_keep(last_token_attention.gather(1, span), keep)
+    return surviving_slots(span, kept, last_token_attention.shape[1])

@@ -80,6 +80,20 @@ def top_keep(visual_attention: torch.Tensor, keep: int) -> torch.Tensor:
     return kept
 
 
+def surviving_slots(span: torch.Tensor, kept: torch.Tensor, length: int) -> torch.Tensor:
+    """The slots of a ``length``-slot sequence still stored once the span's unkept positions are dropped.
+
+    Args:
+        span: (B, n) slots of each row's candidates; kept: (B, n) bool, the same count per row.
+
+    Returns:
+        (B, length - n + kept per row) long, ascending: every slot outside the span and the kept ones.
+    """
+    survive = torch.ones(span.shape[0], length, dtype=torch.bool, device=span.device)
+    survive.scatter_(1, span, kept)
+    return survive.nonzero()[:, 1].reshape(span.shape[0], -1)
+
+
 def keep_count(num_candidates: int, prune_ratio: float) -> int:
     """Visual positions kept at a pruned step: ``int(n * (1 - P))``, as the reference code computes it."""
     return int(num_candidates * (1 - prune_ratio))
