@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dycoke.config import Method, RunOptions
+from dycoke.config import Method, RunOptions, needs_vision_signals
 from dycoke.errors import CsvError, DyCokeError
 from dycoke.report import Report
 from dycoke.results import ResultWriter
@@ -277,7 +277,7 @@ def _answer_group(
         video_error = str(decoded)
     elif decoded is not None:
         try:
-            prepared = qa.prepare(decoded, options.video, with_signals="prumerge" in methods)
+            prepared = qa.prepare(decoded, options.video, with_signals=needs_vision_signals(list(methods)))
         except DyCokeError as exc:
             video_error = str(exc)
     for method in methods:

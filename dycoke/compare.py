@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
-from dycoke.config import METHODS, Method, RunOptions
+from dycoke.config import METHODS, Method, RunOptions, needs_vision_signals
 from dycoke.errors import ConfigError
 from dycoke.pipeline import DecodedVideo, VideoQA
 from dycoke.report import Report
@@ -100,8 +100,6 @@ def compare(
     loaded = qa.loaded
     for name in methods:
         replace(options.method, method=name).check_against_model(loaded.num_layers)
-    from dycoke.pipeline import needs_vision_signals
-
     prepared = qa.prepare(video, options.video, with_signals=needs_vision_signals(list(methods)))
     per_method = {name: replace(options, method=replace(options.method, method=name)) for name in methods}
     on_gpu = loaded.device.type == "cuda"

@@ -19,6 +19,13 @@ PAPER_SYSTEM_PROMPT = "You are a helpful assistant."
 Method = Literal["full", "dycoke", "fastv", "prumerge", "random", "uniform"]
 METHODS: tuple[str, ...] = ("full", "dycoke", "fastv", "prumerge", "random", "uniform")
 GateMode = Literal["official", "reuse"]
+
+
+def needs_vision_signals(methods: list[str]) -> bool:
+    """Whether any of ``methods`` selects by the vision tower's attention (record it while encoding)."""
+    return "prumerge" in methods
+
+
 PromptStyle = Literal["paper", "checkpoint"]
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 DECODERS: tuple[str, ...] = ("auto", "hf", "static", "graph")

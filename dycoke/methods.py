@@ -59,6 +59,16 @@ class CompressionMethod(Protocol):
     name: str
     shares_prefix: bool  # whether the prefilled system prompt + video can serve every question
     needs_vision_signals: bool
+    record: bool  # keep what a drawing needs (set by the pipeline when asked)
+
+    @property
+    def shrinks_cache(self) -> bool:
+        """Whether later layers store fewer keys than earlier ones (then only ``generate`` decodes)."""
+        ...
+
+    def dropped_kv(self) -> tuple[int, int] | None:
+        """After generation: (first layer, entries per layer) the cache no longer stores, or None."""
+        ...
 
     def compress(
         self, features: torch.Tensor, num_frames: int, tokens_per_frame: int, vision: VisionSignals | None = None
@@ -84,6 +94,14 @@ class FullTokens:
     name = "full"
     shares_prefix = True
     needs_vision_signals = False
+    record = False
+
+    @property
+    def shrinks_cache(self) -> bool:
+        return False
+
+    def dropped_kv(self) -> tuple[int, int] | None:
+        return None
 
     def compress(
         self, features: torch.Tensor, num_frames: int, tokens_per_frame: int, vision: VisionSignals | None = None
@@ -176,6 +194,15 @@ class DyCoke:
         with dynamic_pruning(self.model, self.state, o.prune_layer, self.eviction):
             yield {CACHE_ARGUMENT: EvictingCache(self.eviction, o.prune_layer)}
 
+    @property
+    def shrinks_cache(self) -> bool:
+        return self.options.dp_evict
+
+    def dropped_kv(self) -> tuple[int, int] | None:
+        if self.eviction is None or self.eviction.slots is None or self.state is None:
+            return None
+        return self.options.prune_layer, self.state.num_candidates - self.state.keep
+
     def stats(self, generated: int, sample: int = 0) -> dict[str, Any]:
         o = self.options
         out: dict[str, Any] = {
@@ -218,6 +245,8 @@ class FastV:
     name = "fastv"
     shares_prefix = False
     needs_vision_signals = False
+    record = False
+    shrinks_cache = True
 
     def __init__(self, options: MethodOptions, model: Any) -> None:
         self.options = options
@@ -245,6 +274,9 @@ class FastV:
         self.session = session
         with fastv_pruning(self.model, session) as cache:
             yield {CACHE_ARGUMENT: cache}
+
+    def dropped_kv(self) -> tuple[int, int] | None:
+        return (self.options.fastv_layer, self.num_visual - self.keep) if self.num_visual else None
 
     def stats(self, generated: int, sample: int = 0) -> dict[str, Any]:
         return {
@@ -278,6 +310,14 @@ class _TokensOnly:
     name = ""
     shares_prefix = True
     needs_vision_signals = False
+    record = False
+
+    @property
+    def shrinks_cache(self) -> bool:
+        return False
+
+    def dropped_kv(self) -> tuple[int, int] | None:
+        return None
 
     def __init__(self, options: MethodOptions) -> None:
         self.options = options

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from dycoke.config import ModelOptions, RunOptions, VideoOptions
+from dycoke.config import ModelOptions, RunOptions, VideoOptions, needs_vision_signals
 from dycoke.costs import LlmShape, dycoke_tflops, fastv_tflops, full_tflops
 from dycoke.errors import ConfigError, OutOfMemoryError
 from dycoke.hooks import vision_probe
-from dycoke.methods import CompressedVisual, CompressionMethod, DyCoke, FastV, VisionSignals, build_method
+from dycoke.methods import CompressedVisual, CompressionMethod, VisionSignals, build_method
 from dycoke.model import LoadedModel, load_model
 from dycoke.prefix_cache import (
     CACHE_ARGUMENT,
@@ -203,8 +203,7 @@ class VideoQA:
             raise ConfigError("streaming (on_text) answers one question at a time")
         loaded = self.loaded
         method = build_method(options.method, loaded)
-        if isinstance(method, DyCoke):
-            method.record = record
+        method.record = record
         if loaded.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(loaded.device)
 
@@ -462,42 +461,29 @@ class VideoQA:
 
 
 def stored_kv_bytes(method: CompressionMethod, text_config: Any, seq_len: int, element: int) -> int:
-    """KV-cache bytes at the end of generation; FastV stores only its kept entries from layer K on."""
+    """KV-cache bytes at the end of generation, less what the method dropped from later layers."""
     full = kv_cache_bytes(text_config, seq_len, element)
-    layers = int(text_config.num_hidden_layers)
-    if isinstance(method, FastV) and method.num_visual:
-        late, dropped = layers - method.options.fastv_layer, method.num_visual - method.keep
-    elif isinstance(method, DyCoke) and method.eviction is not None and method.eviction.slots is not None:
-        assert method.state is not None
-        late, dropped = layers - method.options.prune_layer, method.state.num_candidates - method.state.keep
-    else:
+    dropped = method.dropped_kv()
+    if dropped is None:
         return full
-    return full - kv_cache_bytes(text_config, dropped, element) * late // layers
-
-
-def shrinks_cache(method: CompressionMethod) -> bool:
-    """FastV and DyCoke with eviction change the cache's length per layer: ``generate`` only."""
-    return isinstance(method, FastV) or (isinstance(method, DyCoke) and method.options.dp_evict)
+    first_layer, entries = dropped
+    layers = int(text_config.num_hidden_layers)
+    return full - kv_cache_bytes(text_config, entries, element) * (layers - first_layer) // layers
 
 
 def choose_decoder(gen: Any, loaded: LoadedModel, method: CompressionMethod) -> str:
     """The decode loop for this run: ``auto`` takes the CUDA-graph loop for greedy decoding on one GPU
-    with a method it supports (every method but FastV, whose cache shrinks), ``hf`` otherwise."""
+    with a method whose cache keeps its shape (not FastV, not DyCoke with eviction), ``hf`` otherwise."""
     if gen.decoder != "auto":
         if gen.decoder == "graph" and loaded.device.type != "cuda":
             raise ConfigError(f"decoder 'graph' needs a CUDA device, the model is on {loaded.device.type}")
-        if gen.decoder != "hf" and shrinks_cache(method):
+        if gen.decoder != "hf" and method.shrinks_cache:
             raise ConfigError(f"{method.name} shrinks the KV cache of later layers: use --decoder hf or auto with it")
         return str(gen.decoder)
     single_device = len(set(getattr(loaded.model, "hf_device_map", {"": 0}).values())) <= 1
-    if loaded.device.type == "cuda" and not gen.do_sample and single_device and not shrinks_cache(method):
+    if loaded.device.type == "cuda" and not gen.do_sample and single_device and not method.shrinks_cache:
         return "graph"
     return "hf"
-
-
-def needs_vision_signals(methods: list[str]) -> bool:
-    """Whether any of ``methods`` selects by the vision tower's attention (record it while encoding)."""
-    return "prumerge" in methods
 
 
 def generation_kwargs(loaded: LoadedModel, gen: Any) -> dict[str, Any]:
