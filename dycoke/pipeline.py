@@ -293,7 +293,6 @@ class VideoQA:
             ids = padded.ids.to(loaded.device)
             mask = padded.attention_mask.to(loaded.device)
             embeds = self._embed(ids, visual_tokens)
-            prefix_cache = expand_prefix(prefix, len(rows)) if prefix is not None else None
             if gen.seed is not None:
                 torch.manual_seed(gen.seed)
             streamer.start()
@@ -301,12 +300,8 @@ class VideoQA:
             with method.decoding(visual_start=starts, num_visual=num_visual, max_steps=gen.max_new_tokens) as extra:
                 if decoder == "hf":
                     kwargs.update(extra or {})
-                    if prefix_cache is not None and CACHE_ARGUMENT in kwargs:  # the method's cache starts
-                        layers: list[Any] = list(prefix_cache.layers)  # from the shared prefix
-                        for index, layer in enumerate(layers):
-                            kwargs[CACHE_ARGUMENT].update(layer.keys, layer.values, index)
-                    elif prefix_cache is not None:
-                        kwargs[CACHE_ARGUMENT] = prefix_cache
+                    if prefix is not None:  # into the method's own cache when it brings one
+                        kwargs[CACHE_ARGUMENT] = expand_prefix(prefix, len(rows), into=kwargs.get(CACHE_ARGUMENT))
                     output = loaded.model.generate(
                         inputs_embeds=embeds, attention_mask=mask, streamer=streamer, **kwargs
                     )
@@ -320,6 +315,7 @@ class VideoQA:
                         use_graph=decoder == "graph",
                     )
                     streamer.put(None)  # the prompt, which the streamer skips
+                    prefix_cache = expand_prefix(prefix, len(rows)) if prefix is not None else None
                     output = static.generate(embeds, mask, on_tokens=streamer.put, prefix=prefix_cache)
                     streamer.end()
         t_end = time.perf_counter()

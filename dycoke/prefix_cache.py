@@ -42,10 +42,11 @@ def prefill_prefix(model: Any, embeds: torch.Tensor) -> PrefixKV:
     return PrefixKV(layers=layers, length=int(embeds.shape[1]))
 
 
-def expand_prefix(prefix: PrefixKV, batch: int) -> DynamicCache:
-    """A fresh cache holding ``prefix`` for each of ``batch`` rows (generation appends to it in place,
-    so every call gets its own)."""
-    cache = DynamicCache()
+def expand_prefix(prefix: PrefixKV, batch: int, into: DynamicCache | None = None) -> DynamicCache:
+    """A cache holding ``prefix`` for each of ``batch`` rows: ``into`` (an empty cache a method brings,
+    e.g. FastV's or eviction's) or a fresh one. Generation appends to it in place, so every call gets
+    its own."""
+    cache = DynamicCache() if into is None else into
     for index, (keys, values) in enumerate(prefix.layers):
         cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), index)
     return cache
