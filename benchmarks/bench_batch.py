@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_methods import build
+from benchmarks.bench_methods import build, environment
 from dycoke.batch import read_questions, run_batch
 from dycoke.config import GenerationOptions, MethodOptions, RunOptions, VideoOptions
 from dycoke.pipeline import VideoQA
@@ -116,15 +115,8 @@ def main() -> None:
         if f"shared-b{size}" not in args.modes:
             args.modes.append(f"shared-b{size}")
 
-    import transformers
-
     results: dict[str, Any] = {
-        "command": " ".join(["python", *sys.argv]),
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
+        **environment(),
         "size": args.size,
         "frames": args.frames,
         "new_tokens": args.new_tokens,

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_methods import build, run_once
+from benchmarks.bench_methods import build, environment, median_of, run_once
 from dycoke.config import GenerationOptions, MethodOptions, RunOptions, VideoOptions
 from dycoke.pipeline import VideoQA
 from dycoke.prompt import paper_prompt
@@ -106,14 +104,6 @@ def one(qa: VideoQA, name: str, frames: int, args: argparse.Namespace, processor
     return run_once(qa, args.video, options)
 
 
-def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in runs[0]:
-        values = [r[key] for r in runs if r[key] is not None]
-        out[key] = statistics.median(values) if values else None
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["7b", "0.5b"])
@@ -125,17 +115,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="path without extension")
     args = parser.parse_args()
 
-    import transformers
     from transformers import LlavaOnevisionVideoProcessor
 
     processor = LlavaOnevisionVideoProcessor()
     results: dict[str, Any] = {
-        "command": " ".join(["python", *sys.argv]),
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
+        **environment(),
         "new_tokens": args.new_tokens,
         "rows": [],
     }
@@ -149,7 +133,7 @@ def main() -> None:
                 for name in args.contenders:
                     runs[name].append(one(qa, name, frames, args, processor))
             for name in args.contenders:
-                row = {"size": size, "frames": frames, "contender": name, **median_row(runs[name])}
+                row = {"size": size, "frames": frames, "contender": name, **median_of(runs[name])}
                 row["total_ms_all"] = [r["total_ms"] for r in runs[name]]
                 print(json.dumps(row), flush=True)
                 results["rows"].append(row)

@@ -99,6 +99,20 @@ def method_options(spec: str) -> MethodOptions:
     return MethodOptions(method=name, **kwargs)  # type: ignore[arg-type]
 
 
+def environment(device: str = "cuda") -> dict[str, Any]:
+    """What every result file records first: the exact command, the hardware, the library versions."""
+    import transformers
+
+    return {
+        "command": " ".join(["python", *sys.argv]),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else f"CPU only, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in runs[0]:
@@ -124,17 +138,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    import transformers
-
-    results: dict[str, Any] = {
-        "command": " ".join(["python", *sys.argv]),
-        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else f"CPU only, {os.cpu_count()} cores",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
-        "runs": [],
-    }
+    results: dict[str, Any] = {**environment(args.device), "runs": []}
     for size in args.sizes:
         qa = build(size, args.device)
         for frames in args.frames:
