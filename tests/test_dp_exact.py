@@ -151,20 +151,25 @@ def naive_generate(
     return tokens, pruned_steps
 
 
+def greedy(model: Any, embeds: torch.Tensor, mask: torch.Tensor, new_tokens: int = NEW_TOKENS, **extra: Any) -> Any:
+    """transformers' own greedy ``generate`` for exactly ``new_tokens`` tokens; ``extra``: a method's cache."""
+    return model.generate(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        **extra,
+    )
+
+
 def dycoke_generate(
     model: Any, embeds: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor, options: MethodOptions
 ) -> tuple[list[list[int]], list[int]]:
     method = DyCoke(options, model)
     with torch.inference_mode(), method.decoding(visual_start=starts, num_visual=N_VISUAL) as extra:
-        out = model.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-            **(extra or {}),
-        )
+        out = greedy(model, embeds, mask, **(extra or {}))
     state = method.state
     pruned = [] if state is None or state.steps == 0 else state.pruned_steps().tolist()
     return out.tolist(), pruned
@@ -198,14 +203,7 @@ def test_naive_reference_without_pruning_is_plain_generate(model: Any) -> None:
     """The reference itself is trustworthy: with pruning off it reproduces stock generate."""
     embeds, mask, starts = make_batch(model, [0, 4])
     with torch.inference_mode():
-        stock = model.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-        ).tolist()
+        stock = greedy(model, embeds, mask).tolist()
     naive, _ = naive_generate(
         model, embeds, mask, starts, prune=False, layer_l=2, ratio_p=0.7, threshold=0.9, mode="official"
     )
@@ -247,15 +245,7 @@ def test_eviction_matches_the_reference_and_frees_the_entries(
     with torch.inference_mode(), method.decoding(visual_start=starts, num_visual=N_VISUAL) as extra:
         assert extra is not None
         cache = extra["past_key_values" if "past_key_values" in extra else "cache"]
-        out = model.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-            **extra,
-        )
+        out = greedy(model, embeds, mask, **extra)
     expected, _ = naive_generate(
         model, embeds, mask, starts, prune=True, layer_l=2, ratio_p=0.7, threshold=threshold, mode=mode, evict=True
     )

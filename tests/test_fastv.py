@@ -14,7 +14,7 @@ from dycoke.compress.fastv import fastv_keep_count, kept_slots
 from dycoke.config import GenerationOptions, MethodOptions, ModelOptions, RunOptions, VideoOptions
 from dycoke.methods import FastV
 from dycoke.pipeline import VideoQA
-from tests.test_dp_exact import N_VISUAL, make_batch
+from tests.test_dp_exact import N_VISUAL, greedy, make_batch
 from tests.videos import textured_frames, write_video
 
 NEW_TOKENS = 6
@@ -132,15 +132,7 @@ def test_fastv_generates_what_removing_the_tokens_generates(model: Any, layer_k:
     method = FastV(MethodOptions(method="fastv", fastv_layer=layer_k, fastv_keep=keep_ratio), model)
     with torch.inference_mode(), method.decoding(visual_start=starts, num_visual=N_VISUAL) as extra:
         cache = next(iter(extra.values()))
-        out = model.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-            **extra,
-        )
+        out = greedy(model, embeds, mask, NEW_TOKENS, **extra)
     assert out.tolist() == expected
     # layers >= K store only the kept prompt entries (plus the generated tokens), layers < K everything
     s = mask.shape[1]
