@@ -333,6 +333,19 @@ class _TokensOnly:
         return dict(self.figures)
 
 
+def raster_selection(
+    features: torch.Tensor, flat: torch.Tensor, num_frames: int, tokens_per_frame: int
+) -> CompressedVisual:
+    """The tokens at ascending frame-major indices ``flat`` ((N,) long, on the CPU) of (F*T, D) ``features``."""
+    frame = flat // tokens_per_frame
+    return CompressedVisual(
+        tokens=features.index_select(0, flat.to(features.device)),
+        per_frame=torch.bincount(frame, minlength=num_frames).tolist(),
+        frame_index=frame,
+        patch_index=flat % tokens_per_frame,
+    )
+
+
 class RandomTokens(_TokensOnly):
     """Equal-budget control: a seeded uniform choice of visual tokens, in raster order."""
 
@@ -343,16 +356,8 @@ class RandomTokens(_TokensOnly):
     ) -> CompressedVisual:
         count = budget_count(self.options, num_frames, tokens_per_frame)
         chosen = random_token_indices(num_frames * tokens_per_frame, count, self.options.budget_seed)
-        frame = chosen // tokens_per_frame
-        per_frame = torch.bincount(frame, minlength=num_frames).tolist()
         self.figures = {"budget_tokens": count + 1, "budget_seed": self.options.budget_seed}
-        index = chosen.to(features.device)
-        return CompressedVisual(
-            tokens=features.index_select(0, index),
-            per_frame=per_frame,
-            frame_index=frame,
-            patch_index=chosen % tokens_per_frame,
-        )
+        return raster_selection(features, chosen, num_frames, tokens_per_frame)
 
 
 class UniformFrames(_TokensOnly):
@@ -365,18 +370,10 @@ class UniformFrames(_TokensOnly):
     ) -> CompressedVisual:
         count = budget_count(self.options, num_frames, tokens_per_frame)
         frames = uniform_frame_indices(num_frames, tokens_per_frame, count)
-        t = tokens_per_frame
-        grid = features.reshape(num_frames, t, -1)
-        kept = torch.tensor(frames, device=features.device)
         self.figures = {"budget_tokens": count + 1, "frames_kept": frames}
-        per_frame = [t if f in frames else 0 for f in range(num_frames)]
-        frame_index = torch.tensor(frames).repeat_interleave(t)
-        return CompressedVisual(
-            tokens=grid.index_select(0, kept).reshape(len(frames) * t, -1),
-            per_frame=per_frame,
-            frame_index=frame_index,
-            patch_index=torch.arange(t).repeat(len(frames)),
-        )
+        t = tokens_per_frame
+        flat = (torch.tensor(frames).unsqueeze(1) * t + torch.arange(t)).reshape(-1)
+        return raster_selection(features, flat, num_frames, t)
 
 
 def build_method(options: MethodOptions, loaded: LoadedModel) -> CompressionMethod:
