@@ -88,10 +88,10 @@ class CompressionMethod(Protocol):
         ...
 
 
-class FullTokens:
-    """No compression: every visual token, every layer, every step."""
+class _TokensOnly:
+    """A method that only chooses the tokens entering the LLM (no hooks)."""
 
-    name = "full"
+    name = ""
     shares_prefix = True
     needs_vision_signals = False
     record = False
@@ -103,10 +103,9 @@ class FullTokens:
     def dropped_kv(self) -> tuple[int, int] | None:
         return None
 
-    def compress(
-        self, features: torch.Tensor, num_frames: int, tokens_per_frame: int, vision: VisionSignals | None = None
-    ) -> CompressedVisual:
-        return CompressedVisual(tokens=features, per_frame=[tokens_per_frame] * num_frames)
+    def __init__(self, options: MethodOptions) -> None:
+        self.options = options
+        self.figures: dict[str, Any] = {}
 
     @contextmanager
     def decoding(
@@ -115,7 +114,18 @@ class FullTokens:
         yield
 
     def stats(self, generated: int, sample: int = 0) -> dict[str, Any]:
-        return {}
+        return dict(self.figures)
+
+
+class FullTokens(_TokensOnly):
+    """No compression: every visual token, every layer, every step."""
+
+    name = "full"
+
+    def compress(
+        self, features: torch.Tensor, num_frames: int, tokens_per_frame: int, vision: VisionSignals | None = None
+    ) -> CompressedVisual:
+        return CompressedVisual(tokens=features, per_frame=[tokens_per_frame] * num_frames)
 
 
 class DyCoke:
@@ -304,35 +314,6 @@ def budget_count(options: MethodOptions, num_frames: int, tokens_per_frame: int)
     )
 
 
-class _TokensOnly:
-    """A method that only chooses the tokens entering the LLM (no hooks)."""
-
-    name = ""
-    shares_prefix = True
-    needs_vision_signals = False
-    record = False
-
-    @property
-    def shrinks_cache(self) -> bool:
-        return False
-
-    def dropped_kv(self) -> tuple[int, int] | None:
-        return None
-
-    def __init__(self, options: MethodOptions) -> None:
-        self.options = options
-        self.figures: dict[str, Any] = {}
-
-    @contextmanager
-    def decoding(
-        self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int, max_steps: int = 1024
-    ) -> Iterator[None]:
-        yield
-
-    def stats(self, generated: int, sample: int = 0) -> dict[str, Any]:
-        return dict(self.figures)
-
-
 def raster_selection(
     features: torch.Tensor, flat: torch.Tensor, num_frames: int, tokens_per_frame: int
 ) -> CompressedVisual:
@@ -389,7 +370,7 @@ def build_method(options: MethodOptions, loaded: LoadedModel) -> CompressionMeth
         return UniformFrames(options)
     if options.method == "prumerge":
         return PruMerge(options)
-    return FullTokens()
+    return FullTokens(options)
 
 
 class PruMerge(_TokensOnly):
