@@ -35,10 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_methods import build, environment
-from dycoke.batch import read_questions, run_batch
 from dycoke.config import GenerationOptions, MethodOptions, RunOptions, VideoOptions
 from dycoke.pipeline import VideoQA
-from dycoke.results import ResultWriter
+from dycoke.runs.batch import read_questions, run_batch
+from dycoke.runs.results import ResultWriter
 
 QUESTIONS = [
     "What animal is in the video?",

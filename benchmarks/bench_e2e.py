@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_methods import build, environment, median_of, run_once
 from dycoke.config import GenerationOptions, MethodOptions, RunOptions, VideoOptions
+from dycoke.decoding.streaming import TimedTextStreamer
 from dycoke.pipeline import VideoQA
 from dycoke.prompt import paper_prompt
-from dycoke.streaming import TimedTextStreamer
 
 QUESTION = "What is the rabbit doing, and what happens to the butterflies?"
 

@@ -40,7 +40,7 @@ def main() -> None:
         mask = torch.ones(1, visual + 60, dtype=torch.long, device="cuda")
 
         def generate(options=options, embeds=embeds, mask=mask, visual=visual) -> None:
-            method = build_method(options, loaded)
+            method = build_method(options, loaded.model, loaded.num_layers)
             with torch.inference_mode(), method.decoding(visual_start=14, num_visual=visual):
                 loaded.model.generate(
                     inputs_embeds=embeds,
@@ -52,7 +52,7 @@ def main() -> None:
                 )
 
         def one_token(options=options, embeds=embeds, mask=mask, visual=visual) -> None:
-            method = build_method(options, loaded)
+            method = build_method(options, loaded.model, loaded.num_layers)
             with torch.inference_mode(), method.decoding(visual_start=14, num_visual=visual):
                 loaded.model.generate(
                     inputs_embeds=embeds, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0

@@ -114,7 +114,7 @@ def ask(
         if show_tokens is not None:
             _check_png_path(show_tokens)
         if compare is not None:
-            from dycoke.compare import parse_methods
+            from dycoke.runs.compare import parse_methods
 
             methods = parse_methods(compare)
             _run_compare(
@@ -212,7 +212,7 @@ def _run_compare(
     picture: Path | None = None,
 ) -> None:
     from cli.render import console, loading, print_comparison
-    from dycoke.compare import compare
+    from dycoke.runs.compare import compare
 
     qa, decoded = _load(video, model_options, options)
     with loading(f"Comparing {', '.join(methods)}"):
@@ -300,9 +300,9 @@ def batch(
             raise ConfigError(f"batch size must be a positive integer, got {batch_size}")
         if show_tokens_dir is not None and not show_tokens_dir.is_dir():
             raise ConfigError(f"show-tokens-dir must be an existing folder, got '{show_tokens_dir}'")
-        from dycoke.batch import read_questions
-        from dycoke.compare import parse_methods
-        from dycoke.results import ResultWriter
+        from dycoke.runs.batch import read_questions
+        from dycoke.runs.compare import parse_methods
+        from dycoke.runs.results import ResultWriter
 
         methods = parse_methods(compare) if compare is not None else [run_options.method.method]
         rows = read_questions(questions)
@@ -343,8 +343,8 @@ def _run_batch(
 ) -> Any:
     """Alone, or as one process of ``accelerate launch``/``torchrun`` (WORLD_SIZE > 1)."""
     from cli.render import batch_progress, loading, print_batch_summary, warn_random_weights
-    from dycoke.batch import BatchSummary, run_batch
-    from dycoke.parallel import Shard, current_shard, process_device, run_sharded
+    from dycoke.runs.batch import BatchSummary, run_batch
+    from dycoke.runs.parallel import Shard, current_shard, process_device, run_sharded
 
     shard = Shard()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

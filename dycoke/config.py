@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 from dycoke.errors import ConfigError
@@ -232,3 +232,31 @@ class RunOptions:
     generation: GenerationOptions = field(default_factory=GenerationOptions)
     prompt: PromptOptions = field(default_factory=PromptOptions)
     method: MethodOptions = field(default_factory=MethodOptions)
+
+
+def run_options(base: RunOptions | None = None, **overrides: object) -> RunOptions:
+    """``base`` (default options if None) with option fields replaced by name, whichever group holds
+    them: ``run_options(method="dycoke", merge_ratio=0.5, num_frames=16, max_new_tokens=64)``.
+
+    Raises ConfigError for a name no option group has, or for an impossible value.
+    """
+    base = base or RunOptions()
+    groups: dict[str, dict[str, object]] = {name: {} for name in _GROUP_FIELDS}
+    for key, value in overrides.items():
+        group = next((g for g, names in _GROUP_FIELDS.items() if key in names), None)
+        if group is None:
+            allowed = ", ".join(sorted(n for names in _GROUP_FIELDS.values() for n in names))
+            raise ConfigError(f"unknown option '{key}'; options are: {allowed}")
+        groups[group][key] = value
+    return replace(
+        base,
+        **{group: replace(getattr(base, group), **values) for group, values in groups.items() if values},
+    )
+
+
+_GROUP_FIELDS: dict[str, tuple[str, ...]] = {
+    "video": tuple(f.name for f in fields(VideoOptions)),
+    "generation": tuple(f.name for f in fields(GenerationOptions)),
+    "prompt": tuple(f.name for f in fields(PromptOptions)),
+    "method": tuple(f.name for f in fields(MethodOptions)),
+}

@@ -53,10 +53,16 @@ def dycoke_tflops(
     generated: int = 100,
     prune_layer: int = 3,
     prune_ratio: float = 0.7,
+    pruned_share: float = 1.0,
 ) -> float:
-    """Prefill with ``merged`` tokens, decode with ``merged`` in layers < L and ``merged (1-P)`` after."""
+    """Prefill with ``merged`` tokens, decode with ``merged`` in layers < L and, at the ``pruned_share``
+    of the steps that DP pruned, ``merged (1-P)`` after (``merged`` at the others; the paper's formula
+    prunes every step: share 1)."""
+    late_layers = shape.layers - prune_layer
     early = decode_flops(shape, merged, generated, layers=prune_layer)
-    late = decode_flops(shape, merged * (1 - prune_ratio), generated, layers=shape.layers - prune_layer)
+    pruned = decode_flops(shape, merged * (1 - prune_ratio), generated, layers=late_layers)
+    unpruned = decode_flops(shape, merged, generated, layers=late_layers)
+    late = pruned_share * pruned + (1 - pruned_share) * unpruned
     return (prefill_flops(shape, merged) + early + late) / 1e12
 
 

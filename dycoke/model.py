@@ -76,6 +76,11 @@ class LoadedModel:
         return int(-(-side // 2)) ** 2
 
     @property
+    def single_device(self) -> bool:
+        """Whether every weight sits on one device (not spread by a device map)."""
+        return len(set(getattr(self.model, "hf_device_map", {"": 0}).values())) <= 1
+
+    @property
     def video_token_id(self) -> int:
         return int(self.config.video_token_id)
 

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-from dycoke.methods import CompressedVisual, CompressionMethod, DyCoke, FastV
+from dycoke.methods.base import CompressedVisual, CompressionMethod
+from dycoke.methods.dycoke import DyCoke
+from dycoke.methods.fastv import FastV
 from dycoke.report import Trace
 
 

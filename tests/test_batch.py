@@ -12,7 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.app import app
-from dycoke.batch import (
+from dycoke.config import GenerationOptions, MethodOptions, ModelOptions, RunOptions, VideoOptions
+from dycoke.errors import CsvError, OutOfMemoryError
+from dycoke.pipeline import VideoQA
+from dycoke.runs.batch import (
     MC_INSTRUCTION,
     Question,
     answer_letter,
@@ -20,10 +23,7 @@ from dycoke.batch import (
     read_questions,
     run_batch,
 )
-from dycoke.config import GenerationOptions, MethodOptions, ModelOptions, RunOptions, VideoOptions
-from dycoke.errors import CsvError, OutOfMemoryError
-from dycoke.pipeline import VideoQA
-from dycoke.results import ResultWriter
+from dycoke.runs.results import ResultWriter
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 runner = CliRunner()

@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.app import app, optional_value_args
-from dycoke.compare import compare, parse_methods
 from dycoke.config import GenerationOptions, MethodOptions, ModelOptions, RunOptions, VideoOptions
 from dycoke.errors import ConfigError
 from dycoke.pipeline import VideoQA
+from dycoke.runs.compare import compare, parse_methods
 from tests.videos import textured_frames, write_video
 
 runner = CliRunner()

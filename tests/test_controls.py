@@ -16,7 +16,7 @@ from dycoke.compress.budget import random_token_indices, uniform_frame_indices
 from dycoke.compress.ttm import ttm_token_count
 from dycoke.config import METHODS, GenerationOptions, MethodOptions, ModelOptions, RunOptions, VideoOptions
 from dycoke.errors import ConfigError
-from dycoke.methods import budget_count
+from dycoke.methods.controls import budget_count
 from dycoke.pipeline import PreparedVideo, VideoQA
 from tests.videos import textured_frames, write_video
 

@@ -2,7 +2,7 @@
 
 The reference below is written from DYCOKE.md alone: an explicit per-layer forward in float32 with
 its own KV cache, explicit attention probabilities in every layer, and per-step boolean masks. It
-shares nothing with ``dycoke.hooks`` / ``dycoke.compress.kv_prune`` but the model's weights.
+shares nothing with ``dycoke.methods.dycoke`` / ``dycoke.compress.kv_prune`` but the model's weights.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from dycoke.config import MethodOptions
+from dycoke.decoding.prefix import CACHE_ARGUMENT
 from dycoke.errors import ConfigError
-from dycoke.methods import DyCoke
+from dycoke.methods.dycoke import DyCoke
 
 N_VISUAL = 60  # visual tokens in the prompt, newline included
 PREFIX, SUFFIX = 5, 6  # text tokens before and after the visual run
@@ -168,8 +169,8 @@ def dycoke_generate(
     model: Any, embeds: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor, options: MethodOptions
 ) -> tuple[list[list[int]], list[int]]:
     method = DyCoke(options, model)
-    with torch.inference_mode(), method.decoding(visual_start=starts, num_visual=N_VISUAL) as extra:
-        out = greedy(model, embeds, mask, **(extra or {}))
+    with torch.inference_mode(), method.decoding(visual_start=starts, num_visual=N_VISUAL) as cache:
+        out = greedy(model, embeds, mask, **({CACHE_ARGUMENT: cache} if cache is not None else {}))
     state = method.state
     pruned = [] if state is None or state.steps == 0 else state.pruned_steps().tolist()
     return out.tolist(), pruned
@@ -242,10 +243,9 @@ def test_eviction_matches_the_reference_and_frees_the_entries(
         dp_evict=True,
     )
     method = DyCoke(options, model)
-    with torch.inference_mode(), method.decoding(visual_start=starts, num_visual=N_VISUAL) as extra:
-        assert extra is not None
-        cache = extra["past_key_values" if "past_key_values" in extra else "cache"]
-        out = greedy(model, embeds, mask, **extra)
+    with torch.inference_mode(), method.decoding(visual_start=starts, num_visual=N_VISUAL) as cache:
+        assert cache is not None
+        out = greedy(model, embeds, mask, **{CACHE_ARGUMENT: cache})
     expected, _ = naive_generate(
         model, embeds, mask, starts, prune=True, layer_l=2, ratio_p=0.7, threshold=threshold, mode=mode, evict=True
     )

@@ -12,7 +12,9 @@ import torch
 
 from dycoke.compress.fastv import fastv_keep_count, kept_slots
 from dycoke.config import GenerationOptions, MethodOptions, ModelOptions, RunOptions, VideoOptions
-from dycoke.methods import FastV
+from dycoke.decoding.prefix import CACHE_ARGUMENT
+from dycoke.decoding.static import StaticGreedyDecoder
+from dycoke.methods.fastv import FastV
 from dycoke.pipeline import VideoQA
 from tests.test_dp_exact import N_VISUAL, greedy, make_batch
 from tests.videos import textured_frames, write_video
@@ -130,15 +132,28 @@ def test_fastv_generates_what_removing_the_tokens_generates(model: Any, layer_k:
     keep = fastv_keep_count(N_VISUAL, keep_ratio)
     expected = inplace_fastv(model, embeds, mask, starts, layer_k, keep)
     method = FastV(MethodOptions(method="fastv", fastv_layer=layer_k, fastv_keep=keep_ratio), model)
-    with torch.inference_mode(), method.decoding(visual_start=starts, num_visual=N_VISUAL) as extra:
-        cache = next(iter(extra.values()))
-        out = greedy(model, embeds, mask, NEW_TOKENS, **extra)
+    with torch.inference_mode(), method.decoding(visual_start=starts, num_visual=N_VISUAL) as cache:
+        out = greedy(model, embeds, mask, NEW_TOKENS, **{CACHE_ARGUMENT: cache})
     assert out.tolist() == expected
+    # the static decoder: later layers become shorter static layers, each decode step maps them to slots
+    static = FastV(MethodOptions(method="fastv", fastv_layer=layer_k, fastv_keep=keep_ratio), model)
+    decoder = StaticGreedyDecoder(
+        model, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, eos_ids=[0], pad_id=0, use_graph=False
+    )
+    with torch.inference_mode(), static.decoding(visual_start=starts, num_visual=N_VISUAL) as own:
+        got = decoder.generate(embeds, mask, prefix=own, compaction=static.compaction)
+    assert got.tolist() == expected
+    assert decoder.cache.layers[layer_k].keys.shape[2] == s_kept_plus(mask, keep) + NEW_TOKENS
     # layers >= K store only the kept prompt entries (plus the generated tokens), layers < K everything
     s = mask.shape[1]
     assert cache.layers[layer_k - 1].keys.shape[2] == s + NEW_TOKENS - 1
     assert cache.layers[layer_k].keys.shape[2] == s - N_VISUAL + keep + NEW_TOKENS - 1
     assert method.stats(NEW_TOKENS)["visual_kept_late_layers"] == keep
+
+
+def s_kept_plus(mask: torch.Tensor, keep: int) -> int:
+    """Prompt entries a layer >= K stores: the prompt less the visual tokens FastV dropped."""
+    return int(mask.shape[1]) - N_VISUAL + keep
 
 
 def test_fastv_keeping_everything_is_the_full_path(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ def test_pipeline_runs_on_cuda_in_bf16(tiny_checkpoint: Path, clip: Path, method
 def test_dp_on_cuda_matches_the_naive_reference(tiny_checkpoint: Path) -> None:
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from dycoke.methods import DyCoke
+    from dycoke.methods.dycoke import DyCoke
 
     torch.backends.cuda.matmul.allow_tf32 = False
     cpu_model: Any = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32)

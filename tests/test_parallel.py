@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from dycoke.batch import BatchSummary, Question, make_record, read_questions
 from dycoke.errors import ConfigError
-from dycoke.parallel import Shard, assign, process_device, run_sharded
-from dycoke.results import ResultWriter, merge_parts, part_path, part_paths, read_records
+from dycoke.runs.batch import BatchSummary, Question, make_record, read_questions
+from dycoke.runs.parallel import Shard, assign, process_device, run_sharded
+from dycoke.runs.results import ResultWriter, merge_parts, part_path, part_paths, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from dycoke.config import GenerationOptions, MethodOptions, ModelOptions, RunOptions, VideoOptions
+from dycoke.decoding.prefix import common_prefix_ok, expand_prefix, pad_rows, prefill_prefix, trim_generated
 from dycoke.errors import ConfigError
 from dycoke.pipeline import PreparedVideo, VideoQA
-from dycoke.prefix_cache import common_prefix_ok, expand_prefix, pad_rows, prefill_prefix, trim_generated
 from tests.videos import textured_frames, write_video
 
 QUESTIONS = [

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from dycoke.config import GenerationOptions, MethodOptions, ModelOptions, RunOptions, VideoOptions
+from dycoke.decoding.static import StaticGreedyDecoder, prefill_mask
 from dycoke.errors import ConfigError
 from dycoke.pipeline import PreparedVideo, VideoQA
-from dycoke.static_decode import StaticGreedyDecoder, prefill_mask
 from tests.test_dp_exact import make_batch
 from tests.videos import textured_frames, write_video
 
@@ -53,6 +53,10 @@ def test_prefill_mask_is_causal_and_hides_padding_and_empty_slots() -> None:
         ("random", {}),
         ("uniform", {}),
         ("prumerge", {"prumerge_plus": True}),
+        ("fastv", {}),
+        ("fastv", {"fastv_layer": 1, "fastv_keep": 0.2}),
+        ("dycoke", {"prune_layer": 2, "dp_evict": True}),
+        ("dycoke", {"prune_layer": 1, "dp_evict": True, "gate_threshold": 0.99}),
     ],
 )
 def test_static_decoder_equals_generate(
@@ -65,7 +69,9 @@ def test_static_decoder_equals_generate(
         )
         for a, b in zip(hf, static, strict=True):
             assert b.token_ids == a.token_ids, (method, share, batch)
-            assert b.compression.get("pruned_step_share") == a.compression.get("pruned_step_share")
+            for figure in ("pruned_step_share", "evicted_wanted_back_avg_tokens", "visual_kept_late_layers"):
+                assert b.compression.get(figure) == a.compression.get(figure), (method, figure)
+            assert b.memory.kv_cache_bytes == a.memory.kv_cache_bytes
 
 
 @pytest.mark.parametrize("eos,min_new", [([53], 0), ([53, 722], 0), ([53], 3), ([11], 0)])
@@ -98,5 +104,3 @@ def test_decoder_choices_are_checked(qa: VideoQA, prepared: PreparedVideo) -> No
         GenerationOptions(decoder="static", do_sample=True)
     with pytest.raises(ConfigError, match="decoder 'graph' needs a CUDA device, the model is on cpu"):
         qa.answer(prepared, "What?", run("full", "graph"))
-    with pytest.raises(ConfigError, match="fastv shrinks the KV cache of later layers"):
-        qa.answer(prepared, "What?", run("fastv", "static"))

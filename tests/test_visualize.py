@@ -138,7 +138,7 @@ def test_show_tokens_from_ask_compare_and_batch(tiny_checkpoint: Path, tmp_path:
 
 def test_nothing_is_recorded_unless_asked(tiny_checkpoint: Path, tmp_path: Path) -> None:
     from dycoke.config import GenerationOptions, MethodOptions, ModelOptions, RunOptions, VideoOptions
-    from dycoke.methods import DyCoke
+    from dycoke.methods.dycoke import DyCoke
     from dycoke.pipeline import VideoQA
 
     qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cpu"))

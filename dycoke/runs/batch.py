@@ -23,7 +23,7 @@ from typing import Any
 from dycoke.config import Method, RunOptions, needs_vision_signals
 from dycoke.errors import CsvError, DyCokeError
 from dycoke.report import Report
-from dycoke.results import ResultWriter
+from dycoke.runs.results import ResultWriter
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 

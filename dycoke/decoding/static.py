@@ -4,10 +4,16 @@ transformers' ``generate`` at batch 1 is bound by Python and kernel launches: a 
 about 7.5 ms of GPU work in 25-35 ms of wall time. Here the cache is a ``StaticCache`` (fixed shapes,
 fixed addresses) and every per-step input lives in a persistent buffer (token ids, positions, cache
 position, the 4D attention mask), so one decode step (embedding, the model's forward, the greedy
-choice, the buffer updates) is captured as a CUDA graph on the first step and replayed for every later
-one: one launch per token. DyCoke's DP state is made of device buffers updated in place
+choice, the buffer updates) is captured as a CUDA graph on the second step and replayed for every
+later one: one launch per token. DyCoke's DP state is made of device buffers updated in place
 (``dycoke/compress/kv_prune.py``), so pruning runs inside the graph; its masks are fixed-shape
 (over the whole static cache), which is what makes this possible.
+
+Methods whose later layers store fewer prompt entries (FastV from prefill on, DyCoke's eviction from
+the first decode step on; ``CompressionMethod.compaction``) get static layers of their own, shorter
+length for those layers: each static layer fills its own slots in order, and the decode attention
+maps a compacted layer's entries back to cache slots to build its bias (``DecodeSession.compacted``).
+The first decode step always runs eagerly, so the graph is captured once every shape is final.
 
 Without CUDA (or with ``use_graph=False``) the same loop runs eagerly: on a CPU it is the reference
 the tests compare with ``generate``. Nothing here changes the answer: the tokens are those of
@@ -24,9 +30,11 @@ from typing import Any
 
 import torch
 from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
 
-from dycoke.hooks import static_decoding
-from dycoke.prefix_cache import CACHE_ARGUMENT
+from dycoke.attention import DecodeSession, static_decoding
+from dycoke.decoding.prefix import CACHE_ARGUMENT
+from dycoke.methods.base import Compaction
 
 
 @dataclass
@@ -49,6 +57,13 @@ def prefill_mask(attention_mask: torch.Tensor, cache_length: int) -> torch.Tenso
     padding = torch.zeros(b, cache_length, dtype=torch.bool, device=attention_mask.device)
     padding[:, :s] = attention_mask.bool()
     return (causal[None, None] & padding[:, None, None, :]).contiguous()
+
+
+def _filled_layer(keys: torch.Tensor, values: torch.Tensor, length: int) -> StaticLayer:
+    """A static layer of ``length`` slots holding (B, Hkv, n, d) ``keys``/``values`` in its first n."""
+    layer = StaticLayer(max_cache_len=length)
+    layer.update(keys, values)
+    return layer
 
 
 class StaticGreedyDecoder:
@@ -76,6 +91,8 @@ class StaticGreedyDecoder:
         self.eos_ids = eos_ids
         self.graph: torch.cuda.CUDAGraph | None = None
         self.buffers: DecodeBuffers | None = None
+        self.session = DecodeSession()
+        self.compacted_from: int | None = None
 
     def generate(
         self,
@@ -83,16 +100,21 @@ class StaticGreedyDecoder:
         attention_mask: torch.Tensor,
         on_tokens: Callable[[torch.Tensor], None] | None = None,
         prefix: Any = None,
+        compaction: Callable[[], Compaction | None] | None = None,
     ) -> torch.Tensor:
         """(B, S, D) embeddings and (B, S) padding mask -> (B, n) generated ids (n <= max_new_tokens).
 
-        ``prefix``: a dynamic cache already holding the first P slots of every row (a shared prefix);
-        only the rest is prefilled. ``on_tokens`` receives each step's (B,) tokens on the host.
+        ``prefix``: a dynamic cache to prefill into (a method's own, e.g. FastV's), possibly already
+        holding the first P slots of every row (a shared prefix); only the rest is prefilled.
+        ``compaction``: asked after prefill and after the first decode step which later layers store
+        fewer prompt entries. ``on_tokens`` receives each step's (B,) tokens on the host.
         """
         model = self.model
         b, s = attention_mask.shape
         device = inputs_embeds.device
         length = s + self.max_new_tokens
+        self.length, self.prompt_length = length, s
+        self.session.prompt_length = s
         self.eos = torch.tensor(self.eos_ids, device=device)
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         # Prefill exactly as ``generate`` does (dynamic cache, the model's own masks and fused kernels),
@@ -111,9 +133,14 @@ class StaticGreedyDecoder:
         cache = StaticCache(config=model.config, max_cache_len=length)
         prefilled = getattr(out, CACHE_ARGUMENT)
         for index, layer in enumerate(prefilled.layers):
-            cache.update(layer.keys, layer.values, index)
+            if layer.keys.shape[2] == s:
+                cache.update(layer.keys, layer.values, index)
+            else:  # a layer the method compacted at prefill: its own, shorter static layer
+                cache.layers[index] = _filled_layer(layer.keys, layer.values, length - s + layer.keys.shape[2])
         first_logits = out.logits[:, -1]
         del out, prefilled  # the dynamic copy of the prompt's keys and values
+        self.cache = cache
+        self._compact(compaction, filled=False)
         mask = torch.zeros(b, 1, 1, length, dtype=torch.bool, device=device)
         mask[:, 0, 0, :s] = attention_mask.bool()
         buffers = DecodeBuffers(
@@ -124,20 +151,44 @@ class StaticGreedyDecoder:
             finished=torch.zeros(b, dtype=torch.bool, device=device),
             generated=torch.zeros((), dtype=torch.long, device=device),
         )
-        self.buffers, self.cache = buffers, cache
+        self.buffers = buffers
         self._choose(first_logits)
         tokens = [buffers.token[:, 0].clone()]
         if on_tokens is not None:
             on_tokens(tokens[-1].cpu())
-        with static_decoding(model):
+        with static_decoding(model, self.session):
             for step in range(1, self.max_new_tokens):
                 if bool(buffers.finished.all()):
                     break
                 self._step(first=step == 1)
+                if step == 1:
+                    self._compact(compaction, filled=True)
                 tokens.append(buffers.token[:, 0].clone())
                 if on_tokens is not None:
                     on_tokens(tokens[-1].cpu())
         return torch.stack(tokens, dim=1)
+
+    def _compact(self, compaction: Callable[[], Compaction | None] | None, *, filled: bool) -> None:
+        """Give the layers a method compacted their own static layers (once), and the decode attention
+        the cache slots their entries stand for. ``filled``: the full layers hold the prompt and the
+        first decode step's token, and are cut down here (eviction); otherwise prefill already did it."""
+        plan = compaction() if compaction is not None else None
+        if plan is None or self.compacted_from is not None:
+            return
+        s, length = self.prompt_length, self.length
+        slots = plan.slots.to(self.buffers.mask.device if self.buffers is not None else plan.slots.device)
+        b, kept = slots.shape
+        later = torch.arange(s, length, device=slots.device).expand(b, -1)
+        self.session.compacted = torch.cat([slots, later], dim=1)  # (B, S' + max_new)
+        if filled:
+            index = torch.cat([slots, later[:, :1]], dim=1)  # the survivors, then the first decode token
+            for layer_idx in range(plan.first_layer, len(self.cache.layers)):
+                layer: Any = self.cache.layers[layer_idx]
+                gather = index.to(layer.keys.device)[:, None, :, None]
+                keys = layer.keys.gather(2, gather.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
+                values = layer.values.gather(2, gather.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
+                self.cache.layers[layer_idx] = _filled_layer(keys, values, kept + length - s)
+        self.compacted_from = plan.first_layer
 
     def _choose(self, logits: torch.Tensor) -> None:
         """Greedy choice from (B, V) logits into the token buffer; end tokens wait for min_new_tokens."""
@@ -173,13 +224,10 @@ class StaticGreedyDecoder:
         self._choose(out.logits[:, -1])
 
     def _step(self, first: bool) -> None:
-        if not self.use_graph:
-            self._forward_step()
+        if not self.use_graph or first:  # the first step runs eagerly: it warms every kernel up and
+            self._forward_step()  # lets a method compact its layers before the capture
             return
         if self.graph is None:
-            if first:  # run the first step eagerly: it warms up every kernel before the capture
-                self._forward_step()
-                return
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # records the step's kernels without running them
                 self._forward_step()

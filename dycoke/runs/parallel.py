@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dycoke.batch import BatchSummary, Question, grade, group_by_video
 from dycoke.config import Method
 from dycoke.errors import ConfigError
-from dycoke.results import ResultWriter, merge_parts, part_path, part_paths, read_records, record_key
+from dycoke.runs.batch import BatchSummary, Question, grade, group_by_video
+from dycoke.runs.results import ResultWriter, merge_parts, part_path, part_paths, read_records, record_key
 
 
 @dataclass
