@@ -3,7 +3,7 @@ the library's option dataclasses (validated there, before anything heavy is impo
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -21,6 +21,10 @@ Model = Annotated[str, typer.Option("--model", "-m", help="Hub id or local check
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")]
 DeviceMap = Annotated[str | None, typer.Option("--device-map", help="'auto' spreads a large model over all GPUs.")]
+MaxGpuMemory = Annotated[
+    str | None,
+    typer.Option(help="With --device-map auto: cap per GPU (e.g. 70GiB); the rest goes to CPU memory."),
+]
 Frames = Annotated[int, typer.Option("--frames", "-f", help="Frames sampled uniformly (the paper uses 32).")]
 Fps = Annotated[float | None, typer.Option(help="Sample at this rate instead (capped by --max-frames).")]
 MaxFrames = Annotated[int, typer.Option(help="Cap on frames with --fps.")]
@@ -85,45 +89,82 @@ Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No summary table on stderr.")]
 
 
-def build_options(values: dict[str, Any]) -> tuple[ModelOptions, RunOptions]:
-    """The library's options from a command's parameters (``locals()`` of the command)."""
-    v = values
-    model = ModelOptions(model=v["model"], device=v["device"], dtype=v["dtype"], device_map=v["device_map"])
+def build_options(
+    *,
+    model: str,
+    device: str,
+    dtype: str,
+    device_map: str | None,
+    max_gpu_memory: str | None,
+    frames: int,
+    fps: float | None,
+    max_frames: int,
+    start: float | None,
+    end: float | None,
+    method: str,
+    merge_ratio: float,
+    prune_layer: int,
+    prune_ratio: float,
+    gate_threshold: float,
+    gate_mode: str,
+    similarity: str,
+    prune_last_window: bool,
+    keep_odd_last_frame: bool,
+    dp_evict: bool,
+    fastv_layer: int,
+    fastv_keep: float,
+    prumerge_plus: bool,
+    budget_tokens: int | None,
+    budget_ratio: float | None,
+    budget_seed: int,
+    max_new_tokens: int,
+    min_new_tokens: int,
+    sample: bool,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    decoder: str,
+    prompt: str,
+    system: str,
+) -> tuple[ModelOptions, RunOptions]:
+    """The library's options from a command's parameters (each validated by its dataclass)."""
+    model_options = ModelOptions(
+        model=model, device=device, dtype=dtype, device_map=device_map, max_gpu_memory=max_gpu_memory
+    )
     run = RunOptions(
-        video=VideoOptions(
-            num_frames=v["frames"], fps=v["fps"], max_frames=v["max_frames"], start_s=v["start"], end_s=v["end"]
-        ),
+        video=VideoOptions(num_frames=frames, fps=fps, max_frames=max_frames, start_s=start, end_s=end),
         generation=GenerationOptions(
-            max_new_tokens=v["max_new_tokens"],
-            min_new_tokens=v["min_new_tokens"],
-            do_sample=v["sample"],
-            temperature=v["temperature"],
-            top_p=v["top_p"],
-            top_k=v["top_k"],
-            seed=v["seed"],
-            decoder=v["decoder"],
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            do_sample=sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            decoder=decoder,
         ),
-        prompt=PromptOptions(style=v["prompt"], system_prompt=v["system"]),
+        prompt=PromptOptions(style=prompt, system_prompt=system),  # type: ignore[arg-type]
         method=MethodOptions(
-            method=v["method"],
-            merge_ratio=v["merge_ratio"],
-            prune_layer=v["prune_layer"],
-            prune_ratio=v["prune_ratio"],
-            gate_threshold=v["gate_threshold"],
-            gate_mode=v["gate_mode"],
-            similarity_fp32=similarity_fp32(v["similarity"]),
-            prune_last_window=v["prune_last_window"],
-            keep_odd_last_frame=v["keep_odd_last_frame"],
-            fastv_layer=v["fastv_layer"],
-            fastv_keep=v["fastv_keep"],
-            prumerge_plus=v["prumerge_plus"],
-            budget_tokens=v["budget_tokens"],
-            budget_ratio=v["budget_ratio"],
-            budget_seed=v["budget_seed"],
-            dp_evict=v["dp_evict"],
+            method=method,  # type: ignore[arg-type]
+            merge_ratio=merge_ratio,
+            prune_layer=prune_layer,
+            prune_ratio=prune_ratio,
+            gate_threshold=gate_threshold,
+            gate_mode=gate_mode,  # type: ignore[arg-type]
+            similarity_fp32=similarity_fp32(similarity),
+            prune_last_window=prune_last_window,
+            keep_odd_last_frame=keep_odd_last_frame,
+            fastv_layer=fastv_layer,
+            fastv_keep=fastv_keep,
+            prumerge_plus=prumerge_plus,
+            budget_tokens=budget_tokens,
+            budget_ratio=budget_ratio,
+            budget_seed=budget_seed,
+            dp_evict=dp_evict,
         ),
     )
-    return model, run
+    return model_options, run
 
 
 def similarity_fp32(value: str) -> bool:

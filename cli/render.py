@@ -111,14 +111,20 @@ def summary_table(report: Any) -> Table:
             )
     _method_rows(table, report.method, c)
     if "tflops" in c:
-        table.add_row("TFLOPs (paper formula)", f"{c['tflops']:.3g}", f"full tokens: {c['tflops_full']:.3g}")
+        table.add_row("TFLOPs (paper formula)", f"{c['tflops']:.3g}", f"every token: {c['tflops_full']:.3g}")
+    if "prefill_tflops" in c:
+        table.add_row("prefill TFLOPs", f"{c['prefill_tflops']:.3g}", f"every token: {c['prefill_tflops_full']:.3g}")
     table.add_section()
     table.add_row("device", m.device, m.dtype)
     if m.peak_gpu_bytes is not None:
         table.add_row("peak GPU memory", fmt_bytes(m.peak_gpu_bytes), "")
-    table.add_row("KV cache stored", fmt_bytes(m.kv_cache_bytes), "all layers, K and V")
-    if c.get("kv_bytes_attended_per_step", m.kv_cache_bytes) != m.kv_cache_bytes:
-        table.add_row("KV read per step", fmt_bytes(c["kv_bytes_attended_per_step"]), "with DP, at the last step")
+    full = c.get("kv_bytes_full", m.kv_cache_bytes)
+    table.add_row("KV cache stored", fmt_bytes(m.kv_cache_bytes), f"every token: {fmt_bytes(full)}")
+    if full != m.kv_cache_bytes:
+        table.add_row("KV cache saved", fmt_bytes(c["kv_bytes_saved"]), f"{100 * c['kv_bytes_saved'] / full:.0f} %")
+    read = c.get("kv_bytes_attended_per_step", m.kv_cache_bytes)
+    if read != m.kv_cache_bytes:
+        table.add_row("KV read per step", fmt_bytes(read), f"without DP: {fmt_bytes(m.kv_cache_bytes)}")
     return table
 
 

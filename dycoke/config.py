@@ -31,6 +31,7 @@ DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 DECODERS: tuple[str, ...] = ("auto", "hf", "static", "graph")
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+_MEMORY_RE = re.compile(r"^\d+(\.\d+)?(B|KiB|MiB|GiB|KB|MB|GB)$")
 
 
 def _check_range(
@@ -79,15 +80,26 @@ class ModelOptions:
 
     ``model`` is a hub id or a local directory in the same format. ``device`` is ``auto`` (CUDA when
     present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``. ``dtype`` ``auto`` means bfloat16 on CUDA and
-    float32 on CPU. ``device_map="auto"`` spreads the model over every visible GPU with accelerate.
+    float32 on CPU. ``device_map="auto"`` spreads the model over every visible GPU with accelerate, and
+    what does not fit into CPU memory (executed on the first GPU, weights streamed); ``max_gpu_memory``
+    (e.g. ``"70GiB"``) caps what it puts on each GPU.
     """
 
     model: str = DEFAULT_MODEL
     device: str = "auto"
     dtype: str = "auto"
     device_map: str | None = None
+    max_gpu_memory: str | None = None
 
     def __post_init__(self) -> None:
+        if self.max_gpu_memory is not None:
+            if not _MEMORY_RE.match(self.max_gpu_memory):
+                raise ConfigError(
+                    f"max-gpu-memory must be a size such as 70GiB or 500MiB (B, KiB, MiB, GiB, KB, MB, GB), "
+                    f"got '{self.max_gpu_memory}'"
+                )
+            if self.device_map != "auto":
+                raise ConfigError("max-gpu-memory caps what --device-map auto puts on each GPU: give --device-map auto")
         if not _DEVICE_RE.match(self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
         if self.dtype not in DTYPES:

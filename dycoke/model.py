@@ -141,6 +141,8 @@ def load_model(options: ModelOptions) -> LoadedModel:
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "attn_implementation": "sdpa"}
     if options.device_map == "auto":
         kwargs["device_map"] = "auto"
+        if options.max_gpu_memory is not None:
+            kwargs["max_memory"] = _max_memory(options.max_gpu_memory)
     hf_logging.disable_progress_bar()  # the CLI shows its own progress; stderr stays readable
     try:
         model, tokenizer = _from_pretrained(source, kwargs, hub=local is None)
@@ -172,6 +174,15 @@ def load_model(options: ModelOptions) -> LoadedModel:
         dtype=dtype,
         random_weights=checkpoint_is_random(model.config),
     )
+
+
+def _max_memory(per_gpu: str) -> dict[int | str, str | int]:
+    """accelerate's ``max_memory``: ``per_gpu`` on every visible GPU, the rest in the free CPU memory."""
+    import psutil
+
+    budget: dict[int | str, str | int] = {index: per_gpu for index in range(torch.cuda.device_count())}
+    budget["cpu"] = int(psutil.virtual_memory().available * 0.9)
+    return budget
 
 
 def _from_pretrained(source: str, kwargs: dict[str, Any], *, hub: bool) -> tuple[Any, Any]:

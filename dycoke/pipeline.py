@@ -368,7 +368,7 @@ class VideoQA:
                 decoded_size=frames.decoded_size,
                 indices=list(frames.indices),
                 timestamps_s=list(frames.timestamps_s),
-                warnings=list(frames.warnings),
+                warnings=[*frames.warnings, *method.warnings],
             ),
             tokens=tokens,
             timings_s=timings,

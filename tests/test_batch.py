@@ -223,7 +223,7 @@ def test_cli_batch_bad_rows_and_exit_code(tiny_checkpoint: Path, workdir: Path) 
     result = runner.invoke(app, args)
     assert result.exit_code == 3, result.stderr
     rows = {r["id"]: r for r in csv.DictReader(out.open())}
-    assert rows["ok"]["error"] == "" and rows["ok"]["visual_tokens"] == "509"  # [196, 58, 196, 58] + newline
+    assert rows["ok"]["error"] == "" and rows["ok"]["visual_tokens"] == "785"  # 4 frames kept whole + newline
     assert rows["empty"]["error"] == "row 2: empty question"
     assert rows["missing"]["error"].startswith("row 3: video not found")
     assert result.stdout == "" and "2 failed" in result.stderr

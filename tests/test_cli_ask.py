@@ -108,3 +108,17 @@ def test_make_tiny_model_refuses_a_full_directory(tmp_path: Path) -> None:
     result = runner.invoke(app, ["make-tiny-model", str(tmp_path)])
     assert "is not empty" in one_error_line(result.exit_code, result.stderr, expected_code=2)
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("frames", [1, 3, 4])
+def test_a_video_of_at_most_four_frames_is_kept_whole_with_one_warning(
+    tiny_checkpoint: Path, clip: Path, frames: int
+) -> None:
+    code, out, err = ask(tiny_checkpoint, clip, "--json", "--frames", str(frames))
+    assert code == 0, err
+    tokens = json.loads(out)["tokens"]
+    assert tokens["visual"] == frames * 196 + 1 == tokens["visual_uncompressed"]
+    warnings = [line for line in err.splitlines() if "needs at least 5 frames" in line]
+    assert len(warnings) == 1 and f"the video gives {frames}" in warnings[0] and "kept whole" in warnings[0]
+    code, out, err = ask(tiny_checkpoint, clip, "--json", "--frames", "5")
+    assert json.loads(out)["tokens"]["visual"] < 5 * 196 + 1 and "needs at least 5 frames" not in err

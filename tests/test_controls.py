@@ -152,3 +152,9 @@ def test_prumerge_plus_adds_samples_and_the_summary_names_each_method(tiny_check
     for method, text in expected.items():
         result = runner.invoke(app, [*common, "--method", method])
         assert result.exit_code == 0 and text in result.stderr, (method, result.stderr)
+
+
+def test_the_default_budget_of_a_short_video_is_every_token() -> None:
+    """DyCoke keeps a video of at most 4 frames whole, so the equal-budget controls do too."""
+    assert budget_count(MethodOptions(method="random"), 4, 196) == 4 * 196
+    assert budget_count(MethodOptions(method="uniform"), 5, 196) == 196 + 58 + 58 + 58 + 0

@@ -38,3 +38,12 @@ def test_known_discrepancies_with_the_printed_table() -> None:
 def test_no_pruning_and_no_merging_equals_full() -> None:
     shape = PAPER_SHAPES["7b"]
     assert dycoke_tflops(shape, N, prune_ratio=0.0) == pytest.approx(full_tflops(shape, N))
+
+
+def test_only_the_steps_that_pruned_count_as_pruned() -> None:
+    shape = PAPER_SHAPES["7b"]
+    unpruned = dycoke_tflops(shape, 3098, prune_ratio=0.0)
+    every = dycoke_tflops(shape, 3098)
+    assert dycoke_tflops(shape, 3098, pruned_share=0.0) == pytest.approx(unpruned)
+    assert dycoke_tflops(shape, 3098, pruned_share=1.0) == every
+    assert dycoke_tflops(shape, 3098, pruned_share=0.25) == pytest.approx(unpruned + 0.25 * (every - unpruned))

@@ -7,6 +7,10 @@ shares nothing with ``dycoke.methods.dycoke`` / ``dycoke.compress.kv_prune`` but
 
 from __future__ import annotations
 
+import itertools
+import statistics
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +58,14 @@ def make_batch(model: Any, pads: list[int], seed: int = 0) -> tuple[torch.Tensor
     return torch.stack(rows), torch.stack(masks), torch.tensor(starts)
 
 
+@dataclass
+class NaiveTrace:
+    """What the reference's gate saw and chose at every decode step (filled by ``naive_generate``)."""
+
+    similarities: list[list[float]] = field(default_factory=list)  # [step][sample] cosine with the previous step
+    kept: list[torch.Tensor] = field(default_factory=list)  # [step] (B, n) bool keep set, eviction aside
+
+
 @torch.no_grad()
 def naive_generate(
     model: Any,
@@ -67,10 +79,12 @@ def naive_generate(
     threshold: float,
     mode: str,
     evict: bool = False,
+    trace: NaiveTrace | None = None,
 ) -> tuple[list[list[int]], list[int]]:
     """Greedy decoding, explicit attention; returns tokens and per-sample counts of pruned steps.
 
     ``evict``: the first decode step's keep set is final for layers >= L (what it dropped never returns).
+    ``trace``: if given, receives every decode step's similarities and keep sets.
     """
     from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
@@ -118,6 +132,8 @@ def naive_generate(
             probs = torch.where(allowed.any(-1, keepdim=True), scores.softmax(-1), torch.zeros(()))
             if decoding and prune and li == layer_l - 1:
                 mean = probs.mean(dim=1)[:, 0]  # (B, S): head average for the one new query
+                step_similarities: list[float] = []
+                step_kept: list[torch.Tensor] = []
                 for bi in range(b):
                     st = int(starts[bi])
                     a = mean[bi, st : st + n_cand]
@@ -131,6 +147,8 @@ def naive_generate(
                     else:
                         chosen = torch.ones(n_cand, dtype=torch.bool)
                     previous[bi], previous_keep[bi] = a, chosen
+                    step_similarities.append(c)
+                    step_kept.append(chosen)
                     pruned_steps[bi] += int(not bool(chosen.all()))
                     if evict:
                         if alive[bi] is None:
@@ -138,6 +156,9 @@ def naive_generate(
                         keep_full[bi, st : st + n_cand] = alive[bi]  # type: ignore[assignment]
                     else:
                         keep_full[bi, st : st + n_cand] = chosen
+                if trace is not None:
+                    trace.similarities.append(step_similarities)
+                    trace.kept.append(torch.stack(step_kept))
             out = (probs @ vr).transpose(1, 2).reshape(b, q_len, hq * hd)
             x = x + att.o_proj(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -170,7 +191,8 @@ def dycoke_generate(
 ) -> tuple[list[list[int]], list[int]]:
     method = DyCoke(options, model)
     with torch.inference_mode(), method.decoding(visual_start=starts, num_visual=N_VISUAL) as cache:
-        out = greedy(model, embeds, mask, **({CACHE_ARGUMENT: cache} if cache is not None else {}))
+        extra: dict[str, Any] = {CACHE_ARGUMENT: cache} if cache is not None else {}
+        out = greedy(model, embeds, mask, **extra)
     state = method.state
     pruned = [] if state is None or state.steps == 0 else state.pruned_steps().tolist()
     return out.tolist(), pruned
@@ -198,6 +220,121 @@ def test_dp_matches_naive_reference(model: Any, pads: list[int], threshold: floa
     assert all(p >= 1 for p in got_pruned)  # the first decode step always prunes (similarity 0)
     if threshold == 1.0:
         assert all(p == NEW_TOKENS - 1 for p in got_pruned)
+
+
+# Stable gate steps, end to end. With random weights the attention moves so much between steps that the
+# usual thresholds prune at every step; a threshold placed among the similarities the reference really
+# sees gives runs with both pruned and stable steps, so "official" (a stable step prunes nothing) and
+# "reuse" (a stable step keeps the previous selection) are told apart end to end.
+MARGIN = 1e-3  # least distance between a chosen threshold and any similarity: rounding cannot flip a decision
+MIXED_PADS = [pytest.param([0], id="batch1"), pytest.param([3, 0, 11], id="batch3")]
+
+
+def later_similarities(trace: NaiveTrace) -> list[float]:
+    """Every sample's gate similarity from the second decode step on (the first is 0 by definition)."""
+    return [c for step in trace.similarities[1:] for c in step]
+
+
+def mixed_threshold(
+    model: Any, embeds: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor, mode: str, evict: bool = False
+) -> tuple[float, list[list[int]], NaiveTrace]:
+    """A gate threshold at which the reference has both pruned and stable steps after the first one.
+
+    The similarities depend on the earlier decisions (a pruned step changes the next tokens), so a
+    candidate is checked on its own run: candidates are the midpoints between the later similarities
+    of an always-pruning run, nearest their median first; the first whose run has a similarity on each
+    side and none within ``MARGIN`` wins. Returns it with that run's tokens and trace.
+    """
+    run = partial(naive_generate, model, embeds, mask, starts, prune=True, layer_l=2, ratio_p=0.7, mode=mode)
+    probe = NaiveTrace()
+    run(threshold=1.0, evict=evict, trace=probe)
+    observed = sorted(later_similarities(probe))
+    median = statistics.median(observed)
+    midpoints = [(lo + hi) / 2 for lo, hi in itertools.pairwise(observed) if hi - lo > 2 * MARGIN]
+    for threshold in sorted(midpoints, key=lambda t: abs(t - median)):
+        trace = NaiveTrace()
+        tokens, _ = run(threshold=threshold, evict=evict, trace=trace)
+        later = later_similarities(trace)
+        if min(abs(c - threshold) for c in later) >= MARGIN and min(later) < threshold < max(later):
+            return threshold, tokens, trace
+    pytest.fail(f"no threshold gives both pruned and stable steps among {observed}")
+
+
+def dycoke_recorded(
+    model: Any, embeds: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor, options: MethodOptions
+) -> tuple[list[list[int]], DyCoke]:
+    """The implementation's tokens, and the method with its state (every step's keep set and attention)."""
+    method = DyCoke(options, model)
+    method.record = True
+    with torch.inference_mode(), method.decoding(visual_start=starts, num_visual=N_VISUAL) as cache:
+        extra: dict[str, Any] = {CACHE_ARGUMENT: cache} if cache is not None else {}
+        out = greedy(model, embeds, mask, **extra)
+    return out.tolist(), method
+
+
+def check_gate_steps(method: DyCoke, trace: NaiveTrace, threshold: float) -> None:
+    """Same similarities, same decisions, same keep set at every decode step; both kinds of step occur."""
+    state = method.state
+    assert state is not None and state.attention_history is not None
+    steps = state.steps
+    assert steps == len(trace.similarities) == NEW_TOKENS - 1
+    attention = state.attention_history[:steps].cpu()  # (steps, B, n)
+    got = torch.cat(
+        [
+            torch.zeros(1, attention.shape[1]),
+            torch.nn.functional.cosine_similarity(attention[1:], attention[:-1], dim=-1),
+        ]
+    )
+    expected = torch.tensor(trace.similarities)
+    torch.testing.assert_close(got, expected, rtol=0, atol=MARGIN / 10)
+    stable = expected >= threshold  # (steps, B) the reference's gate decisions
+    assert torch.equal(got >= threshold, stable)
+    assert not stable[0].any()  # the first step always prunes (similarity 0)
+    assert stable[1:].any() and (~stable[1:]).any()  # the case really mixes both kinds of step
+    assert torch.equal(state.history[:steps].cpu(), torch.stack(trace.kept))
+
+
+@pytest.mark.parametrize("pads", MIXED_PADS)
+@pytest.mark.parametrize("mode", ["official", "reuse"])
+def test_dp_mixed_gate_matches_naive_reference(model: Any, pads: list[int], mode: str) -> None:
+    embeds, mask, starts = make_batch(model, pads)
+    threshold, expected, trace = mixed_threshold(model, embeds, mask, starts, mode)
+    options = MethodOptions(method="dycoke", prune_layer=2, prune_ratio=0.7, gate_threshold=threshold, gate_mode=mode)  # type: ignore[arg-type]
+    got, method = dycoke_recorded(model, embeds, mask, starts, options)
+    assert got == expected
+    check_gate_steps(method, trace, threshold)
+    kept = torch.stack(trace.kept)  # (steps, B, n)
+    stable = torch.tensor(trace.similarities)[1:] >= threshold
+    if mode == "official":  # a stable step attends to every candidate
+        assert kept[1:][stable].all()
+    else:  # a stable step attends to the previous step's selection, which pruned
+        assert torch.equal(kept[1:][stable], kept[:-1][stable])
+        assert not kept.all(dim=-1).any()
+
+
+@pytest.mark.parametrize("pads", MIXED_PADS)
+@pytest.mark.parametrize("mode", ["official", "reuse"])
+def test_eviction_mixed_gate_matches_the_reference(model: Any, pads: list[int], mode: str) -> None:
+    """With eviction the later decisions do not change the answer, only what they would want back."""
+    embeds, mask, starts = make_batch(model, pads)
+    threshold, expected, trace = mixed_threshold(model, embeds, mask, starts, mode, evict=True)
+    options = MethodOptions(
+        method="dycoke",
+        prune_layer=2,
+        prune_ratio=0.7,
+        gate_threshold=threshold,
+        gate_mode=mode,  # type: ignore[arg-type]
+        dp_evict=True,
+    )
+    got, method = dycoke_recorded(model, embeds, mask, starts, options)
+    assert got == expected
+    check_gate_steps(method, trace, threshold)
+    kept = torch.stack(trace.kept)  # (steps, B, n)
+    back = (kept[1:] & ~kept[0]).sum(dim=-1)  # (steps - 1, B) evicted candidates a later step would attend
+    ev = method.eviction
+    assert ev is not None and ev.back_tokens is not None and ev.back_steps is not None
+    assert ev.back_tokens.cpu().tolist() == back.sum(dim=0).tolist()
+    assert ev.back_steps.cpu().tolist() == (back > 0).sum(dim=0).tolist()
 
 
 def test_naive_reference_without_pruning_is_plain_generate(model: Any) -> None:
@@ -245,15 +382,17 @@ def test_eviction_matches_the_reference_and_frees_the_entries(
     method = DyCoke(options, model)
     with torch.inference_mode(), method.decoding(visual_start=starts, num_visual=N_VISUAL) as cache:
         assert cache is not None
-        out = greedy(model, embeds, mask, **{CACHE_ARGUMENT: cache})
+        extra: dict[str, Any] = {CACHE_ARGUMENT: cache}
+        out = greedy(model, embeds, mask, **extra)
     expected, _ = naive_generate(
         model, embeds, mask, starts, prune=True, layer_l=2, ratio_p=0.7, threshold=threshold, mode=mode, evict=True
     )
     assert out.tolist() == expected
     s = mask.shape[1]
     candidates, keep = N_VISUAL - 2, int((N_VISUAL - 2) * 0.3)
-    assert cache.layers[1].keys.shape[2] == s + NEW_TOKENS - 1  # layers < L keep everything
-    assert cache.layers[2].keys.shape[2] == s - candidates + keep + NEW_TOKENS - 1  # evicted for good
+    layers: Any = cache.layers  # DynamicLayers: keys (B, Hkv, S, d)
+    assert layers[1].keys.shape[2] == s + NEW_TOKENS - 1  # layers < L keep everything
+    assert layers[2].keys.shape[2] == s - candidates + keep + NEW_TOKENS - 1  # evicted for good
     stats = method.stats(NEW_TOKENS)
     assert stats["dp_evict"] and stats["evicted"] == candidates - keep
     if threshold == 1.0 and mode == "official":  # a new top-k every step: how often would it want more?

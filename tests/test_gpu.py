@@ -157,39 +157,56 @@ def test_recording_inside_the_cuda_graph_matches_generate(tiny_checkpoint: Path,
     np.testing.assert_allclose(graph.trace.step_attention, hf.trace.step_attention, atol=1e-4)
 
 
-def split_over_cpu_and_gpu(model: Any, first_cpu_layer: int) -> Any:
-    """Run layers >= ``first_cpu_layer``, the final norm and the LM head on the CPU, the rest on the GPU,
-    with accelerate's hooks moving activations between them (what ``--device-map`` does across GPUs)."""
-    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
-
-    language_model = model.model.language_model
-    for module in [*language_model.layers[first_cpu_layer:], language_model.norm, model.lm_head]:
-        module.to("cpu")
-        add_hook_to_module(module, AlignDevicesHook(execution_device=torch.device("cpu"), io_same_device=False))
-    add_hook_to_module(model, AlignDevicesHook(io_same_device=True))
-    return model
-
-
 @pytest.mark.parametrize("method", ["full", "dycoke"])
-def test_a_model_split_over_cpu_and_gpu_answers_as_on_one_device(
+def test_a_model_split_over_gpu_and_cpu_memory_answers_as_on_one_device(
     tiny_checkpoint: Path, clip: Path, method: str
 ) -> None:
-    """DP's keep sets reach layers on another device; the answer equals the single-device one."""
-    from dataclasses import replace as dc_replace
-
+    """``--device-map auto`` with a GPU cap too small for the model (a 72B on one GPU): accelerate puts
+    the rest in CPU memory; DP's keep sets follow; the answer equals the single-device one."""
     torch.backends.cuda.matmul.allow_tf32 = False
     one = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda", dtype="float32"))
     run = RunOptions(
         video=VideoOptions(num_frames=8),
-        generation=GenerationOptions(max_new_tokens=10, min_new_tokens=10, decoder="hf"),
-        # every step prunes: no gate decision can flip on CPU-vs-GPU rounding
+        generation=GenerationOptions(max_new_tokens=10, min_new_tokens=10),
+        # every step prunes: no gate decision can flip on rounding
         method=MethodOptions(method=method, prune_layer=2, gate_threshold=1.0),  # type: ignore[arg-type]
     )
     prepared = one.prepare(clip, VideoOptions(num_frames=8))
     expected = one.answer(prepared, "What moves?", run)
-    other = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda", dtype="float32"))
-    split = VideoQA(dc_replace(other.loaded, model=split_over_cpu_and_gpu(other.loaded.model, 2)))
-    assert split.loaded.model.model.language_model.layers[3].self_attn.q_proj.weight.device.type == "cpu"
-    got = split.answer(prepared, "What moves?", run)
+    size = sum(p.numel() * p.element_size() for p in one.loaded.model.parameters())
+    cap = f"{size // 2 // 1024}KiB"
+    split = VideoQA.load(
+        ModelOptions(model=str(tiny_checkpoint), device_map="auto", dtype="float32", max_gpu_memory=cap)
+    )
+    placed = set(split.loaded.model.hf_device_map.values())
+    assert "cpu" in placed and len(placed) > 1, placed
+    assert not split.loaded.single_device
+    got = split.answer(split.prepare(clip, VideoOptions(num_frames=8)), "What moves?", run)
     assert got.token_ids == expected.token_ids
     assert got.compression.get("pruned_step_share") == expected.compression.get("pruned_step_share")
+
+
+@pytest.mark.parametrize(
+    "method,kwargs",
+    [("fastv", {}), ("dycoke", {"dp_evict": True}), ("dycoke", {"dp_evict": True, "gate_threshold": 0.999})],
+)
+def test_fastv_and_eviction_decode_on_the_cuda_graph_as_generate(
+    tiny_checkpoint: Path, clip: Path, method: str, kwargs: dict[str, Any]
+) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda", dtype="float32"))
+
+    def run(decoder: str) -> RunOptions:
+        return RunOptions(
+            video=VideoOptions(num_frames=8),
+            generation=GenerationOptions(max_new_tokens=12, min_new_tokens=12, decoder=decoder),
+            method=MethodOptions(method=method, prune_layer=2, **kwargs),  # type: ignore[arg-type]
+        )
+
+    prepared = qa.prepare(clip, VideoOptions(num_frames=8))
+    questions = ["What moves?", "Describe the scene in detail, please.", "Why?"]
+    for batch in (1, 3):
+        hf = qa.answer_many(prepared, questions, run("hf"), batch_size=batch)
+        graph = qa.answer_many(prepared, questions, run("auto"), batch_size=batch)
+        assert [r.token_ids for r in graph] == [r.token_ids for r in hf]
+        assert [r.memory.kv_cache_bytes for r in graph] == [r.memory.kv_cache_bytes for r in hf]

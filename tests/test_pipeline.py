@@ -103,7 +103,10 @@ def test_dycoke_changes_counts_as_the_paper_says(qa: VideoQA, clip: Path) -> Non
 def test_placeholder_run_always_matches_merged_features(qa: VideoQA, clip: Path, frames: int) -> None:
     report = qa.ask(clip, QUESTION, options("dycoke", frames=frames, prune_layer=2))
     assert report.tokens.frames == frames
-    assert report.tokens.visual == ttm_token_count(frames, 196, 0.7) + 1
+    # at most 4 frames: kept whole (the reference's window step needs 5), with a warning
+    merged = ttm_token_count(frames, 196, 0.7) if frames >= 5 else frames * 196
+    assert report.tokens.visual == merged + 1
+    assert any("needs at least 5 frames" in w for w in report.video.warnings) == (frames < 5)
     assert sum(report.tokens.visual_per_frame) == report.tokens.visual - 1
 
 
@@ -187,3 +190,42 @@ def test_out_of_memory_becomes_one_clear_error() -> None:
 def test_device_map_without_gpus(tiny_checkpoint: Path) -> None:
     with pytest.raises(DeviceError, match="--device-map auto spreads the model over GPUs"):
         VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device_map="auto"))
+
+
+def test_tflops_count_only_the_steps_dp_pruned(qa: VideoQA, clip: Path) -> None:
+    from dycoke.costs import dycoke_tflops
+    from dycoke.figures import llm_shape
+
+    prepared = qa.prepare(clip, VideoOptions(num_frames=FRAMES))
+    shape = llm_shape(qa.loaded.text_config)
+    for threshold, share in [(-1.0, 0.0), (1.0, 1.0)]:  # -1: every step is stable (official: none prunes)
+        report = qa.answer(prepared, QUESTION, options("dycoke", prune_layer=2, gate_threshold=threshold))
+        c = report.compression
+        assert c["pruned_step_share"] == share and c["pruned_steps"] == share * c["decode_steps"]
+        merged = report.tokens.visual - 1
+        expected = dycoke_tflops(shape, merged, report.tokens.generated, 2, 0.7 if share else 0.0)
+        assert c["tflops"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("method", ["full", "dycoke", "fastv"])
+def test_memory_and_flops_saved_are_exact_from_the_shapes(qa: VideoQA, clip: Path, method: str) -> None:
+    from dycoke.costs import prefill_flops
+    from dycoke.figures import llm_shape
+    from dycoke.report import kv_cache_bytes
+
+    report = qa.answer(qa.prepare(clip, VideoOptions(num_frames=FRAMES)), QUESTION, options(method, prune_layer=2))
+    c, t, text = report.compression, report.tokens, qa.loaded.text_config
+    full_seq = t.prompt - t.visual + t.visual_uncompressed + t.generated - 1
+    assert c["kv_bytes_full"] == kv_cache_bytes(text, full_seq, 4)  # float32 on the CPU
+    assert c["kv_bytes_stored"] == report.memory.kv_cache_bytes
+    assert c["kv_bytes_saved"] == c["kv_bytes_full"] - c["kv_bytes_stored"]
+    assert c["kv_bytes_read_per_step_without_dp"] == c["kv_bytes_stored"]
+    shape = llm_shape(text)
+    assert c["prefill_tflops_full"] == pytest.approx(prefill_flops(shape, FRAMES * 196) / 1e12)
+    if method == "full":
+        assert c["kv_bytes_saved"] == 0 and c["prefill_tflops"] == pytest.approx(c["prefill_tflops_full"])
+        assert c["kv_bytes_attended_per_step"] == c["kv_bytes_stored"]
+    else:
+        assert c["kv_bytes_saved"] > 0 and c["prefill_tflops"] < c["prefill_tflops_full"]
+    if method == "dycoke":  # every step prunes on random weights: the late layers read less
+        assert c["kv_bytes_attended_per_step"] < c["kv_bytes_stored"]

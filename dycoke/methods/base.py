@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from dycoke.config import MethodOptions
+from dycoke.config import METHODS, MethodOptions
 from dycoke.errors import ConfigError
 
 
@@ -65,6 +65,7 @@ class CompressionMethod(Protocol):
     shares_prefix: bool  # whether the prefilled system prompt + video can serve every question
     needs_vision_signals: bool
     record: bool  # keep what a drawing needs (set by the pipeline when asked)
+    warnings: list[str]  # what the user should know about the last ``compress`` (one line each)
 
     def compaction(self) -> Compaction | None:
         """During or after generation: which later layers store fewer prompt entries, once known."""
@@ -103,6 +104,7 @@ class TokensOnly:
     def __init__(self, options: MethodOptions, model: Any = None) -> None:
         self.options = options
         self.figures: dict[str, Any] = {}
+        self.warnings: list[str] = []
 
     def compaction(self) -> Compaction | None:
         return None
@@ -135,9 +137,10 @@ def register_method(name: str) -> Callable[[MethodFactory], MethodFactory]:
 
 
 def registered_methods() -> list[str]:
-    """Names of every method, in registration order."""
+    """Names of every method, in the order of ``config.METHODS`` (others after them)."""
     _load_all()
-    return list(_REGISTRY)
+    order = {name: i for i, name in enumerate(METHODS)}
+    return sorted(_REGISTRY, key=lambda name: order.get(name, len(order)))
 
 
 def build_method(options: MethodOptions, model: Any, num_layers: int) -> CompressionMethod:
@@ -145,7 +148,7 @@ def build_method(options: MethodOptions, model: Any, num_layers: int) -> Compres
     _load_all()
     factory = _REGISTRY.get(options.method)
     if factory is None:
-        raise ConfigError(f"method must be one of {', '.join(_REGISTRY)}, got '{options.method}'")
+        raise ConfigError(f"method must be one of {', '.join(registered_methods())}, got '{options.method}'")
     options.check_against_model(num_layers)
     return factory(options, model)
 
@@ -154,5 +157,5 @@ def _load_all() -> None:
     """Import every method module (each registers itself)."""
     import importlib
 
-    for module in ("full", "dycoke", "fastv", "prumerge", "controls"):  # the order of config.METHODS
+    for module in ("full", "dycoke", "fastv", "prumerge", "controls"):
         importlib.import_module(f"dycoke.methods.{module}")

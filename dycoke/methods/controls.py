@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 
 from dycoke.compress.budget import random_token_indices, uniform_frame_indices
-from dycoke.compress.ttm import ttm_token_count
 from dycoke.config import MethodOptions
 from dycoke.methods.base import CompressedVisual, TokensOnly, VisionSignals, register_method
+from dycoke.methods.dycoke import merged_token_count
 
 
 def budget_count(options: MethodOptions, num_frames: int, tokens_per_frame: int) -> int:
@@ -22,13 +22,7 @@ def budget_count(options: MethodOptions, num_frames: int, tokens_per_frame: int)
         return min(total, options.budget_tokens - 1)
     if options.budget_ratio is not None:
         return min(total, max(1, round(options.budget_ratio * total)))
-    return ttm_token_count(
-        num_frames,
-        tokens_per_frame,
-        options.merge_ratio,
-        prune_last_window=options.prune_last_window,
-        keep_odd_last_frame=options.keep_odd_last_frame,
-    )
+    return merged_token_count(options, num_frames, tokens_per_frame)
 
 
 def raster_selection(

@@ -32,11 +32,26 @@ from dycoke.attention import (
     register_attention,
 )
 from dycoke.compress.kv_prune import PruneState, head_mean_attention, keep_count, surviving_slots
-from dycoke.compress.ttm import MergeResult, temporal_token_merge_with_positions
+from dycoke.compress.ttm import MergeResult, temporal_token_merge_with_positions, ttm_token_count
 from dycoke.config import MethodOptions
 from dycoke.methods.base import Compaction, CompressedVisual, VisionSignals, register_method
 
 ATTENTION_NAME = "dycoke_dp"
+MIN_FRAMES_TO_MERGE = 5  # the reference's window step needs F >= 5 (it crashes below)
+
+
+def merged_token_count(options: MethodOptions, num_frames: int, tokens_per_frame: int) -> int:
+    """Frame tokens DyCoke's stage I keeps for ``num_frames`` frames (newline excluded): every token of
+    a video of at most 4 frames, else ``ttm_token_count``."""
+    if num_frames < MIN_FRAMES_TO_MERGE:
+        return num_frames * tokens_per_frame
+    return ttm_token_count(
+        num_frames,
+        tokens_per_frame,
+        options.merge_ratio,
+        prune_last_window=options.prune_last_window,
+        keep_odd_last_frame=options.keep_odd_last_frame,
+    )
 
 
 @dataclass
@@ -203,11 +218,21 @@ class DyCoke:
         self.record = False  # keep every step's attention for a drawing
         self.merge: MergeResult | None = None
         self.num_visual = 0
+        self.warnings: list[str] = []
 
     def compress(
         self, features: torch.Tensor, num_frames: int, tokens_per_frame: int, vision: VisionSignals | None = None
     ) -> CompressedVisual:
+        """Stage I on (F*T, D) features; a video of at most 4 frames is kept whole (the reference's
+        window step crashes there), with a warning."""
         o = self.options
+        self.warnings = []
+        if num_frames < MIN_FRAMES_TO_MERGE and o.merge_ratio > 0:
+            self.warnings.append(
+                f"DyCoke's token merging needs at least {MIN_FRAMES_TO_MERGE} frames, the video gives {num_frames}: "
+                "its tokens are kept whole (decode-time pruning still applies)"
+            )
+            return CompressedVisual(tokens=features, per_frame=[tokens_per_frame] * num_frames)
         merge = temporal_token_merge_with_positions(
             features,
             o.merge_ratio,

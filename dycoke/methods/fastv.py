@@ -154,6 +154,7 @@ class FastV:
         self.num_visual = 0
         self.keep = 0
         self.session: FastVSession | None = None
+        self.warnings: list[str] = []
 
     def compress(
         self, features: torch.Tensor, num_frames: int, tokens_per_frame: int, vision: VisionSignals | None = None
