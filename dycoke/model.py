@@ -38,6 +38,19 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def execution_device(model: Any) -> torch.device:
+    """Where the model's inputs go: the first GPU of a device map (accelerate runs layers offloaded to
+    CPU memory there, their weights on the "meta" device meanwhile), else the embedding's device."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        gpus = sorted(d for d in device_map.values() if isinstance(d, int) or str(d).startswith("cuda"))
+        if gpus:
+            first = gpus[0]
+            return torch.device("cuda", first) if isinstance(first, int) else torch.device(first)
+        return torch.device("cpu")
+    return model.get_input_embeddings().weight.device
+
+
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     """``auto`` -> bfloat16 on CUDA, float32 elsewhere."""
     if spec == "auto":
@@ -162,7 +175,7 @@ def load_model(options: ModelOptions) -> LoadedModel:
                 "--device-map auto to spread it over several GPUs"
             ) from exc
     else:
-        device = model.get_input_embeddings().weight.device
+        device = execution_device(model)
     model.eval()
     preprocess = PreprocessConfig.from_pretrained_dir(local) if local is not None else _hub_preprocess(source)
     return LoadedModel(

@@ -289,10 +289,9 @@ class VideoQA:
 
     def _embed(self, ids: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
         """(B, S) ids -> (B, S, D) embeddings with each row's video placeholders replaced, in order."""
-        embedding = self.loaded.model.get_input_embeddings()
-        ids = ids.to(embedding.weight.device)
-        embeds = embedding(ids)
-        mask = (ids == self.loaded.video_token_id).unsqueeze(-1)
+        ids = ids.to(self.loaded.device)  # a device map's hooks move it on where the embedding runs
+        embeds = self.loaded.model.get_input_embeddings()(ids)
+        mask = (ids == self.loaded.video_token_id).unsqueeze(-1).to(embeds.device)
         rows_with_video = int(mask.any(dim=1).sum())
         source = visual_tokens.to(embeds.device, embeds.dtype).repeat(rows_with_video, 1)
         return embeds.masked_scatter(mask, source)

@@ -60,3 +60,24 @@ def test_an_unknown_method_name_is_an_error_not_a_fallback(tiny_checkpoint: Path
     object.__setattr__(options, "method", "fastvv")  # past the dataclass's own check, as a stale caller could
     with pytest.raises(ConfigError, match="method must be one of full, dycoke, fastv, prumerge, random, uniform"):
         build_method(options, qa.loaded.model, qa.loaded.num_layers)
+
+
+def test_inputs_go_to_the_first_gpu_of_a_device_map_even_when_the_embedding_is_offloaded() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from dycoke.model import execution_device
+
+    spread = SimpleNamespace(
+        hf_device_map={"model.language_model.embed_tokens": "cpu", "model.language_model.layers.0": 1, "lm_head": 0}
+    )
+    cpu_only = SimpleNamespace(hf_device_map={"": "cpu"})
+
+    class Plain(torch.nn.Module):
+        def get_input_embeddings(self) -> torch.nn.Module:
+            return torch.nn.Embedding(3, 2)
+
+    assert execution_device(spread) == torch.device("cuda", 0)
+    assert execution_device(cpu_only) == torch.device("cpu")
+    assert execution_device(Plain()) == torch.device("cpu")  # no map: where the embedding is

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import sys
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -18,6 +21,8 @@ import pytest
 from dycoke.errors import ConfigError, DyCokeError, VideoError
 from dycoke.video import (
     DEFAULT_MIN_DECODE_SIDE,
+    _decord_errors,
+    _native_stderr,
     decode_size,
     fps_indices,
     frame_window,
@@ -336,7 +341,9 @@ def _write_zero_frame_video(path: Path) -> Path:
 @pytest.mark.parametrize(
     "kind", ["text", "garbage", "truncated", "header_only", "zero_frames", "zero_frames_avi", "empty"]
 )
-def test_unreadable_files(tmp_path: Path, videos: dict[str, Path], kind: str) -> None:
+def test_unreadable_files(
+    tmp_path: Path, videos: dict[str, Path], kind: str, capfd: pytest.CaptureFixture[str]
+) -> None:
     data = videos["x264"].read_bytes()
     path = tmp_path / {"text": "notes.txt", "zero_frames_avi": "zero.avi"}.get(kind, f"{kind}.mp4")
     if kind == "text":
@@ -363,9 +370,11 @@ def test_unreadable_files(tmp_path: Path, videos: dict[str, Path], kind: str) ->
     }
     if kind in expected:
         assert message == f"cannot read video {path}: {expected[kind]}"
+    # decord's C++ log ("[..] .../video_reader.cc:83: ERROR opening: ...") goes to fd 2 directly: caught there
+    assert capfd.readouterr().err == ""
 
 
-def test_truncated_faststart_file(tmp_path: Path) -> None:
+def test_truncated_faststart_file(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """Header (moov) intact, frame data cut: decord fails while indexing packets."""
     src = tmp_path / "fs.mp4"
     with av.open(str(src), "w", options={"movflags": "faststart"}) as container:
@@ -380,6 +389,75 @@ def test_truncated_faststart_file(tmp_path: Path) -> None:
     with pytest.raises(VideoError) as exc:
         read_video(cut)
     assert one_line(exc).startswith(f"cannot read video {cut}: ")
+    assert capfd.readouterr().err == ""
+
+
+OPEN_LOG = b"[19:07:26] /github/workspace/src/video/video_reader.cc:83: ERROR opening: %s, %s\n"
+
+
+def _fd2_identity() -> tuple[int, int]:
+    st = os.fstat(2)
+    return st.st_dev, st.st_ino
+
+
+def test_native_stderr_keeps_decord_log_and_passes_other_text_on(capfd: pytest.CaptureFixture[str]) -> None:
+    before = _fd2_identity()
+    messages: list[str] = []
+    with _native_stderr(messages):
+        assert _fd2_identity() != before
+        os.write(2, b"\rspinner frame ")  # another thread's text without a newline, then decord's line
+        os.write(2, OPEN_LOG % (b"/v/x.mp4", b"Invalid data found when processing input"))
+        os.write(2, b"[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55d2c8a3b2c0] moov atom not found\n")
+        sys.stderr.write("python text\n")
+    assert _fd2_identity() == before
+    assert messages == ["ERROR opening: /v/x.mp4, Invalid data found when processing input"]
+    err = capfd.readouterr().err  # (pytest captures sys.stderr apart from fd 2: order is not kept)
+    assert "python text\n" in err and err.replace("python text\n", "") == "\rspinner frame "
+
+
+def test_native_stderr_restores_fd2_when_the_block_raises(capfd: pytest.CaptureFixture[str]) -> None:
+    before = _fd2_identity()
+    messages: list[str] = []
+    with pytest.raises(RuntimeError), _native_stderr(messages):
+        os.write(2, b"[19:07:26] /src/video/video_reader.cc:312: Failed to seek file to position: 0\n")
+        raise RuntimeError("boom")
+    assert _fd2_identity() == before and messages == ["Failed to seek file to position: 0"]
+    assert capfd.readouterr().err == ""
+
+
+def test_native_stderr_threads_take_turns(capfd: pytest.CaptureFixture[str]) -> None:
+    results: dict[int, list[str]] = {}
+
+    def work(n: int) -> None:
+        messages: list[str] = []
+        with _native_stderr(messages):
+            for _ in range(20):
+                os.write(2, b"[19:07:26] /src/x.cc:1: thread %d\n" % n)
+        results[n] = messages
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {n: [f"thread {n}"] * 20 for n in range(4)}
+    assert capfd.readouterr().err == ""
+
+
+def test_decord_errors_uses_the_captured_log(capfd: pytest.CaptureFixture[str]) -> None:
+    warnings: list[str] = []
+    with _decord_errors("/v/x.mp4", warnings):
+        os.write(2, b"[19:07:26] /src/video/video_reader.cc:312: Failed to seek file to position: 0\n")
+    assert warnings == ["decoder: Failed to seek file to position: 0"]
+    with pytest.raises(VideoError) as exc, _decord_errors("/v/x.mp4"):
+        os.write(2, OPEN_LOG % (b"/v/x.mp4", b"Invalid data found when processing input"))
+        raise RuntimeError("Error reading /v/x.mp4...")
+    assert one_line(exc) == "cannot read video /v/x.mp4: not a video file, or damaged/truncated"
+    with pytest.raises(VideoError) as exc, _decord_errors("/v/x.mp4"):
+        os.write(2, OPEN_LOG % (b"/v/x.mp4", b"Permission denied"))
+        raise RuntimeError("Error reading /v/x.mp4...")
+    assert one_line(exc) == "cannot read video /v/x.mp4: Permission denied"
+    assert capfd.readouterr().err == ""
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ from dycoke.compress.kv_prune import PruneState, head_mean_attention, keep_count
 from dycoke.compress.ttm import MergeResult, temporal_token_merge_with_positions, ttm_token_count
 from dycoke.config import MethodOptions
 from dycoke.methods.base import Compaction, CompressedVisual, VisionSignals, register_method
+from dycoke.model import execution_device
 
 ATTENTION_NAME = "dycoke_dp"
 MIN_FRAMES_TO_MERGE = 5  # the reference's window step needs F >= 5 (it crashes below)
@@ -264,7 +265,7 @@ class DyCoke:
             self.state = None
             yield None
             return
-        device = self.model.get_input_embeddings().weight.device
+        device = execution_device(self.model)
         starts = torch.as_tensor(visual_start, device=device).reshape(-1)
         self.state = PruneState(
             starts=starts,

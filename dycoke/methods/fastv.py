@@ -31,6 +31,7 @@ from dycoke.compress.fastv import fastv_keep_count, kept_slots
 from dycoke.compress.kv_prune import head_mean_attention
 from dycoke.config import MethodOptions
 from dycoke.methods.base import Compaction, CompressedVisual, VisionSignals, register_method
+from dycoke.model import execution_device
 
 FASTV_ATTENTION = "dycoke_fastv"
 
@@ -167,7 +168,7 @@ class FastV:
     ) -> Iterator[FastVCache]:
         self.num_visual = num_visual
         self.keep = fastv_keep_count(num_visual, self.options.fastv_keep)
-        device = self.model.get_input_embeddings().weight.device
+        device = execution_device(self.model)
         starts = torch.as_tensor(visual_start, device=device).reshape(-1)
         session = FastVSession(layer=self.options.fastv_layer, starts=starts, num_visual=num_visual, keep=self.keep)
         self.session = session
