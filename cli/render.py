@@ -93,6 +93,8 @@ def summary_table(report: Any) -> Table:
     table.add_row("prefill (LLM first token)", fmt_s(s.prefill), "")
     table.add_row("time to first token", fmt_s(s.ttft), "from the file")
     per_token = f"{s.ms_per_token:.1f} ms/token" if s.ms_per_token is not None else ""
+    loop = {"graph": "CUDA graph", "static": "static cache", "hf": "generate"}.get(report.decoder, "")
+    per_token = ", ".join(part for part in (per_token, loop) if part)
     table.add_row("decode", fmt_s(s.decode), per_token)
     table.add_row("total", fmt_s(s.total), "")
     c = report.compression

@@ -118,6 +118,7 @@ class Report:
     memory: Memory
     options: dict[str, Any] = field(default_factory=dict)
     compression: dict[str, Any] = field(default_factory=dict)
+    decoder: str = ""  # the decode loop that ran: hf (generate), static or graph
     token_ids: list[int] = field(default_factory=list)
     trace: Trace | None = field(default=None, repr=False)
 

@@ -210,3 +210,4 @@ def test_fastv_and_eviction_decode_on_the_cuda_graph_as_generate(
         graph = qa.answer_many(prepared, questions, run("auto"), batch_size=batch)
         assert [r.token_ids for r in graph] == [r.token_ids for r in hf]
         assert [r.memory.kv_cache_bytes for r in graph] == [r.memory.kv_cache_bytes for r in hf]
+        assert {r.decoder for r in graph} == {"graph"} and {r.decoder for r in hf} == {"hf"}

@@ -72,6 +72,7 @@ def test_static_decoder_equals_generate(
             for figure in ("pruned_step_share", "evicted_wanted_back_avg_tokens", "visual_kept_late_layers"):
                 assert b.compression.get(figure) == a.compression.get(figure), (method, figure)
             assert b.memory.kv_cache_bytes == a.memory.kv_cache_bytes
+            assert (a.decoder, b.decoder) == ("hf", "static")
 
 
 @pytest.mark.parametrize("eos,min_new", [([53], 0), ([53, 722], 0), ([53], 3), ([11], 0)])

@@ -23,8 +23,9 @@ from dycoke.methods.base import CompressionMethod
 @dataclass(frozen=True)
 class DecodeTiming:
     """Seconds of one batch's generation: to the first token (prefill), first to last token (decode),
-    the whole call; ``steps`` tokens per row that the loop produced."""
+    the whole call; ``steps`` tokens per row that the loop produced; ``decoder`` the loop that ran."""
 
+    decoder: str
     prefill: float
     decode: float
     total: float
@@ -116,5 +117,7 @@ def decode(
             streamer.end()
     t_end = time.perf_counter()
     first = streamer.first_token_s if streamer.first_token_s is not None else t_end - t0
-    timing = DecodeTiming(prefill=first, decode=streamer.decode_s, total=t_end - t0, steps=len(streamer.times) / batch)
+    timing = DecodeTiming(
+        decoder=decoder, prefill=first, decode=streamer.decode_s, total=t_end - t0, steps=len(streamer.times) / batch
+    )
     return output, timing
