@@ -254,6 +254,7 @@ class VideoQA:
                     timings,
                     sample,
                 )
+                report.decoder = timing.decoder
                 if record:
                     report.trace = build_trace(
                         method, visual, prepared.frames.frames, prepared.tokens_per_frame, sample, len(tokens_out)
