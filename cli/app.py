@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -30,6 +31,17 @@ app = typer.Typer(
 )
 
 EXIT_USAGE = 2
+_IMPORTED_AT = time.time()
+
+
+def process_start() -> float:
+    """When this process started (seconds since the epoch): the origin of ``startup`` and ``wall``."""
+    try:
+        import psutil
+
+        return float(psutil.Process().create_time())
+    except Exception:  # no psutil or no /proc: the CLI module's import is the next best origin
+        return _IMPORTED_AT
 
 
 def fail(exc: Exception) -> NoReturn:
@@ -202,13 +214,14 @@ def _run_ask(
 ) -> Any:
     from cli.render import console
 
-    qa, decoded = _load(video, model_options, options)
+    qa, decoded, startup = _load(video, model_options, options)
 
     def write(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
     report = qa.ask(decoded, question, options, on_text=None if as_json else write, record=picture is not None)
+    report.timings_s.startup, report.timings_s.wall = startup, time.time() - process_start()
     if picture is not None and report.trace is not None:
         from dycoke.visualize import save_png
 
@@ -222,20 +235,31 @@ def _run_ask(
     return report
 
 
-def _load(video: str, model_options: ModelOptions, options: RunOptions) -> tuple[Any, Any]:
-    """Read the video (bad files fail before the slow part), then load and check the model."""
+def _load(video: str, model_options: ModelOptions, options: RunOptions) -> tuple[Any, Any, float]:
+    """Decode the video on a thread while torch is imported and the model loads; a bad file fails before
+    the model loads. Returns the model, the decoded video and the start-up seconds (process start to the
+    model load: imports, CUDA initialisation)."""
     from cli.render import loading, warn_random_weights
+    from dycoke.reading import start_reading
 
-    with loading(f"Reading {video}"):
-        from dycoke.pipeline import VideoQA, decode_video
-
-        decoded = decode_video(video, options.video)
+    reading = start_reading(video, options.video)
     with loading(f"Loading {model_options.model}"):
+        import torch
+
+        from dycoke.pipeline import VideoQA
+
+        if reading.done():
+            reading.result()  # raises the video's error before any loading
+        if model_options.device != "cpu" and model_options.device != "mps" and torch.cuda.is_available():
+            torch.cuda.init()
+        startup = time.time() - process_start()
         qa = VideoQA.load(model_options)
+    with loading(f"Reading {video}"):
+        decoded = reading.result()
     options.method.check_against_model(qa.loaded.num_layers)
     if qa.loaded.random_weights:
         warn_random_weights(qa.loaded.source)
-    return qa, decoded
+    return qa, decoded, startup
 
 
 def _run_compare(
@@ -252,9 +276,11 @@ def _run_compare(
     from cli.render import console, loading, print_comparison
     from dycoke.runs.compare import compare
 
-    qa, decoded = _load(video, model_options, options)
+    qa, decoded, startup = _load(video, model_options, options)
     with loading(f"Comparing {', '.join(methods)}"):
         result = compare(qa, decoded, question, options, methods, record=picture is not None)
+    for report in result.reports.values():
+        report.timings_s.startup = startup
     if picture is not None:
         from dycoke.visualize import save_png
 

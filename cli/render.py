@@ -96,7 +96,13 @@ def summary_table(report: Any) -> Table:
     loop = {"graph": "CUDA graph", "static": "static cache", "hf": "generate"}.get(report.decoder, "")
     per_token = ", ".join(part for part in (per_token, loop) if part)
     table.add_row("decode", fmt_s(s.decode), per_token)
-    table.add_row("total", fmt_s(s.total), "")
+    table.add_row("total", fmt_s(s.total), "the model's work, from the file")
+    if s.startup is not None:
+        table.add_row("start-up", fmt_s(s.startup), "imports, CUDA initialisation")
+    if s.load is not None:
+        table.add_row("model load", fmt_s(s.load), "checkpoint to a ready model")
+    if s.wall is not None:
+        table.add_row("wall clock", fmt_s(s.wall), "from the command to the answer")
     c = report.compression
     if report.method == "dycoke":
         table.add_section()

@@ -152,13 +152,22 @@ def load_model(options: ModelOptions) -> LoadedModel:
     dtype = resolve_dtype(options.dtype, device)
 
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "attn_implementation": "sdpa"}
+    if device.type == "cuda" and options.device_map != "auto":
+        torch.cuda.init()  # CUDA's start-up belongs to start-up, not to reading the weights
+        kwargs["device_map"] = {"": device}  # weights go straight to the GPU: no CPU copy of the model
     if options.device_map == "auto":
         kwargs["device_map"] = "auto"
         if options.max_gpu_memory is not None:
             kwargs["max_memory"] = _max_memory(options.max_gpu_memory)
     hf_logging.disable_progress_bar()  # the CLI shows its own progress; stderr stays readable
+    too_big = (
+        f"model '{options.model}' does not fit in the memory of {device}; use a smaller model, "
+        "--device-map auto (over several GPUs and CPU memory) or --device cpu"
+    )
     try:
         model, tokenizer = _from_pretrained(source, kwargs, hub=local is None)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise OutOfMemoryError(too_big) from exc
     except (OSError, ValueError) as exc:
         where = source if local is not None else f"the Hugging Face hub or the local cache ({_hf_cache()})"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -166,16 +175,13 @@ def load_model(options: ModelOptions) -> LoadedModel:
             f"could not load model '{options.model}' from {where}: {reason}; pass --model DIR with a downloaded "
             "checkpoint, or build a random test one with `dycoke make-tiny-model DIR`"
         ) from exc
-    if options.device_map != "auto":
+    if options.device_map == "auto":
+        device = execution_device(model)
+    elif device.type != "cuda":  # loaded on the CPU; another device (mps) gets it now
         try:
             model.to(device)
         except torch.cuda.OutOfMemoryError as exc:
-            raise OutOfMemoryError(
-                f"model '{options.model}' does not fit in the memory of {device}; use a smaller model or "
-                "--device-map auto to spread it over several GPUs"
-            ) from exc
-    else:
-        device = execution_device(model)
+            raise OutOfMemoryError(too_big) from exc
     model.eval()
     preprocess = PreprocessConfig.from_pretrained_dir(local) if local is not None else _hub_preprocess(source)
     return LoadedModel(

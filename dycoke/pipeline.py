@@ -26,21 +26,13 @@ from dycoke.methods import CompressedVisual, CompressionMethod, VisionSignals, b
 from dycoke.model import LoadedModel, load_model
 from dycoke.preprocess import preprocess_frames
 from dycoke.prompt import expand_video_placeholder, render_prompt, tokenize_prompt
+from dycoke.reading import DecodedVideo, decode_video
 from dycoke.report import Report, Timings, VideoInfo
 from dycoke.trace import build_trace
-from dycoke.video import VideoFrames, read_video
+from dycoke.video import VideoFrames
 from dycoke.vision import encode_frames
 
 TextCallback = Callable[[str], None]
-
-
-@dataclass
-class DecodedVideo:
-    """Frames sampled from a video file, and how long decoding took."""
-
-    frames: VideoFrames
-    path: str
-    decode_s: float
 
 
 @dataclass
@@ -74,26 +66,12 @@ class PromptRows:
     prefix_length: int
 
 
-def decode_video(video: str | Path, options: VideoOptions | None = None) -> DecodedVideo:
-    """Sample and decode frames (no model needed: bad files are reported before any model loads)."""
-    options = options or VideoOptions()
-    t0 = time.perf_counter()
-    frames = read_video(
-        video,
-        num_frames=options.num_frames,
-        fps=options.fps,
-        max_frames=options.max_frames,
-        start_s=options.start_s,
-        end_s=options.end_s,
-    )
-    return DecodedVideo(frames=frames, path=str(video), decode_s=time.perf_counter() - t0)
-
-
 class VideoQA:
     """Answers questions about videos with a loaded LLaVA-OneVision checkpoint."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, load_s: float | None = None) -> None:
         self.loaded = loaded
+        self.load_s = load_s  # reported in the first answer only
 
     @classmethod
     def load(
@@ -111,7 +89,9 @@ class VideoQA:
         else:
             given = {"device": device, "dtype": dtype, "device_map": device_map}
             options = ModelOptions(**({"model": model} if model else {}), **{k: v for k, v in given.items() if v})
-        return cls(load_model(options))
+        t0 = time.perf_counter()
+        loaded = load_model(options)
+        return cls(loaded, load_s=time.perf_counter() - t0)
 
     # -- the stages ---------------------------------------------------------------------------------
 
@@ -255,6 +235,7 @@ class VideoQA:
                     sample,
                 )
                 report.decoder = timing.decoder
+                report.timings_s.load, self.load_s = self.load_s, None
                 if record:
                     report.trace = build_trace(
                         method, visual, prepared.frames.frames, prepared.tokens_per_frame, sample, len(tokens_out)

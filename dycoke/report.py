@@ -48,6 +48,10 @@ class Timings:
     """Seconds per stage. ``prefill`` runs from the start of generation to the first token
     (time to first token of the LLM); ``ttft`` runs from the start of the whole job.
 
+    ``load`` (checkpoint to a ready model) is reported once, in the first answer of a loaded model;
+    ``startup`` (process start to the model load: imports, CUDA initialisation) and ``wall`` (process
+    start to the end of the answer, what the user waited for) are set by the command line only.
+
     ``shared_prefix`` is the prefill of the system prompt and video tokens when several questions
     share it (batch mode); ``prefill`` is then the question part only. Stages shared by several
     questions (video, encoder, compression, shared prefix) count in full in each question's
@@ -64,6 +68,9 @@ class Timings:
     decode: float = 0.0
     ms_per_token: float | None = None
     total: float = 0.0
+    startup: float | None = None
+    load: float | None = None
+    wall: float | None = None
 
 
 @dataclass

@@ -122,3 +122,24 @@ def test_a_video_of_at_most_four_frames_is_kept_whole_with_one_warning(
     assert len(warnings) == 1 and f"the video gives {frames}" in warnings[0] and "kept whole" in warnings[0]
     code, out, err = ask(tiny_checkpoint, clip, "--json", "--frames", "5")
     assert json.loads(out)["tokens"]["visual"] < 5 * 196 + 1 and "needs at least 5 frames" not in err
+
+
+def test_the_report_shows_what_the_user_waited_for(tiny_checkpoint: Path, clip: Path) -> None:
+    code, out, err = ask(tiny_checkpoint, clip, "--json")
+    assert code == 0, err
+    t = json.loads(out)["timings_s"]
+    assert t["startup"] > 0 and t["load"] > 0 and t["wall"] > 0
+    # the video is decoded while the model loads: the wall clock is less than the parts in a row
+    assert t["wall"] >= t["startup"] + t["load"] and t["wall"] > t["total"]
+    code, _, err = ask(tiny_checkpoint, clip)
+    assert code == 0 and "wall clock" in err and "model load" in err and "start-up" in err
+
+
+def test_in_process_calls_report_the_load_once_and_no_startup(tiny_checkpoint: Path, clip: Path) -> None:
+    from dycoke import VideoQA
+
+    qa = VideoQA.load(str(tiny_checkpoint), device="cpu")
+    first = qa.ask(str(clip), "What?", num_frames=8, max_new_tokens=2)
+    second = qa.ask(str(clip), "What?", num_frames=8, max_new_tokens=2)
+    assert first.timings_s.load is not None and first.timings_s.load > 0 and second.timings_s.load is None
+    assert first.timings_s.startup is None and first.timings_s.wall is None
