@@ -575,3 +575,32 @@ def build_tiny_checkpoint(
     for weights in out.glob("*.safetensors"):
         shutil.copymode(out / "config.json", weights)
     return out
+
+
+def build_real_shape_checkpoint(
+    out_dir: str | os.PathLike[str], size: Literal["0.5b", "7b", "72b"], *, device: str = "cuda"
+) -> Path:
+    """Write a random-weight checkpoint with the real shapes of ``size`` (bf16 on a GPU: 7B is about
+    16 GB) in the on-disk format of a real one, to time what a user pays for loading and start-up.
+
+    The offline tokenizer's ``<image>``/``<video>`` ids replace the real ones (the real vocabulary is
+    larger, so they are valid). Weights are whatever ``_from_config`` initialises, built on ``device``.
+    """
+    import torch
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer()
+    config = real_shape_config(size)
+    config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config.video_token_id = tokenizer.convert_tokens_to_ids("<video>")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    with torch.device(device):
+        model = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=dtype)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    for name, content in _processor_files().items():
+        (out / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    del model
+    return out

@@ -1,0 +1,165 @@
+"""What a user waits for: `dycoke ask` as a fresh process, from the command to the answer.
+
+Writes random-weight checkpoints with the real 0.5B/7B shapes to disk (the on-disk format of a real
+one), then, per size and method, runs `dycoke ask ... --json` as fresh processes several times and
+records the wall clock measured from outside next to the report's own breakdown (start-up, load,
+video decode, vision encoder, prefill, decode, wall). In the same run: the floor, a bare
+`python -c "import torch, transformers"`, and the first vs second answer inside one process.
+Page cache warm by default; `--drop-caches` also runs with the page cache dropped where allowed.
+
+    python benchmarks/bench_cold.py --sizes 7b 0.5b --methods full dycoke --repeats 3 \\
+        --checkpoints /tmp/dycoke-ckpt --out benchmarks/results/cold-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = "What is the rabbit doing?"
+
+
+def run(command: list[str]) -> tuple[float, str]:
+    """Wall seconds of a fresh process, and its stdout (raises with its stderr when it fails)."""
+    t0 = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return wall, done.stdout
+
+
+def drop_caches() -> bool:
+    """Drop the page cache (root on a machine that allows it); False where it is not allowed."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def child_two_answers(model: str, video: str, method: str, new_tokens: int) -> None:
+    """In one process: load, answer twice; print both answers' seconds (from the file) as JSON."""
+    sys.path.insert(0, str(ROOT))
+    from dycoke import VideoQA
+
+    qa = VideoQA.load(model)
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        qa.ask(video, QUESTION, method=method, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"first_s": times[0], "second_s": times[1]}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["7b", "0.5b"])
+    parser.add_argument("--methods", nargs="+", default=["full", "dycoke"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--video", default="samples/bigbuckbunny.mp4")
+    parser.add_argument("--checkpoints", type=Path, required=True, help="folder for the random checkpoints")
+    parser.add_argument("--drop-caches", action="store_true")
+    parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if args.child:
+        child_two_answers(args.child[0], args.video, args.child[1], int(args.child[2]))
+        return
+
+    import torch
+    import transformers
+
+    py = sys.executable
+    result: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "floor_s": [],
+        "sizes": [],
+    }
+    for _ in range(args.repeats):
+        result["floor_s"].append(run([py, "-c", "import torch, transformers"])[0])
+    floor = statistics.median(result["floor_s"])
+    print(f"floor (import torch, transformers): {floor:.2f} s", flush=True)
+
+    from dycoke.tiny import build_real_shape_checkpoint
+
+    for size in args.sizes:
+        folder = args.checkpoints / f"random-{size}"
+        t0 = time.perf_counter()
+        if not (folder / "config.json").exists():
+            build_real_shape_checkpoint(folder, size)  # type: ignore[arg-type]
+            torch.cuda.empty_cache()
+        size_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        entry: dict[str, Any] = {"size": size, "checkpoint_gb": size_bytes / 1e9, "write_s": time.perf_counter() - t0}
+        for cache in ["warm", "dropped"] if args.drop_caches else ["warm"]:
+            for method in args.methods:
+                runs = []
+                for _ in range(args.repeats):
+                    if cache == "dropped" and not drop_caches():
+                        entry["drop_caches"] = "not allowed on this machine"
+                        break
+                    command = [py, "-m", "cli.app", "ask", args.video, QUESTION, "--model", str(folder)]
+                    command += ["--method", method, "--json", "--max-new-tokens", str(args.new_tokens)]
+                    command += ["--min-new-tokens", str(args.new_tokens)]
+                    wall, out = run(command)
+                    t = json.loads(out)["timings_s"]
+                    runs.append({"process_wall_s": wall, **t})
+                if not runs:
+                    continue
+                row = {
+                    "cache": cache,
+                    "method": method,
+                    "runs": runs,
+                    **{f"median_{k}": statistics.median(r[k] for r in runs) for k in runs[0] if runs[0][k] is not None},
+                }
+                row["cold_minus_floor_s"] = row["median_process_wall_s"] - floor
+                entry.setdefault("rows", []).append(row)
+                print(
+                    f"{size} {cache} {method}: process {row['median_process_wall_s']:.2f} s "
+                    f"(minus floor {row['cold_minus_floor_s']:.2f}), startup {row['median_startup']:.2f}, "
+                    f"load {row['median_load']:.2f}, answer {row['median_total']:.2f}",
+                    flush=True,
+                )
+        for method in args.methods:
+            _, out = run(
+                [
+                    py,
+                    __file__,
+                    "--checkpoints",
+                    str(args.checkpoints),
+                    "--out",
+                    "-",
+                    "--video",
+                    args.video,
+                    "--child",
+                    str(folder),
+                    method,
+                    str(args.new_tokens),
+                ]
+            )
+            two = json.loads(out.strip().splitlines()[-1])
+            two["ratio"] = two["first_s"] / two["second_s"]
+            entry.setdefault("in_process", {})[method] = two
+            print(f"{size} {method}: first answer {two['first_s']:.2f} s, second {two['second_s']:.2f} s", flush=True)
+        result["sizes"].append(entry)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
