@@ -240,10 +240,9 @@ def _load(video: str, model_options: ModelOptions, options: RunOptions) -> tuple
     the model loads. Returns the model, the decoded video and the start-up seconds (process start to the
     model load: imports, CUDA initialisation)."""
     from cli.render import loading, warn_random_weights
-    from dycoke.reading import prefetch_checkpoint, start_reading
+    from dycoke.reading import start_reading
 
     reading = start_reading(video, options.video)
-    prefetch_checkpoint(model_options.model)  # weights into the page cache while torch imports
     with loading(f"Loading {model_options.model}"):
         import torch
 

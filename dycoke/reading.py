@@ -43,26 +43,3 @@ def start_reading(video: str | Path, options: VideoOptions | None = None) -> Fut
     pool.shutdown(wait=False)  # the thread ends with the decode
     return future
 
-
-def prefetch_checkpoint(model: str) -> Future[int] | None:
-    """Read a local checkpoint's weight files on a background thread, so that they are in the page
-    cache when loading starts (the imports before it take seconds); None for a hub id. Returns the
-    bytes read. Reading is I/O, which runs beside the imports; the load itself then reads memory."""
-    folder = Path(model).expanduser()
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if not files:
-        return None
-
-    def read_all() -> int:
-        total = 0
-        buffer = bytearray(16 << 20)
-        for file in files:
-            with file.open("rb", buffering=0) as handle:
-                while count := handle.readinto(buffer):
-                    total += count
-        return total
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dycoke-prefetch")
-    future = pool.submit(read_all)
-    pool.shutdown(wait=False)
-    return future
