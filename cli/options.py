@@ -28,6 +28,10 @@ MaxGpuMemory = Annotated[
 Frames = Annotated[int, typer.Option("--frames", "-f", help="Frames sampled uniformly (the paper uses 32).")]
 Fps = Annotated[float | None, typer.Option(help="Sample at this rate instead (capped by --max-frames).")]
 MaxFrames = Annotated[int, typer.Option(help="Cap on frames with --fps.")]
+Seek = Annotated[
+    str,
+    typer.Option(help="exact (the sampled frames, as the paper evaluates) or keyframe (nearest key frames: fast)."),
+]
 Start = Annotated[float | None, typer.Option(help="Start of the time window, seconds.")]
 End = Annotated[float | None, typer.Option(help="End of the time window, seconds.")]
 MethodName = Annotated[str, typer.Option(help="dycoke, full (every visual token), fastv, prumerge, random or uniform.")]
@@ -101,6 +105,7 @@ def build_options(
     max_frames: int,
     start: float | None,
     end: float | None,
+    seek: str,
     method: str,
     merge_ratio: float,
     prune_layer: int,
@@ -133,7 +138,7 @@ def build_options(
         model=model, device=device, dtype=dtype, device_map=device_map, max_gpu_memory=max_gpu_memory
     )
     run = RunOptions(
-        video=VideoOptions(num_frames=frames, fps=fps, max_frames=max_frames, start_s=start, end_s=end),
+        video=VideoOptions(num_frames=frames, fps=fps, max_frames=max_frames, start_s=start, end_s=end, seek=seek),
         generation=GenerationOptions(
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,

@@ -158,6 +158,23 @@ def _method_rows(table: Table, method: str, c: dict[str, Any]) -> None:
 
 def print_summary(report: Any) -> None:
     console.print(summary_table(report))
+    hint = seek_hint(report)
+    if hint:
+        console.print(f"[cyan]hint:[/] {hint}", highlight=False, soft_wrap=True)
+
+
+def seek_hint(report: Any) -> str | None:
+    """A suggestion to try ``--seek keyframe`` when an exact read took over 1 s and reading the nearest
+    key frames would have decoded at least 3x fewer frames."""
+    video, decode_s = report.video, report.timings_s.video_decode
+    exact = video.decode_cost.get("exact_frames_decoded", 0)
+    keyframe = video.decode_cost.get("keyframe_frames_decoded", 0)
+    if video.seek != "exact" or decode_s <= 1.0 or keyframe <= 0 or exact < 3 * keyframe:
+        return None
+    return (
+        f"reading the frames took {decode_s:.1f} s; --seek keyframe would decode about {exact / keyframe:.0f}x "
+        "fewer frames (nearest key frames instead of the exact sampled ones)"
+    )
 
 
 def print_comparison(result: Any) -> None:

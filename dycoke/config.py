@@ -29,6 +29,7 @@ def needs_vision_signals(methods: list[str]) -> bool:
 PromptStyle = Literal["paper", "checkpoint"]
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 DECODERS: tuple[str, ...] = ("auto", "hf", "static", "graph")
+SEEK_MODES: tuple[str, ...] = ("exact", "keyframe")
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 _MEMORY_RE = re.compile(r"^\d+(\.\d+)?(B|KiB|MiB|GiB|KB|MB|GB)$")
@@ -53,6 +54,8 @@ class VideoOptions:
 
     ``num_frames`` frames spread uniformly over the video (or the ``start_s``..``end_s`` window), the
     rule of the paper's evaluation; or, when ``fps`` is set, frames at that rate, at most ``max_frames``.
+    ``seek="exact"`` decodes exactly those frames (the paper's evaluation); ``"keyframe"`` takes the
+    nearest key frame of each (much cheaper on long videos; the report gives the largest time shift).
     """
 
     num_frames: int = 32
@@ -60,8 +63,11 @@ class VideoOptions:
     max_frames: int = 64
     start_s: float | None = None
     end_s: float | None = None
+    seek: str = "exact"
 
     def __post_init__(self) -> None:
+        if self.seek not in SEEK_MODES:
+            raise ConfigError(f"seek must be one of {', '.join(SEEK_MODES)}, got '{self.seek}'")
         if self.num_frames < 1:
             raise ConfigError(f"frames must be a positive integer, got {self.num_frames}")
         if self.max_frames < 1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from dycoke.figures import compression_figures, memory_figures, token_counts
 from dycoke.methods import CompressedVisual, CompressionMethod, VisionSignals, build_method
 from dycoke.model import LoadedModel, load_model
 from dycoke.preprocess import preprocess_frames
-from dycoke.prompt import expand_video_placeholder, render_prompt, tokenize_prompt
+from dycoke.prompt import Question, conversation_turns, expand_video_placeholder, render_prompt, tokenize_prompt
 from dycoke.reading import DecodedVideo, decode_video
 from dycoke.report import Report, Timings, VideoInfo
 from dycoke.trace import build_trace
@@ -54,6 +54,15 @@ class PreparedVideo:
     encode_s: float
     pixels: torch.Tensor  # (F, 3, H, W) on the model's device
     vision: VisionSignals | None = None
+    prefixes: dict[tuple[Any, ...], PrefixKV] = field(default_factory=dict)  # memoised shared prefixes
+
+    def nbytes(self) -> int:
+        """Bytes this object holds on its devices: features, pixels, signals, memoised prefixes."""
+        tensors = [self.features, self.newline, self.pixels]
+        if self.vision is not None:
+            tensors += [self.vision.scores, self.vision.keys]
+        own = sum(t.numel() * t.element_size() for t in tensors)
+        return own + sum(prefix.nbytes() for prefix in self.prefixes.values())
 
 
 @dataclass
@@ -142,7 +151,7 @@ class VideoQA:
             _sync(loaded.device)
         return visual, visual_tokens
 
-    def prompt_rows(self, questions: list[str], options: RunOptions, num_visual: int, share: bool) -> PromptRows:
+    def prompt_rows(self, questions: list[Question], options: RunOptions, num_visual: int, share: bool) -> PromptRows:
         """Tokenised prompts with the video placeholder run set to ``num_visual``; the length of the
         part every row shares (system prompt + video) when ``share`` and the template allows it."""
         tokenizer, video_token = self.loaded.tokenizer, self.loaded.video_token_id
@@ -171,14 +180,16 @@ class VideoQA:
     def answer_many(
         self,
         prepared: PreparedVideo,
-        questions: list[str],
+        questions: list[Question],
         options: RunOptions | None = None,
         *,
         batch_size: int = 1,
         share_prefix: bool = True,
         on_text: TextCallback | None = None,
+        on_texts: list[TextCallback | None] | None = None,
         on_reports: Callable[[list[Report]], None] | None = None,
         record: bool = False,
+        stop: Callable[[], bool] | None = None,
     ) -> list[Report]:
         """Answer several questions about one prepared video, compressing its tokens once.
 
@@ -186,14 +197,22 @@ class VideoQA:
         continues from that KV cache (``dycoke/decoding/prefix.py``); ``batch_size`` questions generate
         together (left padding, a mask and a DyCoke keep set per row). Answers equal those of
         answering each question alone, up to floating-point summation order. ``on_reports`` receives
-        each batch's reports as soon as it completes; ``on_text`` streams (one question only).
-        ``record`` keeps what the method kept in ``Report.trace`` (for ``dycoke.visualize``).
+        each batch's reports as soon as it completes; ``on_text`` streams (one question only),
+        ``on_texts[i]`` streams question i (any batch size). A question is a string or a conversation
+        (``("user"|"assistant", text)`` turns ending with a user turn; the video goes with the first).
+        The shared prefix's KV is memoised on ``prepared`` per method and prompt, so a later call on the
+        same prepared video skips its prefill. ``stop()`` is polled after every decode step: True ends
+        the batch's generation early. ``record`` keeps what the method kept in ``Report.trace``.
         """
         options = options or RunOptions()
         if batch_size < 1:
             raise ConfigError(f"batch size must be a positive integer, got {batch_size}")
         if on_text is not None and len(questions) != 1:
             raise ConfigError("streaming (on_text) answers one question at a time")
+        if on_texts is not None and len(on_texts) != len(questions):
+            raise ConfigError(f"on_texts needs one entry per question ({len(questions)}), got {len(on_texts)}")
+        for question in questions:
+            conversation_turns(question)  # a bad question fails before any work
         loaded = self.loaded
         method = build_method(options.method, loaded.model, loaded.num_layers)
         method.record = record
@@ -209,23 +228,28 @@ class VideoQA:
 
         prefix, prefix_s = None, 0.0
         if prompts.prefix_length:
-            t0 = time.perf_counter()
-            with _oom_guard("prefill", prepared.num_frames), torch.inference_mode():
-                prefix_ids = torch.tensor([prompts.rows[0][: prompts.prefix_length]], device=loaded.device)
-                prefix = prefill_prefix(loaded.model, self._embed(prefix_ids, visual_tokens))
-                _sync(loaded.device)
-            prefix_s = time.perf_counter() - t0
+            key = (astuple(options.method), tuple(prompts.rows[0][: prompts.prefix_length]))
+            prefix = prepared.prefixes.get(key)
+            if prefix is None:
+                t0 = time.perf_counter()
+                with _oom_guard("prefill", prepared.num_frames), torch.inference_mode():
+                    prefix_ids = torch.tensor([prompts.rows[0][: prompts.prefix_length]], device=loaded.device)
+                    prefix = prefill_prefix(loaded.model, self._embed(prefix_ids, visual_tokens))
+                    _sync(loaded.device)
+                prefix_s = time.perf_counter() - t0
+                prepared.prefixes[key] = prefix
 
         reports: list[Report] = []
         for first in range(0, len(questions), batch_size):
             chunk = list(range(first, min(first + batch_size, len(questions))))
-            generated, timing = self._generate(chunk, prompts, visual_tokens, prefix, method, options, on_text)
+            streams = [on_texts[i] for i in chunk] if on_texts is not None else [on_text]
+            generated, timing = self._generate(chunk, prompts, visual_tokens, prefix, method, options, streams, stop)
             batch_reports = []
             for sample, (index, tokens_out) in enumerate(zip(chunk, generated, strict=True)):
                 timings = _timings(prepared, compress_s, prefix_s, timing, len(tokens_out))
                 report = self._report(
                     prepared,
-                    questions[index],
+                    conversation_turns(questions[index])[-1][1],
                     options,
                     method,
                     visual,
@@ -286,7 +310,8 @@ class VideoQA:
         prefix: PrefixKV | None,
         method: CompressionMethod,
         options: RunOptions,
-        on_text: TextCallback | None,
+        streams: list[TextCallback | None],
+        stop: Callable[[], bool] | None,
     ) -> tuple[list[list[int]], DecodeTiming]:
         """Generate for the prompts of ``chunk`` as one batch; the generated ids of each row."""
         loaded = self.loaded
@@ -294,7 +319,7 @@ class VideoQA:
         kwargs = generation_kwargs(loaded.model, loaded.tokenizer, gen)
         rows = [prompts.rows[i] for i in chunk]
         padded = pad_rows(rows, prompts.visual_start, prefix.length if prefix else 0, kwargs["pad_token_id"])
-        streamer = TimedTextStreamer(loaded.tokenizer, on_text)
+        streamer = TimedTextStreamer(loaded.tokenizer, on_texts=streams)
         decoder = choose_decoder(gen, loaded.device, loaded.single_device)
         with _oom_guard("generation", len(rows)), torch.inference_mode():
             embeds = self._embed(padded.ids, visual_tokens)
@@ -312,6 +337,7 @@ class VideoQA:
                 num_visual=prompts.num_visual,
                 prefix=prefix,
                 streamer=streamer,
+                stop=stop,
             )
         return [trim_generated(row, kwargs["eos_token_id"]) for row in output.tolist()], timing
 
@@ -350,6 +376,9 @@ class VideoQA:
                 indices=list(frames.indices),
                 timestamps_s=list(frames.timestamps_s),
                 warnings=[*frames.warnings, *method.warnings],
+                seek=frames.seek,
+                max_shift_s=frames.max_shift_s,
+                decode_cost=dict(frames.decode_cost),
             ),
             tokens=tokens,
             timings_s=timings,

@@ -7,12 +7,16 @@ every later position is contiguous.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from dycoke.config import PromptOptions
 from dycoke.errors import ConfigError, ModelLoadError
 
 VIDEO_TOKEN = "<video>"
+
+Turn = tuple[str, str]  # (role, text), role "user" or "assistant"
+Question = str | Sequence[Turn]  # one question, or a conversation ending with a user turn
 
 
 class Tokenizer(Protocol):
@@ -44,13 +48,59 @@ def checkpoint_prompt(tokenizer: Tokenizer, question: str) -> str:
     return str(text)
 
 
-def render_prompt(tokenizer: Tokenizer, question: str, options: PromptOptions) -> str:
-    """The prompt text with exactly one ``<video>`` token."""
-    if not question.strip():
-        raise ConfigError("question must not be empty")
+def conversation_turns(question: Question) -> list[Turn]:
+    """``question`` as checked turns: user first and last, roles alternating, no empty text."""
+    turns = [("user", question)] if isinstance(question, str) else [(str(r), str(t)) for r, t in question]
+    if not turns:
+        raise ConfigError("a conversation needs at least one user turn")
+    for index, (role, text) in enumerate(turns):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if role != expected:
+            raise ConfigError(
+                f"turn {index + 1} of the conversation must be '{expected}' (user and assistant alternate, "
+                f"starting and ending with user), got '{role}'"
+            )
+        if not text.strip():
+            raise ConfigError("question must not be empty" if len(turns) == 1 else f"turn {index + 1} is empty")
+    if turns[-1][0] != "user":
+        raise ConfigError("a conversation must end with a user turn (the question to answer)")
+    return turns
+
+
+def paper_conversation(turns: Sequence[Turn], system_prompt: str) -> str:
+    """The paper's prompt for several turns: the video goes with the first user turn."""
+    text = f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
+    for index, (role, content) in enumerate(turns):
+        body = f"{VIDEO_TOKEN}\n{content}" if index == 0 else content
+        text += f"<|im_start|>{role}\n{body}<|im_end|>\n"
+    return text + "<|im_start|>assistant\n"
+
+
+def checkpoint_conversation(tokenizer: Tokenizer, turns: Sequence[Turn]) -> str:
+    """The checkpoint's chat template over several turns (the video in the first user turn)."""
+    conversation: list[dict[str, Any]] = []
+    for index, (role, content) in enumerate(turns):
+        parts: list[dict[str, Any]] = [{"type": "text", "text": content}]
+        conversation.append({"role": role, "content": ([{"type": "video"}] if index == 0 else []) + parts})
+    try:
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # transformers raises ValueError when no template exists
+        raise ModelLoadError(f"the checkpoint has no usable chat template ({exc}); use --prompt paper") from exc
+    if VIDEO_TOKEN not in str(text):
+        raise ModelLoadError("the checkpoint's chat template does not render a <video> token; use --prompt paper")
+    return str(text)
+
+
+def render_prompt(tokenizer: Tokenizer, question: Question, options: PromptOptions) -> str:
+    """The prompt text with exactly one ``<video>`` token, for one question or a conversation."""
+    turns = conversation_turns(question)
+    if len(turns) == 1:
+        if options.style == "checkpoint":
+            return checkpoint_prompt(tokenizer, turns[0][1])
+        return paper_prompt(turns[0][1], options.system_prompt)
     if options.style == "checkpoint":
-        return checkpoint_prompt(tokenizer, question)
-    return paper_prompt(question, options.system_prompt)
+        return checkpoint_conversation(tokenizer, turns)
+    return paper_conversation(turns, options.system_prompt)
 
 
 def expand_video_placeholder(ids: list[int], video_token_id: int, count: int) -> tuple[list[int], int]:

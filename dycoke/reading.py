@@ -32,6 +32,7 @@ def decode_video(video: str | Path, options: VideoOptions | None = None) -> Deco
         max_frames=options.max_frames,
         start_s=options.start_s,
         end_s=options.end_s,
+        seek=options.seek,
     )
     return DecodedVideo(frames=frames, path=str(video), decode_s=time.perf_counter() - t0)
 
@@ -42,4 +43,3 @@ def start_reading(video: str | Path, options: VideoOptions | None = None) -> Fut
     future = pool.submit(decode_video, video, options)
     pool.shutdown(wait=False)  # the thread ends with the decode
     return future
-

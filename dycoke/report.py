@@ -23,6 +23,9 @@ class VideoInfo:
     indices: list[int]
     timestamps_s: list[float]
     warnings: list[str] = field(default_factory=list)
+    seek: str = "exact"
+    max_shift_s: float = 0.0
+    decode_cost: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

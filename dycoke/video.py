@@ -1,4 +1,4 @@
-"""Which frames of a video the model sees, and reading them with decord.
+"""Which frames of a video the model sees, and reading them exactly (decord, or PyAV where decord is wrong).
 
 Frame selection (pure functions, no decoding)
 ---------------------------------------------
@@ -8,6 +8,8 @@ decord's ``get_avg_fps()`` (the stream's average frame rate, e.g. 30000/1001 = 2
 timestamps are exact for constant-frame-rate video. Variable-frame-rate files break this (OpenCV's
 ``tree.avi``: 68 frames spread over 29.6 s, average rate reported as 15 fps, so a duration of 4.5 s);
 ``read_video`` warns when the packets' own timestamps end more than 10% away from ``n / source_fps``.
+Selection stays index-based for them, but the reported ``timestamps_s`` are the frames' own times (from
+their pts) as soon as any frame is more than half a frame away from ``i / source_fps``.
 
 - ``frame_window``: ``start_s``/``end_s`` select the frames shown at any time in ``[start_s, end_s)``:
   first = floor(start_s * fps), last = ceil(end_s * fps) - 1 (products within 1e-6 of an integer are
@@ -25,31 +27,65 @@ timestamps are exact for constant-frame-rate video. Variable-frame-rate files br
 
 Reading (``read_video``)
 ------------------------
-Only the selected frames are decoded: decord's ``VideoReader.get_batch`` seeks to the key frame before
-each index and decodes forward from there, so a few frames of a long video cost a few GOPs, not the
-whole file. With ``DYCOKE_DECODE_WORKERS=N`` (opt-in, see ``decode_workers``), frames spanning several
-key-frame segments are dealt out to N readers on as many threads (decord decodes without holding the
-GIL), each decoding its run of segments in order; the frames are identical to one reader's.
+The demux index. Before anything is decoded, one pass over the video stream's packets with PyAV
+(``demux_index``: ``container.demux``, packets only, no decoding) gives every frame's presentation
+timestamp in display order (the sorted pts), which frames are key frames and whether GOPs are open (a
+packet that follows a key frame in decoding order but is shown before it: x265's default, x264's
+``open-gop``, MPEG-4 Part 2 with B-frames). It is fast next to any decoding: MEASURE_DEMUX. The frame
+count is the index's (packets neither empty nor cut by an edit list, i.e. what the decoder outputs;
+decord counts cut packets too: 456 instead of 455 frames for OpenCV's ``box.mp4``).
 
-Seeking accuracy. decord locates key frames by their position in *decoding* order but uses that
-position as a *display* index. For closed-GOP streams (x264's default, most H.264/H.265 MP4s) the two
-agree and ``get_batch`` returns exactly the requested frames (checked on synthetic videos whose frames
-encode their own index). For open-GOP streams (MPEG-4 Part 2 with B-frames, i.e. Xvid/DivX AVIs, some
-broadcast H.264) a seek lands a few frames off (measured: +1 or +2 frames with 1 or 2 B-frames; on
-OpenCV's ``box.mp4`` frame i-2 comes back for i past the second key frame). ``read_video`` therefore
-checks seeking on the first two key frames after frame 0 (a few frames after each, decoded both by
-seeking and sequentially, compared bit for bit); if they differ it decodes the selected frames
-sequentially from the start instead (correct, slower; a warning says so). The check costs one
-sequential decode up to the second key frame, against ``get_batch``'s own cost of about half a GOP
-per selected frame. Files whose first GOPs seek correctly but later ones do not are not detected.
+Three decoders, chosen from the index (``VideoFrames.decoder`` says which):
+
+- ``decord``, where its seeking is right: closed GOPs, and decord's frame count and key-frame indices
+  equal the index's. decord locates key frames by their position in *decoding* order and uses it as a
+  *display* index; the two agree for closed GOPs only (x264's default, most H.264/H.265 MP4s, VP9). For
+  open GOPs a decord seek lands a few frames off (+1 or +2 frames with 1 or 2 B-frames, measured).
+  ``get_batch`` seeks to the key frame before each frame and decodes forward.
+- ``pyav``, seeking by timestamp, elsewhere (open GOPs, or decord's index disagrees): ``container.seek``
+  to the key frame shown at or before the frame (by its pts, then its dts - MP4 and AVI demuxers seek
+  by dts, Matroska by pts - then earlier key frames, then the start, until the demuxer lands at or
+  before it), decode forward to the frame whose pts is the target's, convert it to RGB at the decode
+  size. Sampled frames decoded from the same key frame (and the next one, when the decoder has already
+  been fed its key frame) share one forward pass.
+- ``sequential``, forward from the start, the i-th frame out of the decoder being frame i, where the
+  timestamps cannot be trusted: missing or repeated, or a codec that reorders frames whose packets say
+  they are in order (``box.mp4``: H.264 with B-frames in an MP4 without composition offsets; the first
+  16 frames are decoded to tell such files); also the fallback, with a warning, when seeking by
+  timestamp does not return a frame. Correct, but it decodes everything up to the last frame asked for.
+
+So every frame returned is exactly the one at its display position (checked on synthetic clips whose
+frames encode their own index: x264 closed and open GOP, x265, VP9, MPEG-4 in AVI, Matroska, variable
+frame rate, portrait, reduced size; ``tests/test_video_exact.py``), and where seeking works the file is
+never decoded as a whole: each frame costs the frames from its key frame to it.
+
+Readers. The forward passes are dealt out, as contiguous runs of similar cost, to several readers on
+threads, each with its own decord reader or PyAV container (both decode without holding the GIL):
+``min(CPUs, passes needed, MAX_DECODE_WORKERS=8)`` by default, ``DYCOKE_DECODE_WORKERS=N`` overrides;
+FFmpeg's own decoding threads per reader are the CPUs divided among the readers. The frames are the same
+with any number of readers.
+
+Seek modes. ``seek="exact"`` (default, the paper's evaluation) returns the sampled frames.
+``seek="keyframe"`` returns for each sampled frame the key frame nearest to it in display order (within
+the window; the earlier one on a tie), which costs a seek and one frame; where several sampled frames
+have the same nearest key frame, the closest takes it and the others are decoded exactly, so no frame is
+repeated (``keyframe_targets``). ``indices`` and ``timestamps_s`` are those of the frames returned,
+``max_shift_s`` the largest time between a frame returned and the frame sampled. ``decode_cost`` gives,
+from the index, the frames each mode decodes (``exact_frames_decoded``, ``keyframe_frames_decoded``:
+for each forward pass the packets from its key frame to the last one needed) and the seeks, whatever
+the mode used, so that a caller can tell how much cheaper keyframe mode would have been.
+
+MEASURED_TABLE
 
 Reduced-size decoding. The model resizes every frame to 384x384 (bicubic, antialias). A 4K or 8K
 source is not held at full size: when the shorter side exceeds ``min_decode_side`` the frames are
-decoded already downscaled by decord's FFmpeg scale filter to a shorter side of ``min_decode_side``
+decoded already downscaled (decord: its FFmpeg scale filter; PyAV: ``to_ndarray(width=, height=,
+interpolation="BICUBIC")``, i.e. swscale) to a shorter side of ``min_decode_side``
 (rounded up to even), the longer side keeping the aspect ratio (rounded to even); never upscaled.
 32 frames of 4K at full size are 796 MB, at the default 768 they are 101 MB (1366x768).
 The FFmpeg decoder still decodes full frames internally; only one extra full-size RGB frame (the
-first one, decoded to learn the source size, which decord does not report otherwise) is held briefly.
+first one, decoded by decord to learn the size it decodes at and that it can decode the file) is held
+briefly.
 
 Measured pixel effect (decord 0.6.0, torch 2.13 CPU): frames decoded reduced then resized to 384x384
 (``interpolate(mode="bicubic", antialias=True)``, rounded) versus decoded full size then resized the
@@ -71,11 +107,30 @@ constant colour shift of FFmpeg's scaling path (R and B about 1 level lower than
 conversion), present even for a 1440 -> 1080 reduction (mean 0.7). Hence the default
 ``DEFAULT_MIN_DECODE_SIDE = 768`` (twice the model input): mean under 1 level on natural content,
 p99 2 levels. ``min_decode_side=None`` decodes at full size.
+
+The PyAV path's reduced frames are not decord's: its swscale conversion differs from decord's filter
+graph (bilinear, area or other flags do not bring them closer). Measured (FFmpeg 7 via PyAV 18), same
+metric as above, for the PyAV path against full size / PyAV against decord, both reduced:
+
+=====================================  =====================  =====================  =====================
+source (x264 CRF 12)                   shorter side 384       shorter side 576       shorter side 768
+=====================================  =====================  =====================  =====================
+synthetic texture 1920x1080            54 / 3.44 ; 27 / 3.11  36 / 2.18 ; 33 / 2.36  31 / 1.90 ; 33 / 2.11
+synthetic texture 3840x2160            53 / 3.66 ; 24 / 3.27  25 / 1.94 ; 20 / 2.20  17 / 1.42 ; 18 / 1.72
+Big Buck Bunny 1280x720 (real)         32 / 0.93 ; 29 / 0.92  21 / 0.84 ; 23 / 0.62  (not reduced)
+Big Buck Bunny upscaled to 2560x1440   30 / 0.85 ; 19 / 0.85  12 / 0.73 ; 14 / 0.51   9 / 0.71 ; 15 / 0.36
+=====================================  =====================  =====================  =====================
+
+(max / mean in 0..255 levels after the 384x384 resize.) Against full size the PyAV path is as close as
+decord's (natural content: mean 0.71 against decord's 0.74 at 768); the two reduced paths differ from
+each other by a mean of 0.4 level on natural content (before the resize: 0.6, max 24). At full size
+the two decoders' frames are identical (Big Buck Bunny, and every synthetic clip of the tests).
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import os
 import re
@@ -85,7 +140,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +152,13 @@ from dycoke.errors import ConfigError, VideoError
 DEFAULT_MIN_DECODE_SIDE = 768
 """Frames whose shorter side is larger are decoded downscaled to this shorter side (see module doc)."""
 
+SEEK_MODES = ("exact", "keyframe")
+"""``read_video(seek=...)``: the sampled frames themselves, or the nearest key frames (see module doc)."""
+
+MAX_DECODE_WORKERS = 8
+"""Default cap on the readers decoding one video at once (``DYCOKE_DECODE_WORKERS`` overrides)."""
+
 _SNAP = 1e-6  # products within this of an integer count as that integer (float error in s * fps)
-_SEEK_CHECK_OFFSETS = (0, 1, 2, 3, 5, 8)  # frames after a key frame compared by seek vs sequential
 
 
 @dataclass(frozen=True)
@@ -106,14 +167,24 @@ class VideoFrames:
 
     Attributes:
         frames: (F, H, W, 3) uint8 RGB, H x W = ``decoded_size``.
-        indices: F source frame indices (0-based, ascending).
-        timestamps_s: F timestamps, ``index / source_fps`` seconds.
+        indices: F source frame indices (0-based display positions, ascending) of the frames returned
+            (with ``seek="keyframe"``, the key frames taken instead of the sampled frames).
+        timestamps_s: F timestamps of those frames, ``index / source_fps`` seconds; for a variable-rate
+            file (a frame more than half a frame away from that) the frames' own presentation times.
         source_fps: the stream's average frame rate.
         source_num_frames: frames in the whole video.
         duration_s: ``source_num_frames / source_fps``.
         source_size: (height, width) of the video.
         decoded_size: (height, width) of ``frames`` (smaller than ``source_size`` for big videos).
         warnings: one-line notes on what differs from the request (fewer frames, clipped window, ...).
+        seek: ``"exact"`` or ``"keyframe"``, the mode asked for.
+        max_shift_s: largest |time of a frame returned - time of the frame sampled| (0.0 in exact mode).
+        decode_cost: estimates from the demux index: ``exact_frames_decoded`` and ``keyframe_frames_decoded``
+            (frames the decoder decodes in each mode: from each seek's key frame to the last frame it needs,
+            or from the start when reading forward), ``exact_seeks`` and ``keyframe_seeks``; and ``readers``,
+            the readers (threads) that decoded.
+        decoder: ``"decord"`` (decord seeks right in this file), ``"pyav"`` (seek by timestamp) or
+            ``"sequential"`` (forward from the start; the file's timestamps cannot be trusted).
     """
 
     frames: np.ndarray
@@ -125,6 +196,10 @@ class VideoFrames:
     source_size: tuple[int, int]
     decoded_size: tuple[int, int]
     warnings: list[str] = field(default_factory=list)
+    seek: str = "exact"
+    max_shift_s: float = 0.0
+    decode_cost: dict[str, int] = field(default_factory=dict)
+    decoder: str = "decord"
 
     @property
     def num_frames(self) -> int:
@@ -440,62 +515,289 @@ def _frame_rate(reader: Any, num_frames: int, path: str) -> float:
     raise VideoError(f"cannot read video {path}: the frame rate is unknown (got {fps})")
 
 
-def _seek_check_positions(key_indices: Sequence[int], num_frames: int, max_index: int) -> list[int]:
-    """Frames to compare (seek vs sequential): a few after each of the first two key frames > 0.
+# -- the demux index -------------------------------------------------------------------------------
 
-    Empty when every requested frame lies before the second key frame (no seek past a key frame).
+
+@dataclass(frozen=True)
+class StreamIndex:
+    """What one pass over a video stream's packets says, without decoding (see "The demux index").
+
+    Attributes:
+        stream: the stream's index in the container (FFmpeg's "best" video stream, the one decord reads).
+        time_base: unit of ``pts``, in seconds.
+        pts: (n,) int64 presentation timestamps in display order (ascending); frame i is ``pts[i]``.
+        decode_position: (n,) int64, position in decoding order of display frame i.
+        dts: (n,) int64 decoding timestamps in display order (``pts`` where the container gives none).
+        key_positions: display positions of the key frames, ascending.
+        open_gop: a packet after a key frame (in decoding order) is shown before it.
+        ordered: the timestamps give the display order (False: some are missing or repeated, or the codec
+            reorders frames that the packets say are in order, e.g. OpenCV's ``box.mp4``).
+        end_pts: where the last frame ends (its pts plus its duration), None when unknown.
+        width, height: the coded size the container reports (0 when unknown).
     """
-    later = [k for k in key_indices if k > 0][:2]
-    if not later or max_index < later[0]:
-        return []
-    return sorted({min(k + d, num_frames - 1) for k in later for d in _SEEK_CHECK_OFFSETS})
+
+    stream: int
+    time_base: Fraction
+    pts: np.ndarray
+    decode_position: np.ndarray
+    dts: np.ndarray
+    key_positions: list[int]
+    open_gop: bool
+    ordered: bool
+    end_pts: int | None
+    width: int = 0
+    height: int = 0
+
+    @property
+    def num_frames(self) -> int:
+        """n, the frames the decoder outputs (packets that are not empty or marked to discard)."""
+        return len(self.pts)
+
+    def seconds(self, positions: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The frames' own times in seconds from the first frame, ``(pts[i] - pts[0]) * time_base``."""
+        ticks = self.pts[np.asarray(positions, np.int64)] - self.pts[0]
+        return ticks.astype(np.float64) * (self.time_base.numerator / self.time_base.denominator)
+
+    def end_seconds(self) -> float | None:
+        """When the last frame ends, seconds from the first frame (None when unknown)."""
+        if self.end_pts is None or not self.num_frames:
+            return None
+        return float((self.end_pts - int(self.pts[0])) * self.time_base)
 
 
-def _read_forward(reader: Any, position: int, indices: Sequence[int], shape: tuple[int, int]) -> np.ndarray:
-    """Decode ascending ``indices`` with ``next()`` only, from a reader that has never sought.
+def build_index(
+    pts: Sequence[int | None],
+    dts: Sequence[int | None],
+    keys: Sequence[bool],
+    durations: Sequence[int] = (),
+    *,
+    time_base: Fraction = Fraction(1),
+    stream: int = 0,
+    reorders: bool = False,
+    width: int = 0,
+    height: int = 0,
+) -> StreamIndex:
+    """A ``StreamIndex`` from the packets of one stream in decoding order (what ``demux_index`` reads).
 
-    ``position`` is the index of the frame the reader returns next (0 for a new reader). No seek and
-    no ``skip_frames``: on the files where decord's seeking is wrong, its ``skip_frames`` and
-    ``seek(0)`` are too (measured), while a new reader read forward returns every frame in order.
-
-    Returns:
-        (F, H, W, 3) uint8.
+    ``reorders`` is the decoder's "may reorder frames" flag (``has_b_frames``); with it, packets whose
+    timestamps are strictly increasing in decoding order give ``ordered=False`` (checked further by
+    ``demux_index``, which decodes a few frames).
     """
-    out = np.empty((len(indices), shape[0], shape[1], 3), np.uint8)
+    n = len(pts)
+    complete = all(p is not None for p in pts)
+    if complete:
+        in_decode_order = np.asarray(pts, np.int64)
+    else:  # no usable timestamps: decoding order stands in for display order (ordered=False)
+        in_decode_order = np.arange(n, dtype=np.int64)
+    order = np.argsort(in_decode_order, kind="stable")
+    display_pts = in_decode_order[order]
+    unique = n < 2 or bool(np.all(np.diff(display_pts) > 0))
+    increasing = n < 2 or bool(np.all(np.diff(in_decode_order) > 0))
+    display_of = np.empty(n, np.int64)
+    display_of[order] = np.arange(n)
+    is_key = np.asarray(keys, bool).reshape(n)
+    key_positions = sorted(int(p) for p in display_of[is_key])
+    key_at = np.maximum.accumulate(np.where(is_key, np.arange(n), -1)) if n else np.zeros(0, np.int64)
+    after_key = key_at >= 0
+    open_gop = complete and bool(np.any(in_decode_order[after_key] < in_decode_order[key_at[after_key]]))
+    decode_ts = np.asarray([p if d is None else d for p, d in zip(in_decode_order.tolist(), dts, strict=True)])
+    end_pts = None
+    if complete and n:
+        last = int(order[-1])
+        step = int(durations[last]) if len(durations) == n and durations[last] else 0
+        if step <= 0 and n > 1:
+            step = int(np.median(np.diff(display_pts)))
+        end_pts = int(display_pts[-1]) + max(step, 0)
+    return StreamIndex(
+        stream=stream,
+        time_base=time_base,
+        pts=display_pts,
+        decode_position=order.astype(np.int64),
+        dts=decode_ts[order].astype(np.int64) if n else np.zeros(0, np.int64),
+        key_positions=key_positions,
+        open_gop=open_gop,
+        ordered=complete and unique and not (reorders and increasing and n > 1),
+        end_pts=end_pts,
+        width=width,
+        height=height,
+    )
+
+
+_ORDER_PROBE_FRAMES = 16  # frames decoded to tell whether a "reordering" codec really keeps packet order
+
+
+def demux_index(path: str | Path) -> StreamIndex:
+    """Read every packet of the video stream once (no decoding) and index the frames (see ``StreamIndex``).
+
+    One exception: when the decoder may reorder frames (``has_b_frames``) but the packets' timestamps
+    are strictly increasing in decoding order, the first frames are decoded to see whether the output
+    order agrees (it does not in OpenCV's ``box.mp4``, whose container has no composition offsets).
+
+    Raises:
+        VideoError: FFmpeg cannot open or read the file, or it has no video stream.
+    """
+    av = _import_av()
+    name = str(path)
+    with _av_errors(name), av.open(name) as container:
+        stream = container.streams.best("video")
+        if stream is None:
+            raise VideoError(f"cannot read video {name}: it has no video stream (or no frames)")
+        pts: list[int | None] = []
+        dts: list[int | None] = []
+        keys: list[bool] = []
+        durations: list[int] = []
+        for packet in container.demux(stream):
+            if packet.size == 0 or packet.is_discard:  # end-of-stream flush packets; edit-list cuts
+                continue
+            pts.append(packet.pts)
+            dts.append(packet.dts)
+            keys.append(packet.is_keyframe)
+            durations.append(packet.duration or 0)
+        codec = stream.codec_context
+        index = build_index(
+            pts,
+            dts,
+            keys,
+            durations,
+            time_base=stream.time_base or Fraction(1),
+            stream=stream.index,
+            reorders=bool(codec.has_b_frames),
+            width=int(codec.width or 0),
+            height=int(codec.height or 0),
+        )
+    suspicious = not index.ordered and all(p is not None for p in pts) and len(set(pts)) == len(pts)
+    if suspicious and _decoder_keeps_order(name, index.stream):  # (the only other reason it is unordered)
+        return replace(index, ordered=True)
+    return index
+
+
+def _decoder_keeps_order(name: str, stream_index: int) -> bool:
+    """Whether the first frames come out of the decoder with increasing timestamps."""
+    av = _import_av()
+    previous = None
+    with _av_errors(name), av.open(name) as container:
+        for count, frame in enumerate(container.decode(container.streams[stream_index])):
+            if frame.pts is None or (previous is not None and frame.pts <= previous):
+                return False
+            previous = frame.pts
+            if count + 1 >= _ORDER_PROBE_FRAMES:
+                break
+    return True
+
+
+# -- planning the decode ---------------------------------------------------------------------------
+
+
+def keyframe_targets(
+    indices: Sequence[int], key_positions: Sequence[int], first: int = 0, last: int | None = None
+) -> list[int]:
+    """The frames ``seek="keyframe"`` returns for the sampled ``indices`` (ascending, distinct).
+
+    Each index takes the key frame nearest to it (by display position, the earlier one on a tie) among
+    the key frames within ``first..last`` (the sampling window). Where several indices have the same
+    nearest key frame, the one closest to it takes it and the others keep their own (exact) frame; so
+    the result is ascending and never repeats a frame. Without a key frame in the window, ``indices``.
+    """
+    keys = [k for k in sorted(set(key_positions)) if first <= k and (last is None or k <= last)]
+    out = list(indices)
+    if not keys or not out:
+        return out
+    members: dict[int, list[int]] = {}
     for j, index in enumerate(indices):
-        if index < position:  # a repeated index
-            out[j] = out[j - 1]
-            continue
-        while position < index:
-            reader.next()
-            position += 1
-        out[j] = reader.next().asnumpy()
-        position += 1
+        above = bisect.bisect_left(keys, index)
+        if above < len(keys) and keys[above] == index:
+            nearest = index
+        elif above == 0:
+            nearest = keys[0]
+        elif above == len(keys) or index - keys[above - 1] <= keys[above] - index:
+            nearest = keys[above - 1]
+        else:
+            nearest = keys[above]
+        members.setdefault(nearest, []).append(j)
+    for key, group in members.items():
+        winner = min(group, key=lambda j: (abs(indices[j] - key), indices[j]))
+        out[winner] = key
     return out
 
 
-def _first_seek_error(reader: Any, position: int, positions: Sequence[int], shape: tuple[int, int]) -> int | None:
-    """Check decord's seeking on ``reader`` (which must not have sought yet) at ``positions``.
+@dataclass
+class _Run:
+    """One seek and a forward decode: from key frame ``key`` (display position; -1 for the start of the
+    file) through the packets up to decoding position ``reach``, returning the frames ``targets``."""
 
-    Reads the frames at ``positions`` forward, then again by seeking, one at a time in descending
-    order (so that each one really seeks). Returns the first position whose two decodings differ,
-    or None when all are identical.
+    key: int
+    start: int  # decoding position of the key frame (0 for the start of the file)
+    reach: int
+    targets: list[int]
+
+    @property
+    def cost(self) -> int:
+        """Frames decoded: the packets from the key frame to the last one a target needs."""
+        return self.reach - self.start + 1
+
+
+def _plan(index: StreamIndex, targets: Sequence[int]) -> list[_Run]:
+    """Seeks and forward decodes that return ``targets`` (ascending display positions).
+
+    A target is decoded from the last key frame shown at or before it. It joins the previous run
+    (no new seek) when that run already feeds the decoder its key frame (or the packet just before
+    it): decoding on is never more work than seeking back to the key frame.
     """
-    forward = _read_forward(reader, position, positions, shape)
-    for j in reversed(range(len(positions))):
-        sought = reader.get_batch([positions[j]]).asnumpy()[0]
-        if not np.array_equal(sought, forward[j]):
-            return positions[j]
-    return None
+    keys = index.key_positions
+    runs: list[_Run] = []
+    for target in targets:
+        j = bisect.bisect_right(keys, target) - 1
+        key = keys[j] if j >= 0 else -1
+        start = int(index.decode_position[key]) if key >= 0 else 0
+        need = int(index.decode_position[target])
+        if runs and runs[-1].start <= start <= runs[-1].reach + 1:
+            runs[-1].reach = max(runs[-1].reach, need)
+            runs[-1].targets.append(target)
+        else:
+            runs.append(_Run(key, start, max(need, start), [target]))
+    return runs
 
 
-def decode_workers() -> int:
-    """Readers decoding at once: ``DYCOKE_DECODE_WORKERS`` (default 1). Opt-in: FFmpeg already decodes
-    with several threads per reader, and on 2 cores extra readers gained nothing measurable (32 frames
-    of a 600-frame 360p clip with a key frame every 30 frames: 2.5-2.7 s with one reader, 2.3-2.6 s with
-    two); machines with many cores and long clips are where it may pay."""
-    configured = os.environ.get("DYCOKE_DECODE_WORKERS", "1")
-    return int(configured) if configured.isdigit() and int(configured) > 0 else 1
+def _sequential_cost(index: StreamIndex, targets: Sequence[int]) -> int:
+    """Frames decoded reading forward from the start up to the last target."""
+    return int(index.decode_position[: max(targets) + 1].max()) + 1 if targets else 0
+
+
+def _balanced(costs: Sequence[float], workers: int) -> list[list[int]]:
+    """Positions ``0..len(costs)-1`` cut into at most ``workers`` contiguous groups of similar total cost."""
+    workers = min(workers, len(costs))
+    if workers <= 1:
+        return [list(range(len(costs)))]
+    target = sum(costs) / workers
+    groups: list[list[int]] = [[]]
+    load = 0.0
+    for position, cost in enumerate(costs):
+        if groups[-1] and load + cost / 2 > target and len(groups) < workers:
+            groups.append([])
+            load = 0.0
+        groups[-1].append(position)
+        load += cost
+    return groups
+
+
+def _cpu_count() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def decode_workers(segments: int | None = None) -> int:
+    """Readers decoding at once: ``DYCOKE_DECODE_WORKERS`` when set to a positive integer, else
+    ``min(CPUs, MAX_DECODE_WORKERS)``; never more than ``segments`` (the key-frame segments or seeks
+    the sampled frames need) when given. Measured numbers are in the module docstring."""
+    configured = os.environ.get("DYCOKE_DECODE_WORKERS", "").strip()
+    if configured.isdigit() and int(configured) > 0:
+        workers = int(configured)
+    else:
+        workers = min(_cpu_count(), MAX_DECODE_WORKERS)
+    return max(1, min(workers, segments)) if segments is not None else workers
 
 
 def keyframe_chunks(indices: Sequence[int], key_indices: Sequence[int], workers: int) -> list[list[int]]:
@@ -522,28 +824,22 @@ def keyframe_chunks(indices: Sequence[int], key_indices: Sequence[int], workers:
         segment_costs[-1] = index - keys[segment] + 1
     if len(segments) < 2:
         return [list(indices)]
-    workers = min(workers, len(segments))
-    target = sum(segment_costs) / workers
-    chunks: list[list[int]] = [[]]
-    load = 0
-    for run, cost in zip(segments, segment_costs, strict=True):
-        if chunks[-1] and load + cost / 2 > target and len(chunks) < workers:
-            chunks.append([])
-            load = 0
-        chunks[-1].extend(run)
-        load += cost
-    return chunks
+    return [[i for s in group for i in segments[s]] for group in _balanced(segment_costs, workers)]
 
 
-def _read_parallel(open_reader: Any, reader: Any, chunks: list[list[int]]) -> np.ndarray:
+# -- decoding with decord --------------------------------------------------------------------------
+
+
+def _read_parallel(open_reader: Any, reader: Any | None, chunks: list[list[int]]) -> np.ndarray:
     """Decode each chunk with its own reader on its own thread (decord releases the GIL while it
-    decodes); the first chunk uses ``reader``. Frames come back in the order of the chunks."""
+    decodes); the first chunk uses ``reader`` when given, the others ``open_reader()``. Frames come
+    back in the order of the chunks."""
     if len(chunks) == 1:
-        return np.asarray(reader.get_batch(chunks[0]).asnumpy())
+        return np.asarray((reader or open_reader()).get_batch(chunks[0]).asnumpy())
 
     def decode(job: tuple[int, list[int]]) -> np.ndarray:
         number, chunk = job
-        own = reader if number == 0 else open_reader()
+        own = reader if number == 0 and reader is not None else open_reader()
         return np.asarray(own.get_batch(chunk).asnumpy())
 
     with ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="dycoke-video") as pool:
@@ -562,6 +858,166 @@ def _import_decord() -> Any:
     return decord
 
 
+# -- decoding with PyAV ----------------------------------------------------------------------------
+
+
+def _import_av() -> Any:
+    try:
+        import av
+    except ImportError as exc:  # pragma: no cover - av is a dependency
+        raise VideoError(f"reading videos needs the av (PyAV) package ({exc})") from None
+    return av  # PyAV keeps FFmpeg's log off unless the application turns it on
+
+
+@contextmanager
+def _av_errors(path: str) -> Iterator[None]:
+    """Turn PyAV's exceptions (FFmpeg errors, OSError) into a one-line VideoError."""
+    try:
+        yield
+    except (VideoError, MemoryError, _SeekFailed):
+        raise
+    except Exception as exc:  # av.error.FFmpegError and its OSError-like subclasses, ValueError, ...
+        text = str(exc).strip()
+        reason = str(getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__))
+        raise VideoError(f"cannot read video {path}: {reason[:160]}") from None
+
+
+class _SeekFailed(Exception):
+    """Seeking by timestamp did not give the frame asked for (missing, or frames out of order)."""
+
+
+def _configure_threads(stream: Any, threads: int) -> None:
+    """FFmpeg's own decoding threads for one container: frame and slice threading when it has cores."""
+    codec = stream.codec_context
+    codec.thread_count = max(1, threads)
+    codec.thread_type = "AUTO" if threads > 1 else "SLICE"
+
+
+def _rgb(frame: Any, size: tuple[int, int]) -> np.ndarray:
+    """A decoded frame as (H, W, 3) uint8 RGB at ``size`` = (H, W) (bicubic, FFmpeg's scale default)."""
+    if (frame.height, frame.width) == size:
+        return np.asarray(frame.to_ndarray(format="rgb24"))
+    return np.asarray(frame.to_ndarray(format="rgb24", width=size[1], height=size[0], interpolation="BICUBIC"))
+
+
+def _seek(
+    container: Any, stream: Any, index: StreamIndex, run: _Run, position_of: dict[int, int]
+) -> tuple[Any, Iterator[Any]]:
+    """Seek so that demuxing starts at (or before) the run's key frame.
+
+    Returns the first packet and the iterator of the ones after it. Demuxers seek by pts (Matroska)
+    or by dts (MP4, AVI): the key frame's pts is tried first, then its dts, then earlier key frames,
+    then the start of the file; a landing is accepted when the first packet is at or before the key
+    frame in decoding order (``position_of``: pts -> decoding position).
+    """
+    tries: list[int | None] = []
+    if run.key >= 0:
+        tries += [int(index.pts[run.key]), int(index.dts[run.key])]
+        earlier = [k for k in index.key_positions if k < run.key][-2:]
+        tries += [int(index.pts[k]) for k in reversed(earlier)]
+    tries.append(None)
+    for timestamp in dict.fromkeys(tries):
+        if timestamp is None:
+            container.seek(0, backward=True)  # the start, in AV_TIME_BASE units
+        else:
+            container.seek(timestamp, stream=stream, backward=True, any_frame=False)
+        packets = iter(container.demux(stream))
+        for first in packets:
+            if first.size == 0 and first.pts is None:
+                break  # end of the stream: seeking went past everything
+            if first.is_discard or first.size == 0:
+                continue
+            position = position_of.get(first.pts)
+            if timestamp is None or (position is not None and position <= run.start):
+                return first, packets
+            break
+    raise _SeekFailed(f"seeking to frame {run.targets[0]} did not land at or before its key frame")
+
+
+def _decode_runs(
+    name: str, index: StreamIndex, runs: Sequence[_Run], size: tuple[int, int], threads: int
+) -> dict[int, np.ndarray]:
+    """Decode the targets of ``runs`` with one PyAV container: per run, one seek and a forward decode
+    up to the run's last target, frames matched by pts. Returns {display position: frame}."""
+    av = _import_av()
+    out: dict[int, np.ndarray] = {}
+    with _av_errors(name), av.open(name) as container:
+        stream = container.streams[index.stream]
+        _configure_threads(stream, threads)
+        position_of = dict(zip(index.pts.tolist(), index.decode_position.tolist(), strict=True))
+        for run in runs:
+            wanted = {int(index.pts[t]): t for t in run.targets}
+            last = int(index.pts[run.targets[-1]])
+            first, packets = _seek(container, stream, index, run, position_of)
+            previous: int | None = None
+            for packet in itertools.chain([first], packets):
+                for frame in packet.decode():
+                    pts = frame.pts
+                    if pts is None or (previous is not None and pts <= previous):
+                        raise _SeekFailed(f"the decoder returned frames out of timestamp order near {previous}")
+                    previous = pts
+                    position = wanted.pop(pts, None)
+                    if position is not None:
+                        out[position] = _rgb(frame, size)
+                if not wanted or (previous is not None and previous >= last):
+                    break
+            if wanted:
+                missing = min(wanted.values())
+                raise _SeekFailed(f"frame {missing} did not come out of the decoder after seeking")
+    return out
+
+
+def _read_pyav(
+    name: str, index: StreamIndex, runs: list[_Run], size: tuple[int, int], workers: int
+) -> tuple[np.ndarray, int]:
+    """Decode the runs' targets, the runs dealt out to ``workers`` threads as contiguous groups balanced
+    by cost, each with its own container. Returns (frames in target order, readers used)."""
+    groups = _balanced([r.cost for r in runs], workers)
+    threads = max(1, _cpu_count() // len(groups))
+    jobs = [[runs[i] for i in group] for group in groups]
+    if len(jobs) == 1:
+        found = _decode_runs(name, index, jobs[0], size, threads)
+    else:
+        found = {}
+        with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="dycoke-video") as pool:
+            for part in pool.map(lambda job: _decode_runs(name, index, job, size, threads), jobs):
+                found.update(part)
+    targets = [t for r in runs for t in r.targets]
+    return np.stack([found[t] for t in targets]), len(jobs)
+
+
+def _read_sequential(name: str, index: StreamIndex, targets: Sequence[int], size: tuple[int, int]) -> np.ndarray:
+    """Decode forward from the start, the i-th frame out of the decoder being frame i (no seeking, no
+    timestamps): for files whose timestamps cannot be trusted."""
+    av = _import_av()
+    wanted = set(targets)
+    out: dict[int, np.ndarray] = {}
+    last = max(targets)
+    with _av_errors(name), av.open(name) as container:
+        stream = container.streams[index.stream]
+        _configure_threads(stream, _cpu_count())
+        for position, frame in enumerate(container.decode(stream)):
+            if position in wanted:
+                out[position] = _rgb(frame, size)
+            if position >= last:
+                break
+    if len(out) < len(wanted):
+        missing = min(wanted - out.keys())
+        raise VideoError(f"cannot read video {name}: the decoder stopped before frame {missing} (truncated file?)")
+    return np.stack([out[t] for t in targets])
+
+
+# -- read_video ------------------------------------------------------------------------------------
+
+
+def _uniform_times(index: StreamIndex, source_fps: float) -> bool:
+    """Whether every frame's own time is within half a frame of ``i / source_fps``."""
+    if not index.ordered or index.num_frames < 2:
+        return True
+    nominal = np.arange(index.num_frames) / source_fps
+    return bool(np.max(np.abs(index.seconds(np.arange(index.num_frames)) - nominal)) <= 0.5 / source_fps)
+
+
 def read_video(
     path: str | Path,
     *,
@@ -571,6 +1027,7 @@ def read_video(
     start_s: float | None = None,
     end_s: float | None = None,
     min_decode_side: int | None = DEFAULT_MIN_DECODE_SIDE,
+    seek: str = "exact",
 ) -> VideoFrames:
     """Decode the sampled frames of a video (see the module docstring for which frames and sizes).
 
@@ -581,6 +1038,9 @@ def read_video(
         max_frames: cap for ``fps`` sampling.
         start_s, end_s: time window in seconds (default: the whole video).
         min_decode_side: decode big videos downscaled to this shorter side; None for full size.
+        seek: ``"exact"`` (the sampled frames themselves, the paper's evaluation) or ``"keyframe"``
+            (for each sampled frame the nearest key frame in the window, cheaper to decode; see
+            ``keyframe_targets``).
 
     Returns:
         VideoFrames with ``frames`` of shape (F, H, W, 3), uint8 RGB.
@@ -596,6 +1056,8 @@ def read_video(
     if min_decode_side is not None:
         _check_count("min_decode_side", min_decode_side)
     _check_window(start_s, end_s)
+    if seek not in SEEK_MODES:
+        raise ConfigError(f"seek must be one of {', '.join(SEEK_MODES)}, got {seek!r}")
     name = str(path)
     file = Path(path)
     if not file.exists():
@@ -606,22 +1068,36 @@ def read_video(
 
     warnings: list[str] = []
     with _decord_errors(name, warnings):
-        probe = decord.VideoReader(name)
-        total = len(probe)
-        source_fps = _frame_rate(probe, total, name)
-        last_end = float(probe.get_frame_timestamp([total - 1])[0][1])  # from the packets' timestamps
+        probe = decord.VideoReader(name, num_threads=_cpu_count())
+        decord_total = len(probe)
+        source_fps = _frame_rate(probe, decord_total, name)
+        decord_end = float(probe.get_frame_timestamp([decord_total - 1])[0][1])
+        decord_keys = sorted(int(k) for k in probe.get_key_indices())
         try:
-            first_frame = probe.next().asnumpy()  # decord does not report the size without decoding
+            first_frame = probe.next().asnumpy()  # the size decord decodes at (and proof that it decodes)
         except StopIteration:
             raise VideoError(f"cannot read video {name}: no frame could be decoded (not a video file?)") from None
     source_size = (int(first_frame.shape[0]), int(first_frame.shape[1]))
     del first_frame
+    index = demux_index(name)
+    if index.num_frames == 0:
+        raise VideoError(f"cannot read video {name}: the video stream has no decodable frames")
+    total = index.num_frames
     duration = total / source_fps
+    exact_times = _uniform_times(index, source_fps)
 
+    def times(positions: Sequence[int]) -> list[float]:
+        if exact_times:
+            return [i / source_fps for i in positions]
+        return [float(t) for t in index.seconds(positions)]
+
+    index_end = index.end_seconds() if index.ordered else None
+    last_end = decord_end if index_end is None else index_end
     if math.isfinite(last_end) and last_end > 0 and abs(last_end - duration) > max(0.1 * duration, 2 / source_fps):
         warnings.append(
             f"variable frame rate: the frames' own timestamps end at {last_end:.3f} s, not at "
-            f"{duration:.3f} s ({total} frames at {source_fps:.3f} fps); times here assume a constant rate"
+            f"{duration:.3f} s ({total} frames at {source_fps:.3f} fps); the window and sampling assume a "
+            f"constant rate, timestamps_s are the frames' own"
         )
     first, last = frame_window(total, source_fps, start_s, end_s)
     if end_s is not None and end_s > duration + _SNAP:
@@ -643,41 +1119,79 @@ def read_video(
                 f"{where} has {len(indices)} frames, fewer than the {num_frames} requested: using all {len(indices)}"
             )
 
+    keyframe_indices = keyframe_targets(indices, index.key_positions, first, last)
+    if seek == "keyframe" and not index.ordered:
+        warnings.append("keyframe seeking needs the frames' timestamps, which this file lacks: exact frames decoded")
+        targets = list(indices)
+    else:
+        targets = keyframe_indices if seek == "keyframe" else list(indices)
+    exact_runs, keyframe_runs = _plan(index, indices), _plan(index, keyframe_indices)
+    if index.ordered:
+        runs = keyframe_runs if targets is keyframe_indices else exact_runs
+        cost = {
+            "exact_frames_decoded": sum(r.cost for r in exact_runs),
+            "keyframe_frames_decoded": sum(r.cost for r in keyframe_runs),
+            "exact_seeks": len(exact_runs),
+            "keyframe_seeks": len(keyframe_runs),
+        }
+    else:
+        sequential = _sequential_cost(index, indices)
+        cost = {"exact_frames_decoded": sequential, "keyframe_frames_decoded": sequential}
+        cost |= {"exact_seeks": 0, "keyframe_seeks": 0}
+
     decoded_size = decode_size(*source_size, min_decode_side)
+    decord_agrees = decord_total == total and decord_keys == index.key_positions
+    if index.ordered and not index.open_gop and decord_agrees:
+        decoder = "decord"
 
-    def _open() -> Any:
-        if decoded_size == source_size:
-            return decord.VideoReader(name)
-        return decord.VideoReader(name, width=decoded_size[1], height=decoded_size[0])
+        chunks = keyframe_chunks(targets, index.key_positions, decode_workers(len(runs)))
+        threads = max(1, _cpu_count() // len(chunks))  # FFmpeg's decoding threads per reader
 
-    with _decord_errors(name, warnings, capture_native=False):
-        if decoded_size == source_size:
-            reader, position = probe, 1  # the probe has read frame 0 and has not sought
-        else:
+        def _open() -> Any:
+            if decoded_size == source_size:
+                return decord.VideoReader(name, num_threads=threads)
+            return decord.VideoReader(name, width=decoded_size[1], height=decoded_size[0], num_threads=threads)
+
+        with _decord_errors(name, warnings, capture_native=False):
+            # the probe (all CPUs' threads, has not sought yet) serves when it alone reads at full size
+            reader = probe if decoded_size == source_size and len(chunks) == 1 else None
             del probe
-            reader, position = _open(), 0
-        checks = _seek_check_positions(reader.get_key_indices(), total, indices[-1])
-        bad = _first_seek_error(reader, position, checks, decoded_size) if checks else None
-        if bad is None:
-            chunks = keyframe_chunks(indices, reader.get_key_indices(), decode_workers())
             frames = _read_parallel(_open, reader, chunks)
-        else:
-            warnings.append(
-                f"decord does not seek in this video frame-accurately (frame {bad} differs): "
-                f"decoded it forward from the start up to frame {indices[-1]}"
-            )
-            del reader
-            frames = _read_forward(_open(), 0, indices, decoded_size)
-    if frames.shape != (len(indices), decoded_size[0], decoded_size[1], 3):
+        readers = len(chunks)
+    else:
+        del probe
+        read: np.ndarray | None = None
+        if index.ordered:
+            decoder = "pyav"
+            try:
+                read, readers = _read_pyav(name, index, runs, decoded_size, decode_workers(len(runs)))
+            except _SeekFailed as exc:
+                warnings.append(f"seeking by timestamp failed ({exc}): decoded forward from the start instead")
+        if read is None:
+            decoder, readers = "sequential", 1
+            if not index.ordered:
+                warnings.append(
+                    "the packets' timestamps do not give this video's display order: decoded it forward "
+                    f"from the start up to frame {targets[-1]}"
+                )
+            read = _read_sequential(name, index, targets, decoded_size)
+        frames = read
+    cost["readers"] = readers
+    if frames.shape != (len(targets), decoded_size[0], decoded_size[1], 3):
         raise VideoError(f"cannot read video {name}: decoder returned frames of shape {frames.shape}")
+    returned_times, asked_times = times(targets), times(indices)
     return VideoFrames(
         frames=frames,
-        indices=list(indices),
-        timestamps_s=[i / source_fps for i in indices],
+        indices=list(targets),
+        timestamps_s=returned_times,
         source_fps=source_fps,
         source_num_frames=total,
         duration_s=duration,
         source_size=source_size,
         decoded_size=decoded_size,
         warnings=warnings,
+        seek=seek,
+        max_shift_s=max((abs(a - b) for a, b in zip(returned_times, asked_times, strict=True)), default=0.0),
+        decode_cost=cost,
+        decoder=decoder,
     )

@@ -81,3 +81,21 @@ def test_empty_question(tmp_path: Path) -> None:
     video.write_bytes(b"x")
     code, _, err = run("ask", str(video), "   ")
     assert code == 2 and err.strip() == "Error: question must not be empty"
+
+
+def test_a_slow_exact_read_suggests_keyframe_seeking_once() -> None:
+    from types import SimpleNamespace
+
+    from cli.render import seek_hint
+
+    def report(seek: str, decode_s: float, exact: int, keyframe: int) -> SimpleNamespace:
+        cost = {"exact_frames_decoded": exact, "keyframe_frames_decoded": keyframe}
+        return SimpleNamespace(
+            video=SimpleNamespace(seek=seek, decode_cost=cost), timings_s=SimpleNamespace(video_decode=decode_s)
+        )
+
+    hint = seek_hint(report("exact", 2.5, 3000, 32))
+    assert hint is not None and "2.5 s" in hint and "--seek keyframe" in hint and "94x" in hint
+    assert seek_hint(report("exact", 0.9, 3000, 32)) is None  # fast enough
+    assert seek_hint(report("exact", 2.5, 90, 32)) is None  # under 3x cheaper
+    assert seek_hint(report("keyframe", 2.5, 3000, 32)) is None  # already asked for

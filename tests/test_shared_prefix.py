@@ -98,7 +98,8 @@ def test_shared_prefix_and_batching_answer_as_one_by_one(
 ) -> None:
     options = run(method, **kwargs)
     alone = [qa.answer(prepared, q, options) for q in QUESTIONS]
-    for share, batch in [(True, 1), (True, 3), (True, 4), (False, 3)]:
+    prepared.prefixes.clear()
+    for round_, (share, batch) in enumerate([(True, 1), (True, 3), (True, 4), (False, 3)]):
         many = qa.answer_many(prepared, QUESTIONS, options, share_prefix=share, batch_size=batch)
         for a, m in zip(alone, many, strict=True):
             assert m.token_ids == a.token_ids, (share, batch, m.question)
@@ -106,7 +107,9 @@ def test_shared_prefix_and_batching_answer_as_one_by_one(
             for key in ("pruned_step_share", "avg_visual_attended_late_layers", "decode_steps"):
                 assert m.compression.get(key) == pytest.approx(a.compression.get(key)), (key, share, batch)
         shares = share and method != "fastv"  # FastV ranks by the question: nothing to share
-        assert all((m.timings_s.shared_prefix > 0) == shares for m in many)
+        # the first shared run prefills the prefix; later ones on the same prepared video reuse it
+        assert all((m.timings_s.shared_prefix > 0) == (shares and round_ == 0) for m in many)
+    assert len(prepared.prefixes) == (0 if method == "fastv" else 1)
 
 
 def test_batches_report_as_they_complete(qa: VideoQA, prepared: PreparedVideo) -> None:
@@ -121,3 +124,29 @@ def test_batches_report_as_they_complete(qa: VideoQA, prepared: PreparedVideo) -
 def test_bad_batch_size(qa: VideoQA, prepared: PreparedVideo) -> None:
     with pytest.raises(ConfigError, match="batch size must be a positive integer, got 0"):
         qa.answer_many(prepared, QUESTIONS, run("full"), batch_size=0)
+
+
+def test_conversations_streams_per_row_and_stopping(qa: VideoQA, prepared: PreparedVideo) -> None:
+    """A conversation continues the same shared prefix; each row streams its own text; stop() ends early."""
+    options = run("dycoke", prune_layer=2)
+    talk = [("user", QUESTIONS[0]), ("assistant", "A rabbit."), ("user", QUESTIONS[1])]
+    alone = qa.answer(prepared, talk, options)
+    assert (
+        alone.question == QUESTIONS[1]
+        and alone.tokens.prompt > qa.answer(prepared, QUESTIONS[1], options).tokens.prompt
+    )
+    pieces: list[list[str]] = [[], []]
+    both = qa.answer_many(
+        prepared,
+        [talk, QUESTIONS[2]],
+        options,
+        batch_size=2,
+        on_texts=[pieces[0].append, pieces[1].append],
+    )
+    assert both[0].token_ids == alone.token_ids
+    assert ["".join(p).strip() for p in pieces] == [r.answer for r in both]
+    calls = []
+    stopped = qa.answer_many(prepared, [QUESTIONS[0]], options, stop=lambda: calls.append(1) or len(calls) >= 3)
+    assert stopped[0].tokens.generated == 3 < alone.tokens.generated
+    with pytest.raises(ConfigError, match="must end with a user turn"):
+        qa.answer_many(prepared, [[("user", "Hi"), ("assistant", "Hello")]], options)

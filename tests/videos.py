@@ -7,11 +7,14 @@ survives lossy encoding, chroma subsampling and downscaling: decoding with decor
 the index written.
 
 ``write_video`` encodes an (F, H, W, 3) uint8 RGB array with libx264 (near-lossless CRF, B-frames
-and a short GOP, so that seeking crosses key frames) or mpeg4 (low qscale) into an mp4/mkv/avi.
+and a short GOP, so that seeking crosses key frames; closed GOPs unless ``open_gop``), libx265 (open
+GOPs, its default, unless ``open_gop=False``), libvpx-vp9 or mpeg4 (low qscale) into an
+mp4/mkv/avi/webm, at a constant rate or at explicit (variable) timestamps.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -95,6 +98,14 @@ def textured_frames(n: int, height: int, width: int, *, seed: int = 0) -> np.nda
     return out
 
 
+def has_encoder(name: str) -> bool:
+    """Whether this PyAV build can encode with ``name`` (e.g. ``libx265``, ``libvpx-vp9``)."""
+    try:
+        return av.Codec(name, "w") is not None
+    except Exception:  # av.codec.codec.UnknownCodecError
+        return False
+
+
 def write_video(
     path: str | Path,
     frames: np.ndarray,
@@ -105,18 +116,25 @@ def write_video(
     gop: int = 12,
     bframes: int = 2,
     pts_step: int = 1,
+    open_gop: bool | None = None,
+    pts: Sequence[int] | None = None,
 ) -> Path:
     """Encode RGB frames into a video file.
 
     Args:
-        path: output file; the container follows the extension (.mp4, .mkv, .avi, ...).
+        path: output file; the container follows the extension (.mp4, .mkv, .avi, .webm, ...).
         frames: (F, H, W, 3) uint8 RGB, H and W even.
         fps: frame rate; pass a ``Fraction`` (e.g. ``Fraction(30000, 1001)``) for exact NTSC rates.
-        codec: ``libx264`` (CRF ``crf``, ``bframes`` B-frames, key frame every ``gop`` frames) or
-            ``mpeg4`` (qscale 2, same GOP).
+        codec: ``libx264`` / ``libx265`` (CRF ``crf``, ``bframes`` B-frames, key frame every ``gop``
+            frames, no scene-cut key frames), ``libvpx-vp9`` (CRF ``crf``, key frame every ``gop``
+            frames, no B-frames in VP9) or ``mpeg4`` (qscale 2, same GOP).
         crf, gop, bframes: encoder settings (see above).
         pts_step: frame i gets timestamp ``i * pts_step / fps``; above 1 the stream still declares
             ``fps`` but the frames are spaced wider (a variable-frame-rate-like file, e.g. in .mkv).
+        open_gop: x264/x265 open GOPs (frames after a key frame in decoding order that are shown before
+            it and reference the previous GOP); default: each encoder's own default (x264 closed, x265 open).
+        pts: explicit timestamps in units of ``1 / fps``, one per frame, increasing (variable frame rate);
+            overrides ``pts_step``.
 
     Returns:
         The path written.
@@ -125,6 +143,8 @@ def write_video(
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be (F, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+    if pts is not None and len(pts) != len(frames):
+        raise ValueError(f"{len(pts)} timestamps for {len(frames)} frames")
     rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001)
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=rate)
@@ -133,17 +153,25 @@ def write_video(
         stream.height = frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = gop
-        stream.codec_context.max_b_frames = bframes
+        if codec != "libvpx-vp9":
+            stream.codec_context.max_b_frames = bframes
         if codec == "libx264":
             # scenecut=0: key frames exactly every ``gop`` frames (the bar codes look like scene cuts)
-            stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": "scenecut=0"}
+            params = "scenecut=0" + (":open-gop=1:b-adapt=0" if open_gop else "")
+            stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": params}
+        elif codec == "libx265":
+            params = f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={bframes}:log-level=error"
+            params += "" if open_gop is None else f":open-gop={int(open_gop)}"
+            stream.options = {"crf": str(crf), "preset": "veryfast", "x265-params": params}
+        elif codec == "libvpx-vp9":
+            stream.options = {"crf": str(crf), "b": "0", "deadline": "realtime", "cpu-used": "8"}
         else:  # fixed quantiser 2 (FFmpeg's -q:v 2): qscale flag + quality in lambda units (118 per qp)
             stream.codec_context.qscale = True
             stream.codec_context.global_quality = 2 * 118
         for i, image in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            if pts_step != 1:
-                frame.pts = i * pts_step
+            if pts is not None or pts_step != 1:
+                frame.pts = int(pts[i]) if pts is not None else i * pts_step
                 frame.time_base = 1 / rate
             for packet in stream.encode(frame):
                 container.mux(packet)

@@ -8,6 +8,7 @@ with a ``DecodeTiming``; ``choose_decoder`` resolves ``auto``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,11 +85,13 @@ def decode(
     num_visual: int,
     prefix: PrefixKV | None,
     streamer: TimedTextStreamer,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[torch.Tensor, DecodeTiming]:
     """Generate for one batch ((B, S, D) ``embeds``, (B, S) mask) with ``method``'s glue installed.
 
     ``prefix``: a shared prefix's KV, expanded for the batch (into the method's own cache when it
-    brings one). Returns the (B, n) generated ids and their timing.
+    brings one). ``stop``: polled after every step; generation ends early when it returns True.
+    Returns the (B, n) generated ids and their timing.
     """
     from dycoke.decoding.generate import GenerateDecoder
     from dycoke.decoding.static import StaticGreedyDecoder
@@ -100,7 +103,7 @@ def decode(
     with method.decoding(visual_start=visual_starts, num_visual=num_visual, max_steps=steps) as own_cache:
         cache = expand_prefix(prefix, batch, into=own_cache) if prefix is not None else own_cache
         if decoder == "hf":
-            output = GenerateDecoder(model, kwargs).generate(embeds, attention_mask, streamer, cache)
+            output = GenerateDecoder(model, kwargs).generate(embeds, attention_mask, streamer, cache, stop)
         else:
             static = StaticGreedyDecoder(
                 model,
@@ -112,12 +115,12 @@ def decode(
             )
             streamer.put(None)  # the prompt, which the streamer skips
             output = static.generate(
-                embeds, attention_mask, on_tokens=streamer.put, prefix=cache, compaction=method.compaction
+                embeds, attention_mask, on_tokens=streamer.put, prefix=cache, compaction=method.compaction, stop=stop
             )
             streamer.end()
     t_end = time.perf_counter()
     first = streamer.first_token_s if streamer.first_token_s is not None else t_end - t0
     timing = DecodeTiming(
-        decoder=decoder, prefill=first, decode=streamer.decode_s, total=t_end - t0, steps=len(streamer.times) / batch
+        decoder=decoder, prefill=first, decode=streamer.decode_s, total=t_end - t0, steps=len(streamer.times)
     )
     return output, timing

@@ -101,13 +101,15 @@ class StaticGreedyDecoder:
         on_tokens: Callable[[torch.Tensor], None] | None = None,
         prefix: Any = None,
         compaction: Callable[[], Compaction | None] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
         """(B, S, D) embeddings and (B, S) padding mask -> (B, n) generated ids (n <= max_new_tokens).
 
         ``prefix``: a dynamic cache to prefill into (a method's own, e.g. FastV's), possibly already
         holding the first P slots of every row (a shared prefix); only the rest is prefilled.
         ``compaction``: asked after prefill and after the first decode step which later layers store
-        fewer prompt entries. ``on_tokens`` receives each step's (B,) tokens on the host.
+        fewer prompt entries. ``on_tokens`` receives each step's (B,) tokens on the host. ``stop()``
+        returning True ends generation after the current step.
         """
         model = self.model
         b, s = attention_mask.shape
@@ -158,7 +160,7 @@ class StaticGreedyDecoder:
             on_tokens(tokens[-1].cpu())
         with static_decoding(model, self.session):
             for step in range(1, self.max_new_tokens):
-                if bool(buffers.finished.all()):
+                if bool(buffers.finished.all()) or (stop is not None and stop()):
                     break
                 self._step(first=step == 1)
                 if step == 1:
