@@ -118,6 +118,9 @@ def ask(
         Path | None,
         typer.Option("--show-tokens", help="Write a PNG of what the method kept (frames, and DyCoke's decode steps)."),
     ] = None,
+    server: o.Server = None,
+    api_key: o.ApiKey = None,
+    upload: o.Upload = False,
 ) -> None:
     """Answer QUESTION about VIDEO; the answer streams to stdout, a summary follows on stderr."""
     try:
@@ -165,7 +168,11 @@ def ask(
         _check_video_path(video)
         if show_tokens is not None:
             _check_png_path(show_tokens)
-        if compare is not None:
+        if server:
+            if compare is not None or show_tokens is not None:
+                raise ConfigError("--compare and --show-tokens run in-process: drop --server (or DYCOKE_SERVER)")
+            report = _run_remote(video, [("user", question)], server, api_key, run_options, upload, as_json)
+        elif compare is not None:
             from dycoke.runs.compare import parse_methods
 
             methods = parse_methods(compare)
@@ -173,7 +180,8 @@ def ask(
                 video, question, model_options, run_options, methods, as_json=as_json, quiet=quiet, picture=show_tokens
             )
             return
-        report = _run_ask(video, question, model_options, run_options, as_json=as_json, picture=show_tokens)
+        else:
+            report = _run_ask(video, question, model_options, run_options, as_json=as_json, picture=show_tokens)
     except DyCokeError as exc:
         fail(exc)
     except KeyboardInterrupt:
@@ -185,6 +193,31 @@ def ask(
         from cli.render import print_summary
 
         print_summary(report)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _run_remote(
+    video: str,
+    turns: list[tuple[str, str]],
+    server: str,
+    api_key: str | None,
+    options: RunOptions,
+    upload: bool,
+    as_json: bool,
+) -> Any:
+    """Ask a running `dycoke serve`: the answer streams to stdout (unless --json); returns its report."""
+    from cli.client import ServerClient
+
+    report = ServerClient(server, api_key).ask(
+        video, turns, options, upload=upload, on_text=None if as_json else _write
+    )
+    if not as_json:
+        _write("\n")
+    return report
 
 
 def _check_video_path(video: str) -> None:
@@ -493,6 +526,115 @@ def _run_batch(
     if show:
         print_batch_summary(summary, Path(out))
     return summary
+
+
+CHAT_HELP = "/reset forgets the conversation, /method NAME switches method, /quit ends (so does Ctrl-D)"
+
+
+@app.command()
+def chat(
+    video: Annotated[str, typer.Argument(help="The video to talk about.")],
+    model: o.Model = DEFAULT_MODEL,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "auto",
+    frames: o.Frames = 32,
+    seek: o.Seek = "exact",
+    method: o.MethodName = "dycoke",
+    merge_ratio: o.MergeRatio = 0.7,
+    prune_layer: o.PruneLayer = 3,
+    prune_ratio: o.PruneRatio = 0.7,
+    max_new_tokens: o.MaxNewTokens = 256,
+    server: o.Server = None,
+    api_key: o.ApiKey = None,
+    upload: o.Upload = False,
+) -> None:
+    """Talk about VIDEO, several turns: the video is read and encoded once; each question continues the
+    conversation. In-process, or with a running `dycoke serve` (--server)."""
+    from dycoke.config import GenerationOptions, MethodOptions, VideoOptions
+
+    try:
+        model_options = ModelOptions(model=model, device=device, dtype=dtype)
+        options = RunOptions(
+            video=VideoOptions(num_frames=frames, seek=seek),
+            generation=GenerationOptions(max_new_tokens=max_new_tokens),
+            method=MethodOptions(
+                method=method,  # type: ignore[arg-type]
+                merge_ratio=merge_ratio,
+                prune_layer=prune_layer,
+                prune_ratio=prune_ratio,
+            ),
+        )
+        _check_video_path(video)
+        if server:
+            from cli.client import ServerClient
+
+            client = ServerClient(server, api_key)
+
+            def answer(turns: list[tuple[str, str]], run: RunOptions) -> Any:
+                return client.ask(video, turns, run, upload=upload, on_text=_write)
+
+        else:
+            qa, decoded, _ = _load(video, model_options, options)
+            prepared = qa.prepare(decoded, options.video)
+
+            def answer(turns: list[tuple[str, str]], run: RunOptions) -> Any:
+                run.method.check_against_model(qa.loaded.num_layers)
+                return qa.answer_many(prepared, [turns], run, on_texts=[_write])[0]
+
+        _chat_loop(answer, options)
+    except DyCokeError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        typer.echo("", err=True)
+
+
+def _chat_loop(answer: Any, options: RunOptions) -> None:
+    """Read questions from stdin until /quit or end of input; answers stream to stdout."""
+    from cli.render import console
+
+    turns: list[tuple[str, str]] = []
+    console.print(f"[dim]{CHAT_HELP}[/]", highlight=False)
+    while True:
+        sys.stderr.write("you> ")
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            sys.stderr.write("\n")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/reset":
+            turns = []
+            console.print("[dim]conversation reset[/]", highlight=False)
+            continue
+        if text.startswith("/method"):
+            name = text.removeprefix("/method").strip()
+            try:
+                options = replace(options, method=replace(options.method, method=name))  # type: ignore[arg-type]
+            except ConfigError as exc:
+                console.print(f"[red]Error:[/] {exc}", highlight=False)
+                continue
+            console.print(f"[dim]method: {name}[/]", highlight=False)
+            continue
+        if text.startswith("/"):
+            console.print(f"[dim]{CHAT_HELP}[/]", highlight=False)
+            continue
+        try:
+            report = answer([*turns, ("user", text)], options)
+        except DyCokeError as exc:
+            console.print(f"\n[red]Error:[/] {exc}", highlight=False)
+            continue
+        _write("\n")
+        turns += [("user", text), ("assistant", report.answer)]
+        t = report.timings_s
+        console.print(
+            f"[dim]{report.method} · {report.tokens.visual} visual tokens · {report.tokens.generated} tokens in "
+            f"{t.total:.2f} s[/]",
+            highlight=False,
+        )
 
 
 @app.command("make-tiny-model")

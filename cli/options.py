@@ -89,6 +89,12 @@ Compare = Annotated[
         help="Run several methods on the same frames (default full,dycoke) and compare them.",
     ),
 ]
+Server = Annotated[
+    str | None,
+    typer.Option(envvar="DYCOKE_SERVER", help="Ask a running `dycoke serve` at this URL instead of loading a model."),
+]
+ApiKey = Annotated[str | None, typer.Option(envvar="DYCOKE_API_KEY", help="The server's --api-key.")]
+Upload = Annotated[bool, typer.Option(help="With --server: send the video's bytes instead of its path.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No summary table on stderr.")]
 

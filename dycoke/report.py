@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 
@@ -137,6 +137,27 @@ class Report:
         data = asdict(replace(self, trace=None))
         del data["trace"]
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """The report ``to_dict`` gave (a server's reply, a JSON file); unknown keys are ignored."""
+
+        def known(kind: type, values: dict[str, Any]) -> dict[str, Any]:
+            names = {f.name for f in fields(kind)}
+            return {k: v for k, v in values.items() if k in names}
+
+        video = known(VideoInfo, data["video"])
+        video["source_size"] = tuple(video["source_size"])
+        video["decoded_size"] = tuple(video["decoded_size"])
+        top = known(cls, data)
+        top.update(
+            video=VideoInfo(**video),
+            tokens=TokenCounts(**known(TokenCounts, data["tokens"])),
+            timings_s=Timings(**known(Timings, data["timings_s"])),
+            memory=Memory(**known(Memory, data["memory"])),
+            trace=None,
+        )
+        return cls(**top)
 
 
 def kv_cache_bytes(text_config: Any, seq_len: int, bytes_per_value: int, batch: int = 1) -> int:

@@ -143,3 +143,25 @@ def test_in_process_calls_report_the_load_once_and_no_startup(tiny_checkpoint: P
     second = qa.ask(str(clip), "What?", num_frames=8, max_new_tokens=2)
     assert first.timings_s.load is not None and first.timings_s.load > 0 and second.timings_s.load is None
     assert first.timings_s.startup is None and first.timings_s.wall is None
+
+
+def test_chat_in_process_keeps_the_conversation_and_its_commands(tiny_checkpoint: Path, clip: Path) -> None:
+    args = ["chat", str(clip), "--model", str(tiny_checkpoint), "--device", "cpu", "--frames", "8", "-L", "2"]
+    args += ["--max-new-tokens", "4"]
+    typed = "What moves?\nAnd then?\n/method full\nWhy?\n/method nope\n/reset\nWho?\n/quit\nnot read\n"
+    result = runner.invoke(app, args, input=typed)
+    assert result.exit_code == 0, result.stderr
+    done = [line for line in result.stderr.splitlines() if "visual tokens ·" in line]
+    assert len(done) == 4  # four questions answered, the line after /quit never read
+    assert done[0].startswith("you> dycoke") and done[2].startswith("you> full")
+    assert "method must be one of" in result.stderr and "conversation reset" in result.stderr
+
+
+def test_server_options_are_checked_before_any_request(tiny_checkpoint: Path, clip: Path) -> None:
+    code, _, err = ask(tiny_checkpoint, clip, "--server", "http://127.0.0.1:9", "--compare", "full,dycoke")
+    assert (
+        code == 2
+        and err.strip() == "Error: --compare and --show-tokens run in-process: drop --server (or DYCOKE_SERVER)"
+    )
+    code, _, err = ask(tiny_checkpoint, clip, "--server", "http://127.0.0.1:9")  # nothing listens on port 9
+    assert code == 1 and err.strip().startswith("Error: cannot reach the dycoke server at http://127.0.0.1:9")

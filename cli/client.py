@@ -1,0 +1,167 @@
+"""The thin client of `dycoke serve`: one chat-completions request per question, the answer streamed.
+
+Imports httpx and the library's torch-free modules only, so `dycoke ask --server URL` starts fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import mimetypes
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dycoke.config import RunOptions, VideoOptions
+from dycoke.errors import DyCokeError
+from dycoke.prompt import Turn
+from dycoke.report import Report
+
+
+class ServerError(DyCokeError):
+    """The server answered with an error, or could not be reached."""
+
+
+# the run options a request carries as extra top-level fields (the server's names)
+_VIDEO_FIELDS = ("num_frames", "fps", "max_frames", "start_s", "end_s", "seek")
+_METHOD_FIELDS = (
+    "method",
+    "merge_ratio",
+    "prune_layer",
+    "prune_ratio",
+    "gate_threshold",
+    "gate_mode",
+    "dp_evict",
+    "fastv_layer",
+    "fastv_keep",
+    "prumerge_plus",
+    "budget_tokens",
+    "budget_ratio",
+    "budget_seed",
+)
+
+
+def video_url(video: str, upload: bool) -> str:
+    """``file://`` URL of the absolute path, or (``upload``) a ``data:`` URL carrying the bytes."""
+    path = Path(video).expanduser().resolve()
+    if not upload:
+        return path.as_uri()
+    kind = mimetypes.guess_type(path.name)[0] or "video/mp4"
+    if not kind.startswith("video/"):
+        kind = "video/mp4"
+    return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def request_body(video: str, turns: list[Turn], options: RunOptions, *, upload: bool, stream: bool) -> dict[str, Any]:
+    """The chat-completions request for a conversation about ``video`` (the video in the first turn)."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": options.prompt.system_prompt}]
+    for index, (role, text) in enumerate(turns):
+        if index == 0:
+            parts = [
+                {"type": "video_url", "video_url": {"url": video_url(video, upload)}},
+                {"type": "text", "text": text},
+            ]
+            messages.append({"role": role, "content": parts})
+        else:
+            messages.append({"role": role, "content": text})
+    gen = options.generation
+    body: dict[str, Any] = {
+        "messages": messages,
+        "stream": stream,
+        "max_tokens": gen.max_new_tokens,
+        "temperature": gen.temperature if gen.do_sample else 0,
+    }
+    if gen.do_sample:
+        body["top_p"] = gen.top_p
+    if gen.seed is not None:
+        body["seed"] = gen.seed
+    if gen.min_new_tokens:
+        body["min_new_tokens"] = gen.min_new_tokens
+    if gen.decoder != "auto":
+        body["decoder"] = gen.decoder
+    video_options, method = asdict(options.video), asdict(options.method)
+    defaults_video, defaults_method = asdict(VideoOptions()), asdict(type(options.method)())
+    body.update({k: video_options[k] for k in _VIDEO_FIELDS if video_options[k] != defaults_video[k]})
+    body.update({k: method[k] for k in _METHOD_FIELDS if method[k] != defaults_method[k]})
+    body["method"] = options.method.method
+    return body
+
+
+@dataclass
+class ServerClient:
+    """Talks to one `dycoke serve` (base URL such as http://127.0.0.1:8765)."""
+
+    url: str
+    api_key: str | None = None
+    timeout_s: float = 600.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        if self.url.endswith("/v1"):
+            self.url = self.url[: -len("/v1")]
+        if self.api_key:
+            self.headers["Authorization"] = f"Bearer {self.api_key}"
+
+    def ask(
+        self,
+        video: str,
+        turns: list[Turn],
+        options: RunOptions,
+        *,
+        upload: bool = False,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Report:
+        """Send the conversation; stream the answer to ``on_text``; return the server's full report."""
+        import httpx
+
+        body = request_body(video, turns, options, upload=upload, stream=on_text is not None)
+        try:
+            with httpx.Client(timeout=httpx.Timeout(self.timeout_s, connect=5.0)) as http:
+                if on_text is None:
+                    reply = http.post(f"{self.url}/v1/chat/completions", json=body, headers=self.headers)
+                    data = self._checked(reply)
+                    return Report.from_dict(data["dycoke"])
+                with http.stream("POST", f"{self.url}/v1/chat/completions", json=body, headers=self.headers) as reply:
+                    if reply.status_code >= 400:
+                        reply.read()
+                        self._checked(reply)
+                    report: dict[str, Any] | None = None
+                    for chunk in _events(reply.iter_lines()):
+                        for choice in chunk.get("choices", []):
+                            piece = choice.get("delta", {}).get("content")
+                            if piece:
+                                on_text(piece)
+                        if "dycoke" in chunk:
+                            report = chunk["dycoke"]
+                    if report is None:
+                        raise ServerError("the server's stream ended without its report")
+                    return Report.from_dict(report)
+        except httpx.HTTPError as exc:
+            raise ServerError(f"cannot reach the dycoke server at {self.url}: {exc}") from exc
+
+    @staticmethod
+    def _checked(reply: Any) -> dict[str, Any]:
+        try:
+            data = reply.json()
+        except ValueError:
+            data = {}
+        if reply.status_code >= 400:
+            message = (data.get("error") or {}).get("message") if isinstance(data, dict) else None
+            raise ServerError(f"the server answered {reply.status_code}: {message or reply.text[:200]}")
+        return dict(data)
+
+
+def _events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a server-sent event stream, up to ``data: [DONE]``."""
+    for line in lines:
+        if not line.startswith("data:"):
+            continue
+        payload = line[len("data:") :].strip()
+        if payload == "[DONE]":
+            return
+        event = json.loads(payload)
+        if isinstance(event, dict) and "error" in event:
+            raise ServerError(f"the server failed mid-stream: {event['error'].get('message', event['error'])}")
+        yield event
