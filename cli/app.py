@@ -528,6 +528,56 @@ def _run_batch(
     return summary
 
 
+@app.command()
+def serve(
+    model: o.Model = DEFAULT_MODEL,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "auto",
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback unless told otherwise).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+    allowed_local_media_path: Annotated[
+        list[Path] | None,
+        typer.Option(help="A folder whose videos file:// URLs may name (repeatable); none: local files refused."),
+    ] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest video a data: URL may carry.")] = 512.0,
+    cache_gb: Annotated[float, typer.Option(help="Memory for prepared videos kept between requests (0: none).")] = 4.0,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="DYCOKE_API_KEY", help="Require 'Authorization: Bearer KEY'.")
+    ] = None,
+    max_batch_size: Annotated[int, typer.Option(help="Requests on the same video answered together.")] = 8,
+    frames: Annotated[int, typer.Option("--frames", "-f", help="Frames of a request that sets none.")] = 32,
+    warmup: Annotated[bool, typer.Option(help="Answer one short question before listening (GPU only).")] = True,
+) -> None:
+    """Keep a model loaded and answer an OpenAI-compatible API: POST /v1/chat/completions with a video_url
+    part, GET /v1/models, GET /health. Stops cleanly on Ctrl-C or SIGTERM."""
+    from dycoke.config import VideoOptions
+
+    try:
+        from dycoke.server.settings import ServerSettings
+
+        settings = ServerSettings(
+            model=model,
+            device=device,
+            dtype=dtype,
+            host=host,
+            port=port,
+            allowed_local_media_paths=tuple(allowed_local_media_path or ()),
+            max_upload_mb=max_upload_mb,
+            cache_gb=cache_gb,
+            api_key=api_key,
+            max_batch_size=max_batch_size,
+            defaults=RunOptions(video=VideoOptions(num_frames=frames)),
+            warmup=warmup,
+        )
+        from dycoke.server.app import serve as run_server
+
+        run_server(settings)
+    except DyCokeError as exc:
+        fail(exc)
+    except KeyboardInterrupt:  # Ctrl-C while the model loads
+        raise typer.Exit(130) from None
+
+
 CHAT_HELP = "/reset forgets the conversation, /method NAME switches method, /quit ends (so does Ctrl-D)"
 
 

@@ -1120,24 +1120,24 @@ def read_video(
             )
 
     keyframe_indices = keyframe_targets(indices, index.key_positions, first, last)
-    if seek == "keyframe" and not index.ordered:
-        warnings.append("keyframe seeking needs the frames' timestamps, which this file lacks: exact frames decoded")
-        targets = list(indices)
-    else:
-        targets = keyframe_indices if seek == "keyframe" else list(indices)
     exact_runs, keyframe_runs = _plan(index, indices), _plan(index, keyframe_indices)
     if index.ordered:
-        runs = keyframe_runs if targets is keyframe_indices else exact_runs
         cost = {
             "exact_frames_decoded": sum(r.cost for r in exact_runs),
             "keyframe_frames_decoded": sum(r.cost for r in keyframe_runs),
             "exact_seeks": len(exact_runs),
             "keyframe_seeks": len(keyframe_runs),
         }
-    else:
+    else:  # read forward from the start in either mode
         sequential = _sequential_cost(index, indices)
         cost = {"exact_frames_decoded": sequential, "keyframe_frames_decoded": sequential}
         cost |= {"exact_seeks": 0, "keyframe_seeks": 0}
+    if seek == "keyframe" and index.ordered:
+        targets, runs = keyframe_indices, keyframe_runs
+    else:
+        targets, runs = list(indices), exact_runs
+        if seek == "keyframe":
+            warnings.append("keyframe seeking needs timestamps this file lacks: decoded the exact frames instead")
 
     decoded_size = decode_size(*source_size, min_decode_side)
     decord_agrees = decord_total == total and decord_keys == index.key_positions

@@ -529,6 +529,10 @@ def test_sample_box_seeks_inaccurately_and_is_read_forward() -> None:
     for frame, ref, index in zip(v.frames, reference, v.indices, strict=True):
         # the same frame (the two FFmpeg versions' decoders agree to within a level or two)
         assert np.abs(frame.astype(int) - ref).mean() < 0.5, index
+    # keyframe mode needs the timestamps: the exact frames, and a note
+    v = read_video(path, num_frames=3, end_s=1.0, seek="keyframe")
+    assert v.indices == [0, 14, 29] and v.max_shift_s == 0.0 and v.decoder == "sequential"
+    assert "keyframe seeking needs timestamps this file lacks: decoded the exact frames instead" in v.warnings
 
 
 def test_samples_questions_csv() -> None:
