@@ -1,0 +1,153 @@
+"""`dycoke serve` as a user meets it: the wall clock of `dycoke ask --server` from the command to its exit
+(first question on a video, then a follow-up on the same video), and the throughput of 8 concurrent
+clients against the library's batch mode (`answer_many`, the path of `dycoke batch`) at the same batch size.
+
+    python benchmarks/bench_serve.py --model DIR --video samples/bigbuckbunny.mp4 --new-tokens 64 \\
+        --out benchmarks/results/serve-h200.json
+
+DIR: a checkpoint (bench_cold.py writes real-shape random ones). The server runs as its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = [f"Question {i}: what happens in the video, and what colour is item {i}?" for i in range(32)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def timed(command: list[str]) -> float:
+    t0 = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{command} failed: {done.stderr[-1500:]}")
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--video", default="samples/bigbuckbunny.mp4")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--per-client", type=int, default=4)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    import httpx
+
+    video = str(Path(args.video).resolve())
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "cli.app", "serve", "--model", args.model, "--port", str(port)]
+    command += ["--allowed-local-media-path", str(Path(video).parent), "--max-batch-size", str(args.clients)]
+    t_start = time.perf_counter()
+    server = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    result: dict[str, Any] = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d")}
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+            if server.poll() is not None or time.perf_counter() - t_start > 300:
+                raise RuntimeError("the server did not start")
+        result["server_ready_s"] = time.perf_counter() - t_start
+        ask = [sys.executable, "-m", "cli.app", "ask", video, "", "--server", url, "-q"]
+        ask += ["--max-new-tokens", str(args.new_tokens), "--min-new-tokens", str(args.new_tokens)]
+        firsts, follows = [], []
+        for m, method in enumerate(("dycoke", "full")):
+            for i in range(2):  # a fresh video entry per round: the frame count differs, so the cache misses
+                frames = str(32 - 2 * m - i)
+                first = ask.copy()
+                first[5] = "What is the rabbit doing?"
+                firsts.append(timed([*first, "--method", method, "--frames", frames]))
+                follow = ask.copy()
+                follow[5] = "And what happens next?"
+                follows.append(timed([*follow, "--method", method, "--frames", frames]))
+            result[f"{method}_first_question_s"], result[f"{method}_follow_up_s"] = firsts[-2:], follows[-2:]
+        print(json.dumps({k: v for k, v in result.items() if k.endswith("_s")}), flush=True)
+
+        body = {
+            "max_tokens": args.new_tokens,
+            "min_new_tokens": args.new_tokens,
+            "temperature": 0,
+            "num_frames": 32,
+            "method": "dycoke",
+        }
+
+        def client(index: int, times: list[float]) -> None:
+            with httpx.Client(timeout=600) as http:
+                for k in range(args.per_client):
+                    question = QUESTIONS[(index * args.per_client + k) % len(QUESTIONS)]
+                    content = [{"type": "video_url", "video_url": {"url": Path(video).as_uri()}}]
+                    content.append({"type": "text", "text": question})
+                    reply = http.post(
+                        f"{url}/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": content}]}
+                    )
+                    reply.raise_for_status()
+                    times.append(time.perf_counter())
+
+        for round_ in ("warm-up", "measured"):
+            done: list[float] = []
+            threads = [threading.Thread(target=client, args=(i, done)) for i in range(args.clients)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            elapsed = time.perf_counter() - t0
+            if round_ == "measured":
+                result["concurrent_questions"] = len(done)
+                result["concurrent_q_per_s"] = len(done) / elapsed
+        health = httpx.get(f"{url}/health").json()
+        result["server_engine"] = health.get("engine")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        result["server_exit_code"] = server.wait(timeout=30)
+
+    sys.path.insert(0, str(ROOT))
+    from dycoke import VideoQA
+    from dycoke.config import GenerationOptions, MethodOptions, RunOptions, VideoOptions
+
+    qa = VideoQA.load(args.model)
+    options = RunOptions(
+        video=VideoOptions(num_frames=32),
+        generation=GenerationOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens),
+        method=MethodOptions(method="dycoke"),
+    )
+    total = args.clients * args.per_client
+    rates = []
+    for _ in range(2):  # warm-up, then measured
+        t0 = time.perf_counter()
+        prepared = qa.prepare(video, options.video)
+        qa.answer_many(prepared, QUESTIONS[:total], options, batch_size=args.clients)
+        rates.append(total / (time.perf_counter() - t0))
+    result["batch_mode_q_per_s"] = rates[-1]
+    result["concurrent_vs_batch"] = result["concurrent_q_per_s"] / rates[-1]
+    result["first_question_median_s"] = statistics.median(firsts)
+    result["follow_up_median_s"] = statistics.median(follows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
