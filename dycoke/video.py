@@ -31,9 +31,10 @@ The demux index. Before anything is decoded, one pass over the video stream's pa
 (``demux_index``: ``container.demux``, packets only, no decoding) gives every frame's presentation
 timestamp in display order (the sorted pts), which frames are key frames and whether GOPs are open (a
 packet that follows a key frame in decoding order but is shown before it: x265's default, x264's
-``open-gop``, MPEG-4 Part 2 with B-frames). It is fast next to any decoding: MEASURE_DEMUX. The frame
-count is the index's (packets neither empty nor cut by an edit list, i.e. what the decoder outputs;
-decord counts cut packets too: 456 instead of 455 frames for OpenCV's ``box.mp4``).
+``open-gop``, MPEG-4 Part 2 with B-frames). It is fast next to any decoding: 20-30 ms for a 60 s
+1080p25 clip (1500 packets, 21 MiB), 57 ms for 180 s (64 MiB), 110 ms for a 268 MiB minute (reading
+the file dominates). The frame count is the index's (packets neither empty nor cut by an edit list,
+i.e. what the decoder outputs; decord counts cut packets too: 456 instead of 455 frames for OpenCV's ``box.mp4``).
 
 Three decoders, chosen from the index (``VideoFrames.decoder`` says which):
 
@@ -75,7 +76,29 @@ from the index, the frames each mode decodes (``exact_frames_decoded``, ``keyfra
 for each forward pass the packets from its key frame to the last one needed) and the seeks, whatever
 the mode used, so that a caller can tell how much cheaper keyframe mode would have been.
 
-MEASURED_TABLE
+Measured on 2 CPUs shared with other jobs (so noisy: wall-clock median of 5 runs, 3 for 180 s, and the
+fastest in brackets), 32 frames at full size (``min_decode_side=None``) of 1080p25 clips made with PyAV
+(x264/x265 ``ultrafast``, CRF 23/28, smooth moving texture); "plain" is
+``decord.VideoReader(p).get_batch(np.linspace(0, n - 1, 32).astype(int))``, "before" this module's
+previous ``read_video`` (decode-and-compare seek check, then forward decoding for open GOPs):
+
+=========================================  ===========  ============  ===========  ===========  ============
+clip (decoder used)                        plain        before        exact        keyframe     frames dec.
+=========================================  ===========  ============  ===========  ===========  ============
+60 s H.264, key frame every 250 (decord)   3.58 (2.82)  6.82 (5.37)   3.73 (2.13)  2.47 (2.27)  1379 / 1283
+60 s H.264, key frame every 50 (decord)    2.17 (2.01)  3.23 (2.85)   2.07 (1.82)  1.23 (0.93)   799 /  104
+180 s H.264, key frame every 250 (decord)  7.00 (6.90)  9.24 (8.64)   5.64 (5.16)  3.53 (3.45)  3267 / 1828
+60 s H.264 open GOP, 3 B-frames (pyav)     4.47 (3.19)  11.76 (9.35)  2.77 (2.13)  2.48 (2.17)  1389 / 1293
+60 s HEVC, x265 defaults: open GOP (pyav)  6.26 (6.14)  26.7 (16.1)   4.87 (4.19)  4.81 (3.84)  1389 / 1293
+=========================================  ===========  ============  ===========  ===========  ============
+
+("frames dec.": ``decode_cost`` exact / keyframe.) With key frames every 250 frames and 32 samples most
+samples share a key frame, so keyframe mode saves little; with one every 50 it decodes 8x fewer frames.
+Plain decord happened to return the right frames of the open-GOP clips for these 32 indices (it is off
+only for the few frames just before each key frame). On these clips the PyAV path, forced on the
+closed-GOP ones, was faster than decord again (180 s exact: 4.50 s against 4.99 s, CPU 7.8 s against
+9.2 s; every-50 keyframe: 0.84 s against 1.22 s): decord stays the decoder where it is right, since its
+reduced-size frames are the reference (see below).
 
 Reduced-size decoding. The model resizes every frame to 384x384 (bicubic, antialias). A 4K or 8K
 source is not held at full size: when the shorter side exceeds ``min_decode_side`` the frames are
