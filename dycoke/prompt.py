@@ -38,14 +38,7 @@ def paper_prompt(question: str, system_prompt: str) -> str:
 
 def checkpoint_prompt(tokenizer: Tokenizer, question: str) -> str:
     """The prompt from the checkpoint's own chat template (video first, then the question)."""
-    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-    try:
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    except Exception as exc:  # transformers raises ValueError when no template exists
-        raise ModelLoadError(f"the checkpoint has no usable chat template ({exc}); use --prompt paper") from exc
-    if VIDEO_TOKEN not in str(text):
-        raise ModelLoadError("the checkpoint's chat template does not render a <video> token; use --prompt paper")
-    return str(text)
+    return checkpoint_conversation(tokenizer, [("user", question)])
 
 
 def conversation_turns(question: Question) -> list[Turn]:
@@ -94,12 +87,10 @@ def checkpoint_conversation(tokenizer: Tokenizer, turns: Sequence[Turn]) -> str:
 def render_prompt(tokenizer: Tokenizer, question: Question, options: PromptOptions) -> str:
     """The prompt text with exactly one ``<video>`` token, for one question or a conversation."""
     turns = conversation_turns(question)
-    if len(turns) == 1:
-        if options.style == "checkpoint":
-            return checkpoint_prompt(tokenizer, turns[0][1])
-        return paper_prompt(turns[0][1], options.system_prompt)
     if options.style == "checkpoint":
         return checkpoint_conversation(tokenizer, turns)
+    if len(turns) == 1:
+        return paper_prompt(turns[0][1], options.system_prompt)
     return paper_conversation(turns, options.system_prompt)
 
 
