@@ -84,9 +84,24 @@ def checkpoint_conversation(tokenizer: Tokenizer, turns: Sequence[Turn]) -> str:
     return str(text)
 
 
+CHAT_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<image>")
+
+
+def check_plain_text(tokenizer: Tokenizer, turns: Sequence[Turn]) -> None:
+    """Raise ConfigError if a turn's text holds a special token (it would be parsed as one: a question
+    could then end its own turn and write others)."""
+    specials = set(CHAT_MARKERS) | set(getattr(tokenizer, "all_special_tokens", []) or [])
+    specials.discard(VIDEO_TOKEN)  # reported by expand_video_placeholder with its own advice
+    for _, text in turns:
+        for token in specials:
+            if token and token in text:
+                raise ConfigError(f"the text must not contain the special token '{token}'")
+
+
 def render_prompt(tokenizer: Tokenizer, question: Question, options: PromptOptions) -> str:
     """The prompt text with exactly one ``<video>`` token, for one question or a conversation."""
     turns = conversation_turns(question)
+    check_plain_text(tokenizer, turns)
     if options.style == "checkpoint":
         return checkpoint_conversation(tokenizer, turns)
     if len(turns) == 1:
