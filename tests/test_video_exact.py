@@ -294,7 +294,10 @@ def test_decode_workers_default_and_override(monkeypatch: pytest.MonkeyPatch) ->
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     assert decode_workers() == min(cpus, MAX_DECODE_WORKERS)
     assert decode_workers(1) == 1
+    assert decode_workers(8, work=399) == 1  # too little work for a second reader
+    assert decode_workers(8, work=100_000) == min(cpus, MAX_DECODE_WORKERS, 8)
     monkeypatch.setenv("DYCOKE_DECODE_WORKERS", "5")
+    assert decode_workers(8, work=10) == 5  # the override wins
     assert decode_workers() == 5 and decode_workers(3) == 3
     monkeypatch.setenv("DYCOKE_DECODE_WORKERS", "zero")
     assert decode_workers() == min(cpus, MAX_DECODE_WORKERS)
