@@ -545,6 +545,9 @@ def serve(
         str | None, typer.Option(envvar="DYCOKE_API_KEY", help="Require 'Authorization: Bearer KEY'.")
     ] = None,
     max_batch_size: Annotated[int, typer.Option(help="Requests on the same video answered together.")] = 8,
+    batch_wait_ms: Annotated[
+        float, typer.Option(help="With concurrent clients, wait this long for more questions before a batch.")
+    ] = 20.0,
     frames: Annotated[int, typer.Option("--frames", "-f", help="Frames of a request that sets none.")] = 32,
     warmup: Annotated[bool, typer.Option(help="Answer one short question before listening (GPU only).")] = True,
 ) -> None:
@@ -566,6 +569,7 @@ def serve(
             cache_gb=cache_gb,
             api_key=api_key,
             max_batch_size=max_batch_size,
+            batch_wait_ms=batch_wait_ms,
             defaults=RunOptions(video=VideoOptions(num_frames=frames)),
             warmup=warmup,
         )

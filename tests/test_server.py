@@ -563,12 +563,19 @@ def test_fake_cached_answer_reports_no_preparation(fake_app: tuple[Any, FakeQA, 
     assert reports[1]["timings_s"]["video_decode"] == 0 and reports[1]["timings_s"]["total"] == 2.0
 
 
-def _engine_with_fake(tmp_path: Path, max_batch_size: int = 8) -> tuple[Any, FakeQA, Any]:
+def _engine_with_fake(tmp_path: Path, max_batch_size: int = 8, batch_wait_s: float = 0.02) -> tuple[Any, FakeQA, Any]:
     from dycoke.server.engine import Engine
     from dycoke.server.media import MediaStore, VideoSource
 
     qa = FakeQA()
-    engine = Engine(qa, MediaStore((tmp_path,), 2**20), cache_bytes=2**30, max_batch_size=max_batch_size, max_queue=64)  # type: ignore[arg-type]
+    engine = Engine(
+        qa,  # type: ignore[arg-type]
+        MediaStore((tmp_path,), 2**20),
+        cache_bytes=2**30,
+        max_batch_size=max_batch_size,
+        max_queue=64,
+        batch_wait_s=batch_wait_s,
+    )
 
     def source(name: str) -> VideoSource:
         return VideoSource(path=tmp_path / name, identity=("file", name, 1, 1), display=name)
@@ -738,3 +745,41 @@ def test_importing_the_server_does_not_import_torch() -> None:
 
     code = "import sys, dycoke.server; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_engine_waits_briefly_for_concurrent_clients_but_never_for_a_lone_one(tmp_path: Path) -> None:
+    from dycoke.config import RunOptions
+    from dycoke.server.engine import Done, Job
+
+    async def scenario() -> None:
+        engine, qa, source = _engine_with_fake(tmp_path, max_batch_size=4, batch_wait_s=2.0)
+        loop = asyncio.get_running_loop()
+
+        def job(question: str) -> Job:
+            return Job(source=source("a.mp4"), question=question, options=RunOptions(), stream=False, loop=loop)
+
+        async def done(j: Job) -> None:
+            while not isinstance(await asyncio.wait_for(j.events.get(), 10), Done):
+                pass
+
+        engine.start()
+        lone = job("alone")
+        t0 = time.monotonic()
+        engine.submit(lone)
+        await done(lone)
+        assert time.monotonic() - t0 < 1.0  # nothing ran when it came: no waiting for company
+        qa.gate = threading.Event()
+        qa.entered.clear()
+        blocker, first, second = job("first"), job("q1"), job("q2")
+        engine.submit(blocker)
+        assert await asyncio.to_thread(qa.entered.wait, 5)
+        engine.submit(first)  # arrives while a batch runs: clients are asking concurrently
+        qa.gate.set()
+        await asyncio.sleep(0.3)  # the worker has formed [q1] and waits for company
+        engine.submit(second)
+        for j in (blocker, first, second):
+            await done(j)
+        engine.close(2)
+        assert qa.batches == [["alone"], ["first"], ["q1", "q2"]]
+
+    asyncio.run(scenario())

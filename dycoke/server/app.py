@@ -295,6 +295,7 @@ def build_engine(qa: VideoQA, settings: ServerSettings) -> Engine:
         cache_bytes=settings.cache_bytes,
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
+        batch_wait_s=settings.batch_wait_ms / 1000,
     )
 
 

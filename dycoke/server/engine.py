@@ -130,9 +130,18 @@ class Engine:
     """Runs every request of the server on one ``VideoQA`` from one worker thread."""
 
     def __init__(
-        self, qa: VideoQA, media: MediaStore, *, cache_bytes: int, max_batch_size: int, max_queue: int
+        self,
+        qa: VideoQA,
+        media: MediaStore,
+        *,
+        cache_bytes: int,
+        max_batch_size: int,
+        max_queue: int,
+        batch_wait_s: float = 0.02,
     ) -> None:
         self.qa = qa
+        self.batch_wait_s = batch_wait_s
+        self._busy_arrivals = 0  # requests that arrived while a batch ran: clients are asking concurrently
         self.media = media
         self.cache = PreparedCache(cache_bytes)
         self.max_batch_size = max_batch_size
@@ -197,6 +206,8 @@ class Engine:
             if len(self._pending) + len(self._running) >= self.max_queue:
                 raise ApiError(503, f"the server is busy ({self.max_queue} requests queued); retry later", "queue_full")
             self._pending.append(job)
+            if self._running:
+                self._busy_arrivals += 1
             self._cond.notify_all()
 
     def cancel(self, job: Job) -> None:
@@ -262,15 +273,30 @@ class Engine:
             first = self._pending.popleft()
             group = [first]
             if first.batchable:
-                key = first.group_key
-                for job in list(self._pending):
-                    if len(group) >= self.max_batch_size:
+                self._gather(group)
+                # Clients asking concurrently send their next questions a few ms apart when a batch ends:
+                # wait a moment for them, so that they form one batch instead of several small ones.
+                concurrent, self._busy_arrivals = self._busy_arrivals > 0, 0
+                deadline = time.monotonic() + self.batch_wait_s
+                while concurrent and len(group) < self.max_batch_size and not self._closing:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
                         break
-                    if job.batchable and job.group_key == key:
-                        group.append(job)
-                        self._pending.remove(job)
+                    self._cond.wait(left)
+                    self._gather(group)
             self._running = group
             return group
+
+    def _gather(self, group: list[Job]) -> None:
+        """Move the waiting requests that can join ``group`` (same video and options) into it, up to the
+        batch size. The caller holds the lock."""
+        key = group[0].group_key
+        for job in list(self._pending):
+            if len(group) >= self.max_batch_size:
+                return
+            if job.batchable and job.group_key == key:
+                group.append(job)
+                self._pending.remove(job)
 
     def _answer(self, group: list[Job]) -> None:
         """Prepare the group's video (or take it from the cache), answer the group as one batch; if the

@@ -25,6 +25,8 @@ class ServerSettings:
         api_key: when set, every ``/v1`` request must send ``Authorization: Bearer <key>``.
         max_batch_size: most requests answered together (same video, same options).
         max_queue: most requests waiting or running; more get 503.
+        batch_wait_ms: when clients ask concurrently (requests came while the last batch ran), how long
+            a new batch waits for more requests on its video before it starts (0: never).
         defaults: the options of a request that sets none (its fields override these).
         warmup: answer one short question on a synthetic clip before listening (skipped on CPU).
         shutdown_timeout_s: on SIGTERM/Ctrl-C, how long running requests may finish before they are
@@ -42,6 +44,7 @@ class ServerSettings:
     api_key: str | None = None
     max_batch_size: int = 8
     max_queue: int = 256
+    batch_wait_ms: float = 20.0
     defaults: RunOptions = field(default_factory=RunOptions)
     warmup: bool = True
     shutdown_timeout_s: float = 5.0
@@ -65,6 +68,8 @@ class ServerSettings:
             raise ConfigError(f"cache-gb must be a number >= 0 (0 keeps nothing), got {self.cache_gb}")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("api-key must not be empty (leave it unset to accept every request)")
+        if not 0 <= self.batch_wait_ms <= 10_000:
+            raise ConfigError(f"batch-wait-ms must be in [0, 10000], got {self.batch_wait_ms}")
         if isinstance(self.max_batch_size, bool) or self.max_batch_size < 1:
             raise ConfigError(f"max-batch-size must be a positive integer, got {self.max_batch_size}")
         if isinstance(self.max_queue, bool) or self.max_queue < 1:
