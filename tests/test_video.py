@@ -21,14 +21,13 @@ import pytest
 from dycoke.errors import ConfigError, DyCokeError, VideoError
 from dycoke.video import (
     DEFAULT_MIN_DECODE_SIDE,
-    _decord_errors,
-    _native_stderr,
     decode_size,
     fps_indices,
     frame_window,
     read_video,
     uniform_indices,
 )
+from dycoke.video.native import _decord_errors, _native_stderr
 from tests.videos import frame_number, numbered_frames, textured_frames, write_numbered_video, write_video
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"

@@ -19,8 +19,6 @@ import pytest
 from dycoke.errors import ConfigError
 from dycoke.video import (
     MAX_DECODE_WORKERS,
-    _plan,
-    _read_pyav,
     build_index,
     decode_size,
     decode_workers,
@@ -29,6 +27,8 @@ from dycoke.video import (
     read_video,
     uniform_indices,
 )
+from dycoke.video.plan import _plan
+from dycoke.video.readers import _read_pyav
 from tests.videos import frame_number, has_encoder, numbered_frames, write_video
 
 # variable frame rate: 40 frames 1, 2 or 3 ticks of 1/25 s apart (drawn once, fixed)
@@ -218,7 +218,7 @@ def test_pyav_reduced_size_is_close_to_decord(clips: dict[str, Reference]) -> No
 def test_failed_seek_falls_back_to_reading_forward(
     clips: dict[str, Reference], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import dycoke.video as video
+    import dycoke.video.readers as video
 
     def fail(*args: object) -> None:
         raise video._SeekFailed("frame 13 did not come out of the decoder after seeking")

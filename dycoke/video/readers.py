@@ -1,0 +1,159 @@
+"""Decoding the planned frames: decord readers in parallel, PyAV seeking by timestamp, or forward from
+the start."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from dycoke.errors import VideoError
+from dycoke.video.index import StreamIndex
+from dycoke.video.native import _av_errors, _import_av, _SeekFailed
+from dycoke.video.plan import _balanced, _cpu_count, _Run
+
+# -- decoding with decord --------------------------------------------------------------------------
+
+
+def _read_parallel(open_reader: Any, reader: Any | None, chunks: list[list[int]]) -> np.ndarray:
+    """Decode each chunk with its own reader on its own thread (decord releases the GIL while it
+    decodes); the first chunk uses ``reader`` when given, the others ``open_reader()``. Frames come
+    back in the order of the chunks."""
+    if len(chunks) == 1:
+        return np.asarray((reader or open_reader()).get_batch(chunks[0]).asnumpy())
+
+    def decode(job: tuple[int, list[int]]) -> np.ndarray:
+        number, chunk = job
+        own = reader if number == 0 and reader is not None else open_reader()
+        return np.asarray(own.get_batch(chunk).asnumpy())
+
+    with ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="dycoke-video") as pool:
+        parts = list(pool.map(decode, enumerate(chunks)))
+    return np.concatenate(parts)
+
+
+# -- decoding with PyAV ----------------------------------------------------------------------------
+
+
+def _configure_threads(stream: Any, threads: int) -> None:
+    """FFmpeg's own decoding threads for one container: frame and slice threading when it has cores."""
+    codec = stream.codec_context
+    codec.thread_count = max(1, threads)
+    codec.thread_type = "AUTO" if threads > 1 else "SLICE"
+
+
+def _rgb(frame: Any, size: tuple[int, int]) -> np.ndarray:
+    """A decoded frame as (H, W, 3) uint8 RGB at ``size`` = (H, W) (bicubic, FFmpeg's scale default)."""
+    if (frame.height, frame.width) == size:
+        return np.asarray(frame.to_ndarray(format="rgb24"))
+    return np.asarray(frame.to_ndarray(format="rgb24", width=size[1], height=size[0], interpolation="BICUBIC"))
+
+
+def _seek(
+    container: Any, stream: Any, index: StreamIndex, run: _Run, position_of: dict[int, int]
+) -> tuple[Any, Iterator[Any]]:
+    """Seek so that demuxing starts at (or before) the run's key frame.
+
+    Returns the first packet and the iterator of the ones after it. Demuxers seek by pts (Matroska)
+    or by dts (MP4, AVI): the key frame's pts is tried first, then its dts, then earlier key frames,
+    then the start of the file; a landing is accepted when the first packet is at or before the key
+    frame in decoding order (``position_of``: pts -> decoding position).
+    """
+    tries: list[int | None] = []
+    if run.key >= 0:
+        tries += [int(index.pts[run.key]), int(index.dts[run.key])]
+        earlier = [k for k in index.key_positions if k < run.key][-2:]
+        tries += [int(index.pts[k]) for k in reversed(earlier)]
+    tries.append(None)
+    for timestamp in dict.fromkeys(tries):
+        if timestamp is None:
+            container.seek(0, backward=True)  # the start, in AV_TIME_BASE units
+        else:
+            container.seek(timestamp, stream=stream, backward=True, any_frame=False)
+        packets = iter(container.demux(stream))
+        for first in packets:
+            if first.size == 0 and first.pts is None:
+                break  # end of the stream: seeking went past everything
+            if first.is_discard or first.size == 0:
+                continue
+            position = position_of.get(first.pts)
+            if timestamp is None or (position is not None and position <= run.start):
+                return first, packets
+            break
+    raise _SeekFailed(f"seeking to frame {run.targets[0]} did not land at or before its key frame")
+
+
+def _decode_runs(
+    name: str, index: StreamIndex, runs: Sequence[_Run], size: tuple[int, int], threads: int
+) -> dict[int, np.ndarray]:
+    """Decode the targets of ``runs`` with one PyAV container: per run, one seek and a forward decode
+    up to the run's last target, frames matched by pts. Returns {display position: frame}."""
+    av = _import_av()
+    out: dict[int, np.ndarray] = {}
+    with _av_errors(name), av.open(name) as container:
+        stream = container.streams[index.stream]
+        _configure_threads(stream, threads)
+        position_of = dict(zip(index.pts.tolist(), index.decode_position.tolist(), strict=True))
+        for run in runs:
+            wanted = {int(index.pts[t]): t for t in run.targets}
+            last = int(index.pts[run.targets[-1]])
+            first, packets = _seek(container, stream, index, run, position_of)
+            previous: int | None = None
+            for packet in itertools.chain([first], packets):
+                for frame in packet.decode():
+                    pts = frame.pts
+                    if pts is None or (previous is not None and pts <= previous):
+                        raise _SeekFailed(f"the decoder returned frames out of timestamp order near {previous}")
+                    previous = pts
+                    position = wanted.pop(pts, None)
+                    if position is not None:
+                        out[position] = _rgb(frame, size)
+                if not wanted or (previous is not None and previous >= last):
+                    break
+            if wanted:
+                missing = min(wanted.values())
+                raise _SeekFailed(f"frame {missing} did not come out of the decoder after seeking")
+    return out
+
+
+def _read_pyav(
+    name: str, index: StreamIndex, runs: list[_Run], size: tuple[int, int], workers: int
+) -> tuple[np.ndarray, int]:
+    """Decode the runs' targets, the runs dealt out to ``workers`` threads as contiguous groups balanced
+    by cost, each with its own container. Returns (frames in target order, readers used)."""
+    groups = _balanced([r.cost for r in runs], workers)
+    threads = max(1, _cpu_count() // len(groups))
+    jobs = [[runs[i] for i in group] for group in groups]
+    if len(jobs) == 1:
+        found = _decode_runs(name, index, jobs[0], size, threads)
+    else:
+        found = {}
+        with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="dycoke-video") as pool:
+            for part in pool.map(lambda job: _decode_runs(name, index, job, size, threads), jobs):
+                found.update(part)
+    targets = [t for r in runs for t in r.targets]
+    return np.stack([found[t] for t in targets]), len(jobs)
+
+
+def _read_sequential(name: str, index: StreamIndex, targets: Sequence[int], size: tuple[int, int]) -> np.ndarray:
+    """Decode forward from the start, the i-th frame out of the decoder being frame i (no seeking, no
+    timestamps): for files whose timestamps cannot be trusted."""
+    av = _import_av()
+    wanted = set(targets)
+    out: dict[int, np.ndarray] = {}
+    last = max(targets)
+    with _av_errors(name), av.open(name) as container:
+        stream = container.streams[index.stream]
+        _configure_threads(stream, _cpu_count())
+        for position, frame in enumerate(container.decode(stream)):
+            if position in wanted:
+                out[position] = _rgb(frame, size)
+            if position >= last:
+                break
+    if len(out) < len(wanted):
+        missing = min(wanted - out.keys())
+        raise VideoError(f"cannot read video {name}: the decoder stopped before frame {missing} (truncated file?)")
+    return np.stack([out[t] for t in targets])
