@@ -12,11 +12,13 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 
 from cli import options as o
+from cli import serving
+from cli.common import EXIT_SOME_FAILED, check_video_path, fail, load_for_video, process_start
 from dycoke import __version__
 from dycoke.config import DEFAULT_MODEL, PAPER_SYSTEM_PROMPT, ModelOptions, RunOptions
 from dycoke.errors import ConfigError, DyCokeError
@@ -29,26 +31,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-
-EXIT_USAGE = 2
-_IMPORTED_AT = time.time()
-
-
-def process_start() -> float:
-    """When this process started (seconds since the epoch): the origin of ``startup`` and ``wall``."""
-    try:
-        import psutil
-
-        return float(psutil.Process().create_time())
-    except Exception:  # no psutil or no /proc: the CLI module's import is the next best origin
-        return _IMPORTED_AT
-
-
-def fail(exc: Exception) -> NoReturn:
-    """Print one ``Error: ...`` line on stderr and exit: 2 for bad option values, 1 otherwise."""
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(EXIT_USAGE if isinstance(exc, ConfigError) else 1)
 
 
 def version_callback(value: bool) -> None:
@@ -65,9 +47,6 @@ def root(
     ] = False,
 ) -> None:
     """Ask questions about videos with LLaVA-OneVision, made fast with DyCoke token compression."""
-
-
-EXIT_SOME_FAILED = 3
 
 
 @app.command()
@@ -165,13 +144,13 @@ def ask(
         )
         if not question.strip():
             raise ConfigError("question must not be empty")
-        _check_video_path(video)
+        check_video_path(video)
         if show_tokens is not None:
             _check_png_path(show_tokens)
         if server:
             if compare is not None or show_tokens is not None:
                 raise ConfigError("--compare and --show-tokens run in-process: drop --server (or DYCOKE_SERVER)")
-            report = _run_remote(video, [("user", question)], server, api_key, run_options, upload, as_json)
+            report = serving.run_remote(video, [("user", question)], server, api_key, run_options, upload, as_json)
         elif compare is not None:
             from dycoke.runs.compare import parse_methods
 
@@ -195,42 +174,6 @@ def ask(
         print_summary(report)
 
 
-def _write(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
-
-def _run_remote(
-    video: str,
-    turns: list[tuple[str, str]],
-    server: str,
-    api_key: str | None,
-    options: RunOptions,
-    upload: bool,
-    as_json: bool,
-) -> Any:
-    """Ask a running `dycoke serve`: the answer streams to stdout (unless --json); returns its report."""
-    from cli.client import ServerClient
-
-    report = ServerClient(server, api_key).ask(
-        video, turns, options, upload=upload, on_text=None if as_json else _write
-    )
-    if not as_json:
-        _write("\n")
-    return report
-
-
-def _check_video_path(video: str) -> None:
-    """Cheap checks before any heavy import, so a typo is reported at once."""
-    from dycoke.errors import VideoError
-
-    path = Path(video)
-    if not path.exists():
-        raise VideoError(f"video not found: {video}")
-    if path.is_dir():
-        raise VideoError(f"video path is a directory, not a file: {video}")
-
-
 def _check_png_path(path: Path) -> None:
     if path.suffix.lower() != ".png":
         raise ConfigError(f"show-tokens must name a .png file, got '{path.name}'")
@@ -249,7 +192,7 @@ def _run_ask(
 ) -> Any:
     from cli.render import console
 
-    qa, decoded, startup = _load(video, model_options, options)
+    qa, decoded, startup = load_for_video(video, model_options, options)
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -270,33 +213,6 @@ def _run_ask(
     return report
 
 
-def _load(video: str, model_options: ModelOptions, options: RunOptions) -> tuple[Any, Any, float]:
-    """Decode the video on a thread while torch is imported and the model loads; a bad file fails before
-    the model loads. Returns the model, the decoded video and the start-up seconds (process start to the
-    model load: imports, CUDA initialisation)."""
-    from cli.render import loading, warn_random_weights
-    from dycoke.reading import start_reading
-
-    reading = start_reading(video, options.video)
-    with loading(f"Loading {model_options.model}"):
-        import torch
-
-        from dycoke.pipeline import VideoQA
-
-        if reading.done():
-            reading.result()  # raises the video's error before any loading
-        if model_options.device != "cpu" and model_options.device != "mps" and torch.cuda.is_available():
-            torch.cuda.init()
-        startup = time.time() - process_start()
-        qa = VideoQA.load(model_options)
-    with loading(f"Reading {video}"):
-        decoded = reading.result()
-    options.method.check_against_model(qa.loaded.num_layers)
-    if qa.loaded.random_weights:
-        warn_random_weights(qa.loaded.source)
-    return qa, decoded, startup
-
-
 def _run_compare(
     video: str,
     question: str,
@@ -311,7 +227,7 @@ def _run_compare(
     from cli.render import console, loading, print_comparison
     from dycoke.runs.compare import compare
 
-    qa, decoded, startup = _load(video, model_options, options)
+    qa, decoded, startup = load_for_video(video, model_options, options)
     with loading(f"Comparing {', '.join(methods)}"):
         result = compare(qa, decoded, question, options, methods, record=picture is not None)
     for report in result.reports.values():
@@ -528,167 +444,8 @@ def _run_batch(
     return summary
 
 
-@app.command()
-def serve(
-    model: o.Model = DEFAULT_MODEL,
-    device: o.Device = "auto",
-    dtype: o.Dtype = "auto",
-    host: Annotated[str, typer.Option(help="Address to listen on (loopback unless told otherwise).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
-    allowed_local_media_path: Annotated[
-        list[Path] | None,
-        typer.Option(help="A folder whose videos file:// URLs may name (repeatable); none: local files refused."),
-    ] = None,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest video a data: URL may carry.")] = 512.0,
-    cache_gb: Annotated[float, typer.Option(help="Memory for prepared videos kept between requests (0: none).")] = 4.0,
-    api_key: Annotated[
-        str | None, typer.Option(envvar="DYCOKE_API_KEY", help="Require 'Authorization: Bearer KEY'.")
-    ] = None,
-    max_batch_size: Annotated[int, typer.Option(help="Requests on the same video answered together.")] = 8,
-    batch_wait_ms: Annotated[
-        float, typer.Option(help="With concurrent clients, wait this long for more questions before a batch.")
-    ] = 20.0,
-    frames: Annotated[int, typer.Option("--frames", "-f", help="Frames of a request that sets none.")] = 32,
-    warmup: Annotated[bool, typer.Option(help="Answer one short question before listening (GPU only).")] = True,
-) -> None:
-    """Keep a model loaded and answer an OpenAI-compatible API: POST /v1/chat/completions with a video_url
-    part, GET /v1/models, GET /health. Stops cleanly on Ctrl-C or SIGTERM."""
-    from dycoke.config import VideoOptions
-
-    try:
-        from dycoke.server.settings import ServerSettings
-
-        settings = ServerSettings(
-            model=model,
-            device=device,
-            dtype=dtype,
-            host=host,
-            port=port,
-            allowed_local_media_paths=tuple(allowed_local_media_path or ()),
-            max_upload_mb=max_upload_mb,
-            cache_gb=cache_gb,
-            api_key=api_key,
-            max_batch_size=max_batch_size,
-            batch_wait_ms=batch_wait_ms,
-            defaults=RunOptions(video=VideoOptions(num_frames=frames)),
-            warmup=warmup,
-        )
-        from dycoke.server.app import serve as run_server
-
-        run_server(settings)
-    except DyCokeError as exc:
-        fail(exc)
-    except KeyboardInterrupt:  # Ctrl-C while the model loads
-        raise typer.Exit(130) from None
-
-
-CHAT_HELP = "/reset forgets the conversation, /method NAME switches method, /quit ends (so does Ctrl-D)"
-
-
-@app.command()
-def chat(
-    video: Annotated[str, typer.Argument(help="The video to talk about.")],
-    model: o.Model = DEFAULT_MODEL,
-    device: o.Device = "auto",
-    dtype: o.Dtype = "auto",
-    frames: o.Frames = 32,
-    seek: o.Seek = "exact",
-    method: o.MethodName = "dycoke",
-    merge_ratio: o.MergeRatio = 0.7,
-    prune_layer: o.PruneLayer = 3,
-    prune_ratio: o.PruneRatio = 0.7,
-    max_new_tokens: o.MaxNewTokens = 256,
-    server: o.Server = None,
-    api_key: o.ApiKey = None,
-    upload: o.Upload = False,
-) -> None:
-    """Talk about VIDEO, several turns: the video is read and encoded once; each question continues the
-    conversation. In-process, or with a running `dycoke serve` (--server)."""
-    from dycoke.config import GenerationOptions, MethodOptions, VideoOptions
-
-    try:
-        model_options = ModelOptions(model=model, device=device, dtype=dtype)
-        options = RunOptions(
-            video=VideoOptions(num_frames=frames, seek=seek),
-            generation=GenerationOptions(max_new_tokens=max_new_tokens),
-            method=MethodOptions(
-                method=method,  # type: ignore[arg-type]
-                merge_ratio=merge_ratio,
-                prune_layer=prune_layer,
-                prune_ratio=prune_ratio,
-            ),
-        )
-        _check_video_path(video)
-        if server:
-            from cli.client import ServerClient
-
-            client = ServerClient(server, api_key)
-
-            def answer(turns: list[tuple[str, str]], run: RunOptions) -> Any:
-                return client.ask(video, turns, run, upload=upload, on_text=_write)
-
-        else:
-            qa, decoded, _ = _load(video, model_options, options)
-            prepared = qa.prepare(decoded, options.video)
-
-            def answer(turns: list[tuple[str, str]], run: RunOptions) -> Any:
-                run.method.check_against_model(qa.loaded.num_layers)
-                return qa.answer_many(prepared, [turns], run, on_texts=[_write])[0]
-
-        _chat_loop(answer, options)
-    except DyCokeError as exc:
-        fail(exc)
-    except KeyboardInterrupt:
-        typer.echo("", err=True)
-
-
-def _chat_loop(answer: Any, options: RunOptions) -> None:
-    """Read questions from stdin until /quit or end of input; answers stream to stdout."""
-    from cli.render import console
-
-    turns: list[tuple[str, str]] = []
-    console.print(f"[dim]{CHAT_HELP}[/]", highlight=False)
-    while True:
-        sys.stderr.write("you> ")
-        sys.stderr.flush()
-        line = sys.stdin.readline()
-        if not line:
-            sys.stderr.write("\n")
-            return
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/quit", "/exit"):
-            return
-        if text == "/reset":
-            turns = []
-            console.print("[dim]conversation reset[/]", highlight=False)
-            continue
-        if text.startswith("/method"):
-            name = text.removeprefix("/method").strip()
-            try:
-                options = replace(options, method=replace(options.method, method=name))  # type: ignore[arg-type]
-            except ConfigError as exc:
-                console.print(f"[red]Error:[/] {exc}", highlight=False)
-                continue
-            console.print(f"[dim]method: {name}[/]", highlight=False)
-            continue
-        if text.startswith("/"):
-            console.print(f"[dim]{CHAT_HELP}[/]", highlight=False)
-            continue
-        try:
-            report = answer([*turns, ("user", text)], options)
-        except DyCokeError as exc:
-            console.print(f"\n[red]Error:[/] {exc}", highlight=False)
-            continue
-        _write("\n")
-        turns += [("user", text), ("assistant", report.answer)]
-        t = report.timings_s
-        console.print(
-            f"[dim]{report.method} · {report.tokens.visual} visual tokens · {report.tokens.generated} tokens in "
-            f"{t.total:.2f} s[/]",
-            highlight=False,
-        )
+app.command()(serving.serve)
+app.command()(serving.chat)
 
 
 @app.command("make-tiny-model")
