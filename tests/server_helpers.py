@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m dycoke.server`` in a child process, its output in ``log``."""
+    """``dycoke serve`` in a child process, its output in ``log``."""
 
     def __init__(self, model: Path, log: Path, *args: str, api_key: str | None = None) -> None:
         self.port = free_port()
@@ -38,7 +38,8 @@ class ServerProcess:
         command = [
             sys.executable,
             "-m",
-            "dycoke.server",
+            "cli.app",
+            "serve",
             "--model",
             str(model),
             "--host",

@@ -5,8 +5,8 @@
 
 Clients use any OpenAI client: the video is a ``video_url`` content part (``file://`` under an allowed
 folder, or ``data:video/mp4;base64,...``), DyCoke's options go in the request body (``extra_body``),
-and every answer carries the run's report in a ``dycoke`` field. ``python -m dycoke.server --help``
-starts one without the command line's other commands.
+and every answer carries the run's report in a ``dycoke`` field. The command is ``dycoke serve``
+(``cli/serving.py``).
 
 Importing this package loads the web framework but not torch: the model loads in ``serve``.
 """
