@@ -83,6 +83,26 @@ def masked_decode_attention(
     return out.transpose(1, 2), None
 
 
+def take_slots(tensor: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, S, d) keys or values -> (B, Hkv, S', d): the entries at (B, S') ``slots`` of each row."""
+    index = slots.to(tensor.device)[:, None, :, None]
+    return tensor.gather(2, index.expand(-1, tensor.shape[1], -1, tensor.shape[3]))
+
+
+def compacted_key_slots(slots: torch.Tensor, prompt_length: int, kv_length: int) -> torch.Tensor:
+    """The cache slot each entry of a compacted layer stands for: the (B, S') prompt ``slots`` it kept,
+    then every slot from ``prompt_length`` on; (B, kv_length)."""
+    b, kept = slots.shape
+    later = torch.arange(prompt_length, prompt_length + kv_length - kept, device=slots.device)
+    return torch.cat([slots, later.expand(b, -1)], dim=1)
+
+
+def mask_at_slots(mask: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
+    """(B, 1, q, S_all) boolean mask over every slot -> (B, 1, q, S'') at (B, S'') ``key_slots``."""
+    index = key_slots.to(mask.device)[:, None, None, :]
+    return mask.to(torch.bool).gather(3, index.expand(-1, mask.shape[1], mask.shape[2], -1))
+
+
 def compacted_mask(
     slots: torch.Tensor, prompt_length: int, attention_mask: torch.Tensor | None, query: torch.Tensor, kv_length: int
 ) -> torch.Tensor | None:
@@ -92,14 +112,11 @@ def compacted_mask(
     (B, 1, q, S_all) boolean mask over every slot, or None (causal, no padding). Returns
     (B, 1, q, kv_length) boolean, or None where nothing is hidden (one query, no padding).
     """
-    slots = slots.to(query.device)
+    key_slots = compacted_key_slots(slots.to(query.device), prompt_length, kv_length)
     b, kept = slots.shape
-    later = torch.arange(prompt_length, prompt_length + kv_length - kept, device=query.device)
-    key_slots = torch.cat([slots, later.expand(b, -1)], dim=1)  # (B, kv_length)
     q_len = query.shape[2]
     if attention_mask is not None:
-        index = key_slots[:, None, None, :].expand(-1, attention_mask.shape[1], attention_mask.shape[2], -1)
-        return attention_mask.to(torch.bool).gather(3, index)
+        return mask_at_slots(attention_mask, key_slots)
     if q_len > 1:
         total = prompt_length + kv_length - kept
         query_slots = torch.arange(total - q_len, total, device=query.device)
@@ -141,8 +158,7 @@ class DecodeSession:
             allowed = attention_mask.to(query.device, torch.bool)
             if allowed.shape[-1] != kv_length:
                 assert self.compacted is not None and self.compacted.shape[-1] == kv_length
-                index = self.compacted.to(query.device)[:, None, None, :]
-                allowed = allowed.gather(3, index.expand(-1, allowed.shape[1], allowed.shape[2], -1))
+                allowed = mask_at_slots(allowed, self.compacted)
             bias = additive_bias(allowed, query.dtype)
             self.biases[key] = bias
         return bias

@@ -32,7 +32,7 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-from dycoke.attention import DecodeSession, static_decoding
+from dycoke.attention import DecodeSession, compacted_key_slots, static_decoding, take_slots
 from dycoke.decoding.prefix import CACHE_ARGUMENT
 from dycoke.methods.base import Compaction
 
@@ -178,18 +178,15 @@ class StaticGreedyDecoder:
         if plan is None or self.compacted_from is not None:
             return
         s, length = self.prompt_length, self.length
-        slots = plan.slots.to(self.buffers.mask.device if self.buffers is not None else plan.slots.device)
-        b, kept = slots.shape
-        later = torch.arange(s, length, device=slots.device).expand(b, -1)
-        self.session.compacted = torch.cat([slots, later], dim=1)  # (B, S' + max_new)
+        kept = plan.slots.shape[1]
+        compacted_length = kept + length - s
+        self.session.compacted = compacted_key_slots(plan.slots, s, compacted_length)  # (B, S' + max_new)
         if filled:
-            index = torch.cat([slots, later[:, :1]], dim=1)  # the survivors, then the first decode token
+            index = self.session.compacted[:, : kept + 1]  # the survivors, then the first decode token
             for layer_idx in range(plan.first_layer, len(self.cache.layers)):
                 layer: Any = self.cache.layers[layer_idx]
-                gather = index.to(layer.keys.device)[:, None, :, None]
-                keys = layer.keys.gather(2, gather.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
-                values = layer.values.gather(2, gather.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
-                self.cache.layers[layer_idx] = _filled_layer(keys, values, kept + length - s)
+                keys, values = take_slots(layer.keys, index), take_slots(layer.values, index)
+                self.cache.layers[layer_idx] = _filled_layer(keys, values, compacted_length)
         self.compacted_from = plan.first_layer
 
     def _choose(self, logits: torch.Tensor) -> None:

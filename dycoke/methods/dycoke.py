@@ -30,6 +30,7 @@ from dycoke.attention import (
     language_model_of,
     masked_decode_attention,
     register_attention,
+    take_slots,
 )
 from dycoke.compress.kv_prune import PruneState, head_mean_attention, keep_count, surviving_slots
 from dycoke.compress.ttm import MergeResult, temporal_token_merge_with_positions, ttm_token_count
@@ -100,9 +101,7 @@ class EvictingCache(DynamicCache):
         slots = self.eviction.slots
         if layer_idx >= self.prune_layer and slots is not None and layer_idx not in self.compacted:
             layer: Any = self.layers[layer_idx]  # a DynamicLayer: keys/values (B, Hkv, S, d)
-            keys = layer.keys
-            index = slots.to(keys.device)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
-            layer.keys, layer.values = keys.gather(2, index), layer.values.gather(2, index)
+            layer.keys, layer.values = take_slots(layer.keys, slots), take_slots(layer.values, slots)
             self.compacted.add(layer_idx)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 

@@ -26,6 +26,7 @@ from dycoke.attention import (
     installed_attention,
     language_model_of,
     register_attention,
+    take_slots,
 )
 from dycoke.compress.fastv import fastv_keep_count, kept_slots
 from dycoke.compress.kv_prune import head_mean_attention
@@ -125,9 +126,7 @@ class FastVCache(DynamicCache):
     ) -> Any:
         slots = self.session.slots
         if layer_idx >= self.session.layer and key_states.shape[2] > 1 and slots is not None:
-            index = slots.to(key_states.device)[:, None, :, None]
-            index = index.expand(-1, key_states.shape[1], -1, key_states.shape[3])
-            key_states, value_states = key_states.gather(2, index), value_states.gather(2, index)
+            key_states, value_states = take_slots(key_states, slots), take_slots(value_states, slots)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
