@@ -8,7 +8,7 @@ so that several questions or methods can share one decoded and encoded video.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
@@ -151,7 +151,9 @@ class VideoQA:
             _sync(loaded.device)
         return visual, visual_tokens
 
-    def prompt_rows(self, questions: list[Question], options: RunOptions, num_visual: int, share: bool) -> PromptRows:
+    def prompt_rows(
+        self, questions: Sequence[Question], options: RunOptions, num_visual: int, share: bool
+    ) -> PromptRows:
         """Tokenised prompts with the video placeholder run set to ``num_visual``; the length of the
         part every row shares (system prompt + video) when ``share`` and the template allows it."""
         tokenizer, video_token = self.loaded.tokenizer, self.loaded.video_token_id
@@ -211,8 +213,7 @@ class VideoQA:
             raise ConfigError("streaming (on_text) answers one question at a time")
         if on_texts is not None and len(on_texts) != len(questions):
             raise ConfigError(f"on_texts needs one entry per question ({len(questions)}), got {len(on_texts)}")
-        for question in questions:
-            conversation_turns(question)  # a bad question fails before any work
+        conversations = [conversation_turns(question) for question in questions]  # a bad one fails before any work
         loaded = self.loaded
         method = build_method(options.method, loaded.model, loaded.num_layers)
         method.record = record
@@ -223,7 +224,7 @@ class VideoQA:
         visual, visual_tokens = self.compress(prepared, method)
         compress_s = time.perf_counter() - t0
         prompts = self.prompt_rows(
-            questions, options, int(visual_tokens.shape[0]), share_prefix and method.shares_prefix
+            conversations, options, int(visual_tokens.shape[0]), share_prefix and method.shares_prefix
         )
 
         prefix, prefix_s = None, 0.0
@@ -249,7 +250,7 @@ class VideoQA:
                 timings = _timings(prepared, compress_s, prefix_s, timing, len(tokens_out))
                 report = self._report(
                     prepared,
-                    conversation_turns(questions[index])[-1][1],
+                    conversations[index][-1][1],
                     options,
                     method,
                     visual,
