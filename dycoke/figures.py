@@ -21,6 +21,11 @@ def llm_shape(text_config: Any) -> LlmShape:
     )
 
 
+def value_bytes(dtype: torch.dtype) -> int:
+    """Bytes of one stored key or value element."""
+    return torch.finfo(dtype).bits // 8
+
+
 def stored_kv_bytes(method: CompressionMethod, text_config: Any, seq_len: int, element: int) -> int:
     """KV-cache bytes at the end of generation, less what the method dropped from later layers."""
     full = kv_cache_bytes(text_config, seq_len, element)
@@ -49,7 +54,7 @@ def token_counts(
 def memory_figures(
     method: CompressionMethod, text_config: Any, device: torch.device, dtype: torch.dtype, tokens: TokenCounts
 ) -> Memory:
-    element = torch.finfo(dtype).bits // 8
+    element = value_bytes(dtype)
     return Memory(
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
@@ -64,7 +69,7 @@ def compression_figures(
     text_config: Any,
     tokens: TokenCounts,
     memory: Memory,
-    element: int,
+    dtype: torch.dtype,
     sample: int = 0,
 ) -> dict[str, Any]:
     """Retained ratios; the paper's TFLOPs (prefill and in all) for this run vs every token; KV-cache
@@ -96,7 +101,7 @@ def compression_figures(
     stored = memory.kv_cache_bytes
     seq = tokens.prompt + max(tokens.generated - 1, 0)
     seq_full = seq - tokens.visual + tokens.visual_uncompressed
-    full = kv_cache_bytes(text_config, seq_full, element)
+    full = kv_cache_bytes(text_config, seq_full, value_bytes(dtype))
     hidden_per_step = figures.get("candidates", 0) - figures.get("avg_candidates_attended_late_layers", 0)
     late_share = (shape.layers - prune_layer) / shape.layers
     figures["kv_bytes_full"] = full

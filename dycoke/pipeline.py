@@ -359,7 +359,6 @@ class VideoQA:
             prepared.num_frames, prepared.tokens_per_frame, visual.per_frame, len(ids), len(generated)
         )
         memory = memory_figures(method, loaded.text_config, loaded.device, loaded.dtype, tokens)
-        element = torch.finfo(loaded.dtype).bits // 8
         frames = prepared.frames
         return Report(
             answer=loaded.tokenizer.decode(generated, skip_special_tokens=True).strip(),
@@ -390,7 +389,7 @@ class VideoQA:
                 "prompt": asdict(options.prompt),
                 "method": asdict(options.method),
             },
-            compression=compression_figures(method, options, loaded.text_config, tokens, memory, element, sample),
+            compression=compression_figures(method, options, loaded.text_config, tokens, memory, loaded.dtype, sample),
             token_ids=generated,
         )
 
