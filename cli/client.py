@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dycoke.config import RunOptions, VideoOptions
+from dycoke.config import GenerationOptions, MethodOptions, RunOptions, VideoOptions, request_fields
 from dycoke.errors import DyCokeError
 from dycoke.prompt import Turn
 from dycoke.report import Report
@@ -21,25 +21,6 @@ from dycoke.report import Report
 
 class ServerError(DyCokeError):
     """The server answered with an error, or could not be reached."""
-
-
-# the run options a request carries as extra top-level fields (the server's names)
-_VIDEO_FIELDS = ("num_frames", "fps", "max_frames", "start_s", "end_s", "seek")
-_METHOD_FIELDS = (
-    "method",
-    "merge_ratio",
-    "prune_layer",
-    "prune_ratio",
-    "gate_threshold",
-    "gate_mode",
-    "dp_evict",
-    "fastv_layer",
-    "fastv_keep",
-    "prumerge_plus",
-    "budget_tokens",
-    "budget_ratio",
-    "budget_seed",
-)
 
 
 def video_url(video: str, upload: bool) -> str:
@@ -76,15 +57,14 @@ def request_body(video: str, turns: list[Turn], options: RunOptions, *, upload: 
         body["top_p"] = gen.top_p
     if gen.seed is not None:
         body["seed"] = gen.seed
-    if gen.min_new_tokens:
-        body["min_new_tokens"] = gen.min_new_tokens
-    if gen.decoder != "auto":
-        body["decoder"] = gen.decoder
-    video_options, method = asdict(options.video), asdict(options.method)
-    defaults_video, defaults_method = asdict(VideoOptions()), asdict(type(options.method)())
-    body.update({k: video_options[k] for k in _VIDEO_FIELDS if video_options[k] != defaults_video[k]})
-    body.update({k: method[k] for k in _METHOD_FIELDS if method[k] != defaults_method[k]})
+    given = {**asdict(options.video), **asdict(options.generation), **asdict(options.method)}
+    default = {**asdict(VideoOptions()), **asdict(GenerationOptions()), **asdict(MethodOptions())}
+    body.update({k: given[k] for k in request_fields() if given[k] != default[k]})  # the options that were set
     body["method"] = options.method.method
+    if not options.method.similarity_fp32:
+        body["similarity"] = "model"
+    if options.prompt.style != "paper":
+        body["prompt_style"] = options.prompt.style
     return body
 
 

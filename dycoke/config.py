@@ -278,3 +278,40 @@ _GROUP_FIELDS: dict[str, tuple[str, ...]] = {
     "prompt": tuple(f.name for f in fields(PromptOptions)),
     "method": tuple(f.name for f in fields(MethodOptions)),
 }
+
+
+# Generation options a request may set by name besides OpenAI's own (max_tokens, temperature, top_p, seed).
+_REQUEST_GENERATION_FIELDS = ("min_new_tokens", "top_k", "decoder")
+_RENAMED_FIELDS = ("similarity_fp32",)  # a request says ``similarity``: "fp32" or "model", as --similarity
+
+
+def request_fields() -> dict[str, str]:
+    """The run options a server request may set by their field names, each with its JSON kind: "int",
+    "float", "bool" or "str", with a "?" suffix when it may be null. Derived from the option classes,
+    so a new option is one a request can set."""
+    import typing
+
+    kinds: dict[str, str] = {}
+    for cls, names in (
+        (VideoOptions, None),
+        (MethodOptions, None),
+        (GenerationOptions, _REQUEST_GENERATION_FIELDS),
+    ):
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if (names is not None and f.name not in names) or f.name in _RENAMED_FIELDS:
+                continue
+            kinds[f.name] = _json_kind(hints[f.name])
+    return kinds
+
+
+def _json_kind(hint: object) -> str:
+    import typing
+
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = len(args) < len(typing.get_args(hint))
+    base = args[0] if optional and len(args) == 1 else hint
+    if typing.get_origin(base) is typing.Literal:
+        base = type(typing.get_args(base)[0])
+    kind = {int: "int", float: "float", bool: "bool", str: "str"}[base]  # type: ignore[index]
+    return kind + ("?" if optional else "")

@@ -81,3 +81,16 @@ def test_inputs_go_to_the_first_gpu_of_a_device_map_even_when_the_embedding_is_o
     assert execution_device(spread) == torch.device("cuda", 0)
     assert execution_device(cpu_only) == torch.device("cpu")
     assert execution_device(Plain()) == torch.device("cpu")  # no map: where the embedding is
+
+
+def test_every_option_a_request_may_set_is_a_run_option_of_its_json_kind() -> None:
+    from dataclasses import asdict
+
+    from dycoke.config import RunOptions, request_fields, run_options
+
+    defaults = {k: v for group in asdict(RunOptions()).values() for k, v in group.items()}
+    fields = request_fields()
+    assert {"num_frames", "seek", "method", "merge_ratio", "dp_evict", "min_new_tokens", "decoder"} <= set(fields)
+    assert "similarity_fp32" not in fields and "max_new_tokens" not in fields  # renamed / OpenAI's own
+    assert fields["fps"] == "float?" and fields["budget_tokens"] == "int?" and fields["gate_mode"] == "str"
+    run_options(RunOptions(), **{name: defaults[name] for name in fields})  # every one is accepted by name

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dycoke.config import RunOptions, run_options
+from dycoke.config import RunOptions, request_fields, run_options
 from dycoke.errors import ConfigError, DyCokeError, OutOfMemoryError, VideoError
 
 Question = str | list[tuple[str, str]]
@@ -73,32 +73,7 @@ def error_from_exception(exc: BaseException) -> ApiError:
 
 # Extra top-level fields (the OpenAI client's ``extra_body``): our options, by the name ``run_options``
 # knows, with the JSON type each takes. ``?``: null allowed (the option's "unset").
-EXTRA_FIELDS: dict[str, str] = {
-    "method": "str",
-    "merge_ratio": "float",
-    "prune_layer": "int",
-    "prune_ratio": "float",
-    "gate_threshold": "float",
-    "gate_mode": "str",
-    "prune_last_window": "bool",
-    "keep_odd_last_frame": "bool",
-    "num_frames": "int",
-    "fps": "float?",
-    "max_frames": "int",
-    "start_s": "float?",
-    "end_s": "float?",
-    "seek": "str",
-    "dp_evict": "bool",
-    "fastv_layer": "int",
-    "fastv_keep": "float",
-    "prumerge_plus": "bool",
-    "budget_tokens": "int?",
-    "budget_ratio": "float?",
-    "budget_seed": "int",
-    "min_new_tokens": "int",
-    "top_k": "int",
-    "decoder": "str",
-}
+EXTRA_FIELDS: dict[str, str] = request_fields()  # every run option, by its field name and JSON kind
 # Extra fields whose name differs from the option's: similarity ("fp32" | "model", as ``--similarity``)
 # and prompt_style ("paper" | "checkpoint", as ``--prompt``).
 _RENAMED_EXTRAS = ("similarity", "prompt_style")
