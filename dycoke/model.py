@@ -153,7 +153,6 @@ def load_model(options: ModelOptions) -> LoadedModel:
 
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "attn_implementation": "sdpa"}
     if device.type == "cuda" and options.device_map != "auto":
-        torch.cuda.init()  # CUDA's start-up belongs to start-up, not to reading the weights
         kwargs["device_map"] = {"": device}  # weights go straight to the GPU: no CPU copy of the model
     if options.device_map == "auto":
         kwargs["device_map"] = "auto"
