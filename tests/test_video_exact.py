@@ -43,7 +43,7 @@ class Clip:
     frames: int
     height: int
     width: int
-    decoder: str  # "decord" where decord seeks right, "pyav" where it does not (open GOPs)
+    decoder: str  # with decoder="decord": "decord" where decord seeks right, "pyav" where not (open GOPs)
     open_gop: bool
     options: dict[str, object]
     needs: str = ""  # encoder that must be in this PyAV build
@@ -78,7 +78,7 @@ class Reference:
     numbers: list[int]  # bar code read from frame i
     keys: list[int]  # positions of the frames the decoder flags as key frames
     seconds: list[float]  # frame i's own time from the first frame
-    frames: np.ndarray  # (n, H, W, 3) at the size read_video decodes at (PyAV bicubic when reduced)
+    frames: np.ndarray  # (n, H, W, 3) at the size read_video decodes at (RGB, then bicubic, when reduced)
 
 
 def _decode_all(path: Path) -> Reference:
@@ -92,8 +92,9 @@ def _decode_all(path: Path) -> Reference:
             if frame.key_frame:
                 keys.append(i)
             pts.append(frame.pts * frame.time_base)
-            if size != full.shape[:2]:
-                full = frame.to_ndarray(format="rgb24", width=size[1], height=size[0], interpolation="BICUBIC")
+            if size != full.shape[:2]:  # RGB first, then scaled
+                rgb = frame.reformat(format="rgb24")
+                full = rgb.reformat(width=size[1], height=size[0], interpolation="BICUBIC").to_ndarray()
             frames.append(full)
     return Reference(path, numbers, keys, [float(t - pts[0]) for t in pts], np.stack(frames))
 
@@ -136,22 +137,25 @@ def test_demux_index_knows_the_stream(clips: dict[str, Reference], name: str) ->
     assert index.seconds(range(clip.frames)).tolist() == pytest.approx(ref.seconds, abs=1e-3)
 
 
+@pytest.mark.parametrize("decoder", ["auto", "decord"])
 @pytest.mark.parametrize("mode", ["exact", "keyframe"])
 @pytest.mark.parametrize("name", list(CLIPS))
-def test_frames_are_the_frames_of_a_sequential_decode(clips: dict[str, Reference], name: str, mode: str) -> None:
+def test_frames_are_the_frames_of_a_sequential_decode(
+    clips: dict[str, Reference], name: str, mode: str, decoder: str
+) -> None:
     ref = _clip(clips, name)
     clip = CLIPS[name]
-    v = read_video(ref.path, num_frames=clip.num_frames, seek=mode)
+    v = read_video(ref.path, num_frames=clip.num_frames, seek=mode, decoder=decoder)
     sampled = uniform_indices(clip.frames, clip.num_frames)
-    assert v.decoder == clip.decoder and v.seek == mode
+    assert v.decoder == (clip.decoder if decoder == "decord" else "pyav") and v.seek == mode
     assert v.frames.shape[1:3] == ref.frames.shape[1:3] == v.decoded_size
     assert _numbers(v.frames) == v.indices  # every frame is the one it says it is
     assert v.indices == sorted(set(v.indices)) and len(v.indices) == len(sampled)  # ascending, no repeats
     if v.decoded_size == v.source_size or v.decoder == "pyav":
         assert np.array_equal(v.frames, ref.frames[v.indices])
-    else:  # decord's scale filter and PyAV's bicubic reformat differ on the stripes' edges only
+    else:  # decord's scale filter and PyAV's RGB-then-bicubic differ on the stripes' edges (0.29 / 11)
         diff = np.abs(v.frames.astype(int) - ref.frames[v.indices])
-        assert diff.mean() < 0.1 and diff.max() <= 16, (diff.mean(), diff.max())
+        assert diff.mean() < 0.5 and diff.max() <= 16, (diff.mean(), diff.max())
     times = (lambda i: ref.seconds[i]) if name == "vfr" else (lambda i: i / 25)
     assert v.timestamps_s == pytest.approx([times(i) for i in v.indices], abs=1e-3)
     shifts = [abs(times(r) - times(s)) for r, s in zip(v.indices, sampled, strict=True)]
@@ -301,3 +305,15 @@ def test_decode_workers_default_and_override(monkeypatch: pytest.MonkeyPatch) ->
     assert decode_workers() == 5 and decode_workers(3) == 3
     monkeypatch.setenv("DYCOKE_DECODE_WORKERS", "zero")
     assert decode_workers() == min(cpus, MAX_DECODE_WORKERS)
+
+
+def test_decode_workers_for_seeking_readers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # PyAV readers (seeking): one per 100 frames of work, up to one per CPU, beyond decord's cap
+    monkeypatch.delenv("DYCOKE_DECODE_WORKERS", raising=False)
+    monkeypatch.setattr("dycoke.video.plan._cpu_count", lambda: 16)
+    assert decode_workers(22, work=3566, seeking=True) == 16
+    assert decode_workers(32, work=1254, seeking=True) == 12
+    assert decode_workers(3, work=600, seeking=True) == 3 and decode_workers(8, work=99, seeking=True) == 1
+    assert decode_workers(22, work=3566) == MAX_DECODE_WORKERS == 8
+    monkeypatch.setenv("DYCOKE_DECODE_WORKERS", "5")
+    assert decode_workers(22, work=3566, seeking=True) == 5

@@ -1,4 +1,4 @@
-"""Which frames of a video the model sees, and reading them exactly (decord, or PyAV where decord is wrong).
+"""Which frames of a video the model sees, and reading them exactly (PyAV seeking by timestamp, or decord).
 
 Frame selection (pure functions, no decoding)
 ---------------------------------------------
@@ -36,19 +36,24 @@ packet that follows a key frame in decoding order but is shown before it: x265's
 the file dominates). The frame count is the index's (packets neither empty nor cut by an edit list,
 i.e. what the decoder outputs; decord counts cut packets too: 456 instead of 455 frames for OpenCV's ``box.mp4``).
 
-Three decoders, chosen from the index (``VideoFrames.decoder`` says which):
+Three decoders, chosen from the index and the ``decoder`` option (``VideoFrames.decoder`` says which):
 
-- ``decord``, where its seeking is right: closed GOPs, and decord's frame count and key-frame indices
-  equal the index's. decord locates key frames by their position in *decoding* order and uses it as a
-  *display* index; the two agree for closed GOPs only (x264's default, most H.264/H.265 MP4s, VP9). For
-  open GOPs a decord seek lands a few frames off (+1 or +2 frames with 1 or 2 B-frames, measured).
-  ``get_batch`` seeks to the key frame before each frame and decodes forward.
-- ``pyav``, seeking by timestamp, elsewhere (open GOPs, or decord's index disagrees): ``container.seek``
+- ``pyav``, seeking by timestamp, wherever the timestamps give the display order (the default,
+  ``decoder="auto"``): ``container.seek``
   to the key frame shown at or before the frame (by its pts, then its dts - MP4 and AVI demuxers seek
   by dts, Matroska by pts - then earlier key frames, then the start, until the demuxer lands at or
   before it), decode forward to the frame whose pts is the target's, convert it to RGB at the decode
   size. Sampled frames decoded from the same key frame (and the next one, when the decoder has already
-  been fed its key frame) share one forward pass.
+  been fed its key frame) share one forward pass. Right for open and closed GOPs alike.
+- ``decord`` (``decoder="decord"``), where its seeking is right: closed GOPs, and decord's frame count
+  and key-frame indices equal the index's (elsewhere ``pyav``). decord locates key frames by their
+  position in *decoding* order and uses it as a *display* index; the two agree for closed GOPs only
+  (x264's default, most H.264/H.265 MP4s, VP9). For open GOPs a decord seek lands a few frames off (+1
+  or +2 frames with 1 or 2 B-frames, measured). ``get_batch`` seeks to the key frame before each frame
+  and decodes forward. It was the default until PyAV measured faster on every clip where both are
+  right, with the same frames at full size (3-min 1080p H.264, 32 exact frames, 3566 frames to decode:
+  16 CPUs 0.79 s against decord's best split 0.92 s; 2 CPUs 3.39 s against 4.73 s), since a PyAV reader
+  opens in milliseconds where each decord reader first builds its own index of the whole file.
 - ``sequential``, forward from the start, the i-th frame out of the decoder being frame i, where the
   timestamps cannot be trusted: missing or repeated, or a codec that reorders frames whose packets say
   they are in order (``box.mp4``: H.264 with B-frames in an MP4 without composition offsets; the first
@@ -61,10 +66,13 @@ frame rate, portrait, reduced size; ``tests/test_video_exact.py``), and where se
 never decoded as a whole: each frame costs the frames from its key frame to it.
 
 Readers. The forward passes are dealt out, as contiguous runs of similar cost, to several readers on
-threads, each with its own decord reader or PyAV container (both decode without holding the GIL):
-``min(CPUs, passes needed, MAX_DECODE_WORKERS=8)`` by default, ``DYCOKE_DECODE_WORKERS=N`` overrides;
-FFmpeg's own decoding threads per reader are the CPUs divided among the readers. The frames are the same
-with any number of readers.
+threads, each with its own PyAV container or decord reader (both decode without holding the GIL).
+PyAV: one reader per ``FRAMES_PER_SEEKING_READER=100`` frames of work, at most one per CPU and one per
+forward pass; decord: one per ``FRAMES_PER_READER=400`` frames, at most ``min(CPUs,
+MAX_DECODE_WORKERS=8)``; ``DYCOKE_DECODE_WORKERS=N`` overrides both. FFmpeg's own decoding threads per
+reader are the CPUs divided among the readers (measured: more readers of one thread beat fewer readers
+of several, whose frame threads restart at every seek). The frames are the same with any number of
+readers. decord's probe (frame rate, size, the first frame) and the demux pass run at the same time.
 
 Seek modes. ``seek="exact"`` (default, the paper's evaluation) returns the sampled frames.
 ``seek="keyframe"`` returns for each sampled frame the key frame nearest to it in display order (within
@@ -95,24 +103,23 @@ clip (decoder used)                        plain        before        exact     
 ("frames dec.": ``decode_cost`` exact / keyframe.) With key frames every 250 frames and 32 samples most
 samples share a key frame, so keyframe mode saves little; with one every 50 it decodes 8x fewer frames.
 Plain decord happened to return the right frames of the open-GOP clips for these 32 indices (it is off
-only for the few frames just before each key frame). On these clips the PyAV path, forced on the
-closed-GOP ones, was faster than decord again (180 s exact: 4.50 s against 4.99 s, CPU 7.8 s against
-9.2 s; every-50 keyframe: 0.84 s against 1.22 s): decord stays the decoder where it is right, since its
-reduced-size frames are the reference (see below).
+only for the few frames just before each key frame). The same measurements of the PyAV path, forced on
+the closed-GOP ones, were faster than decord again (180 s exact: 4.50 s against 4.99 s); it is now the
+default everywhere ("Three decoders" above, and ``benchmarks/results/video-*.md`` for today's figures).
 
 Reduced-size decoding. The model resizes every frame to 384x384 (bicubic, antialias). A 4K or 8K
 source is not held at full size: when the shorter side exceeds ``min_decode_side`` the frames are
-decoded already downscaled (decord: its FFmpeg scale filter; PyAV: ``to_ndarray(width=, height=,
-interpolation="BICUBIC")``, i.e. swscale) to a shorter side of ``min_decode_side``
+decoded already downscaled (PyAV: converted to RGB at full size, then scaled by swscale, bicubic;
+decord: its FFmpeg scale filter) to a shorter side of ``min_decode_side``
 (rounded up to even), the longer side keeping the aspect ratio (rounded to even); never upscaled.
 32 frames of 4K at full size are 796 MB, at the default 768 they are 101 MB (1366x768).
-The FFmpeg decoder still decodes full frames internally; only one extra full-size RGB frame (the
-first one, decoded by decord to learn the size it decodes at and that it can decode the file) is held
-briefly.
+The FFmpeg decoder still decodes full frames internally; a full-size RGB frame exists only while one
+frame is converted, per reader, plus the first one, decoded by decord's probe to learn the size it
+decodes at and that it can decode the file.
 
-Measured pixel effect (decord 0.6.0, torch 2.13 CPU): frames decoded reduced then resized to 384x384
-(``interpolate(mode="bicubic", antialias=True)``, rounded) versus decoded full size then resized the
-same way, absolute difference in 0..255 units over all pixels and channels:
+Measured pixel effect of decord's scale filter (decord 0.6.0, torch 2.13 CPU): frames decoded reduced
+then resized to 384x384 (``interpolate(mode="bicubic", antialias=True)``, rounded) versus decoded full
+size then resized the same way, absolute difference in 0..255 units over all pixels and channels:
 
 =====================================  ===============  ===============  ===============
 source (x264 CRF 12)                   shorter side 384 shorter side 576 shorter side 768
@@ -131,29 +138,30 @@ conversion), present even for a 1440 -> 1080 reduction (mean 0.7). Hence the def
 ``DEFAULT_MIN_DECODE_SIDE = 768`` (twice the model input): mean under 1 level on natural content,
 p99 2 levels. ``min_decode_side=None`` decodes at full size.
 
-The PyAV path's reduced frames are not decord's: its swscale conversion differs from decord's filter
-graph (bilinear, area or other flags do not bring them closer). Measured (FFmpeg 7 via PyAV 18), same
-metric as above, for the PyAV path against full size / PyAV against decord, both reduced:
+The PyAV path (the default) is far closer: converting to RGB at full size first, then scaling the RGB
+frame, leaves almost nothing of that error (scaling the YUV planes and converting in one swscale pass,
+as ``to_ndarray(width=, height=)`` does, is about 6x further off: max 31 / mean 1.90 at 768 on the
+1080p texture). Measured (FFmpeg 8 via PyAV 18, 2026-12), same metric, PyAV reduced against full size ;
+PyAV reduced against decord reduced:
 
 =====================================  =====================  =====================  =====================
 source (x264 CRF 12)                   shorter side 384       shorter side 576       shorter side 768
 =====================================  =====================  =====================  =====================
-synthetic texture 1920x1080            54 / 3.44 ; 27 / 3.11  36 / 2.18 ; 33 / 2.36  31 / 1.90 ; 33 / 2.11
-synthetic texture 3840x2160            53 / 3.66 ; 24 / 3.27  25 / 1.94 ; 20 / 2.20  17 / 1.42 ; 18 / 1.72
-Big Buck Bunny 1280x720 (real)         32 / 0.93 ; 29 / 0.92  21 / 0.84 ; 23 / 0.62  (not reduced)
-Big Buck Bunny upscaled to 2560x1440   30 / 0.85 ; 19 / 0.85  12 / 0.73 ; 14 / 0.51   9 / 0.71 ; 15 / 0.36
+synthetic texture 1920x1080            10 / 0.66 ; 44 / 4.58  10 / 0.46 ; 27 / 2.47   4 / 0.20 ; 15 / 1.64
+synthetic texture 3840x2160            11 / 0.52 ; 51 / 5.20  13 / 0.58 ; 27 / 2.87   4 / 0.23 ; 17 / 1.83
+Big Buck Bunny 1280x720 (real)          3 / 0.21 ; 43 / 1.18   4 / 0.15 ; 20 / 0.88  (not reduced)
 =====================================  =====================  =====================  =====================
 
-(max / mean in 0..255 levels after the 384x384 resize.) Against full size the PyAV path is as close as
-decord's (natural content: mean 0.71 against decord's 0.74 at 768); the two reduced paths differ from
-each other by a mean of 0.4 level on natural content (before the resize: 0.6, max 24). At full size
-the two decoders' frames are identical (Big Buck Bunny, and every synthetic clip of the tests).
+(max / mean in 0..255 levels after the 384x384 resize.) The conversion costs about 23 ms a 1080p
+frame instead of 12, on the reader's thread, for the returned frames only. At full size the two
+decoders' frames are identical (Big Buck Bunny, and every synthetic clip of the tests).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +184,7 @@ from dycoke.video.sampling import (
     _SNAP,
     DEFAULT_MIN_DECODE_SIDE,
     SEEK_MODES,
+    VIDEO_DECODERS,
     VideoFrames,
     _check_count,
     _check_rate,
@@ -191,6 +200,7 @@ __all__ = [
     "DEFAULT_MIN_DECODE_SIDE",
     "MAX_DECODE_WORKERS",
     "SEEK_MODES",
+    "VIDEO_DECODERS",
     "StreamIndex",
     "VideoFrames",
     "build_index",
@@ -226,6 +236,7 @@ def read_video(
     end_s: float | None = None,
     min_decode_side: int | None = DEFAULT_MIN_DECODE_SIDE,
     seek: str = "exact",
+    decoder: str = "auto",
 ) -> VideoFrames:
     """Decode the sampled frames of a video (see the module docstring for which frames and sizes).
 
@@ -239,12 +250,16 @@ def read_video(
         seek: ``"exact"`` (the sampled frames themselves, the paper's evaluation) or ``"keyframe"``
             (for each sampled frame the nearest key frame in the window, cheaper to decode; see
             ``keyframe_targets``).
+        decoder: ``"auto"`` (PyAV seeking by timestamp wherever the timestamps give the display order,
+            see "Three decoders"), ``"decord"`` (decord's ``get_batch`` where its index agrees with the demuxed
+            one and GOPs are closed, else as auto) or ``"pyav"`` (same as auto).
 
     Returns:
         VideoFrames with ``frames`` of shape (F, H, W, 3), uint8 RGB.
 
     Raises:
-        ConfigError: an option out of range (``num_frames``/``max_frames`` < 1, ``fps`` <= 0, ...).
+        ConfigError: an option out of range (``num_frames``/``max_frames`` < 1, ``fps`` <= 0, ...), an
+            unknown ``seek`` or ``decoder``.
         VideoError: missing path, a directory, not a video, damaged, no frames, ``start_s`` past the end.
     """
     _check_count("num_frames", num_frames)
@@ -256,6 +271,8 @@ def read_video(
     _check_window(start_s, end_s)
     if seek not in SEEK_MODES:
         raise ConfigError(f"seek must be one of {', '.join(SEEK_MODES)}, got {seek!r}")
+    if decoder not in VIDEO_DECODERS:
+        raise ConfigError(f"decoder must be one of {', '.join(VIDEO_DECODERS)}, got {decoder!r}")
     name = str(path)
     file = Path(path)
     if not file.exists():
@@ -265,19 +282,29 @@ def read_video(
     decord = _import_decord()
 
     warnings: list[str] = []
-    with _decord_errors(name, warnings):
-        probe = decord.VideoReader(name, num_threads=_cpu_count())
-        decord_total = len(probe)
-        source_fps = _frame_rate(probe, decord_total, name)
-        decord_end = float(probe.get_frame_timestamp([decord_total - 1])[0][1])
-        decord_keys = sorted(int(k) for k in probe.get_key_indices())
+    # the demux pass (PyAV, packets only) runs beside decord's probe: neither needs the other
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dycoke-demux") as pool:
+        demuxing = pool.submit(demux_index, name)
         try:
-            first_frame = probe.next().asnumpy()  # the size decord decodes at (and proof that it decodes)
-        except StopIteration:
-            raise VideoError(f"cannot read video {name}: no frame could be decoded (not a video file?)") from None
+            with _decord_errors(name, warnings):
+                probe = decord.VideoReader(name, num_threads=_cpu_count())
+                decord_total = len(probe)
+                source_fps = _frame_rate(probe, decord_total, name)
+                decord_end = float(probe.get_frame_timestamp([decord_total - 1])[0][1])
+                decord_keys = sorted(int(k) for k in probe.get_key_indices())
+                try:
+                    first_frame = probe.next().asnumpy()  # the size decord decodes at (proof that it decodes)
+                except StopIteration:
+                    raise VideoError(
+                        f"cannot read video {name}: no frame could be decoded (not a video file?)"
+                    ) from None
+        except BaseException:
+            demuxing.cancel()
+            wait([demuxing])  # decord's error is the one reported
+            raise
+        index = demuxing.result()
     source_size = (int(first_frame.shape[0]), int(first_frame.shape[1]))
     del first_frame
-    index = demux_index(name)
     if index.num_frames == 0:
         raise VideoError(f"cannot read video {name}: the video stream has no decodable frames")
     total = index.num_frames
@@ -340,7 +367,7 @@ def read_video(
     decoded_size = decode_size(*source_size, min_decode_side)
     work = sum(r.cost for r in runs)  # frames to decode (big frames gain from FFmpeg's own threads instead)
     decord_agrees = decord_total == total and decord_keys == index.key_positions
-    if index.ordered and not index.open_gop and decord_agrees:
+    if decoder == "decord" and index.ordered and not index.open_gop and decord_agrees:
         decoder = "decord"
 
         chunks = keyframe_chunks(targets, index.key_positions, decode_workers(len(runs), work))
@@ -363,7 +390,8 @@ def read_video(
         if index.ordered:
             decoder = "pyav"
             try:
-                read, readers = _read_pyav(name, index, runs, decoded_size, decode_workers(len(runs), work))
+                workers = decode_workers(len(runs), work, seeking=True)
+                read, readers = _read_pyav(name, index, runs, decoded_size, workers)
             except _SeekFailed as exc:
                 warnings.append(f"seeking by timestamp failed ({exc}): decoded forward from the start instead")
         if read is None:

@@ -13,6 +13,7 @@ DEFAULT_MIN_DECODE_SIDE = 768
 """Frames whose shorter side is larger are decoded downscaled to this shorter side (see module doc)."""
 
 SEEK_MODES = ("exact", "keyframe")
+VIDEO_DECODERS = ("auto", "pyav", "decord")
 """``read_video(seek=...)``: the sampled frames themselves, or the nearest key frames (see module doc)."""
 
 _SNAP = 1e-6  # products within this of an integer count as that integer (float error in s * fps)
