@@ -132,7 +132,10 @@ def main() -> None:
         "--methods", nargs="+", default=["full", "dycoke"], help="e.g. full dycoke dycoke:gate_threshold=1.0"
     )
     parser.add_argument(
-        "--decoders", nargs="+", default=["auto"], help="decode loops to compare: hf, static, graph, auto"
+        "--decoders",
+        nargs="+",
+        default=["auto"],
+        help="decode loops to compare: hf, static, graph, auto; graph:unfused = the model's own modules each step",
     )
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, required=True)
@@ -148,7 +151,10 @@ def main() -> None:
                 (m if len(args.decoders) == 1 else f"{m}@{d}"): RunOptions(
                     video=VideoOptions(num_frames=frames),
                     generation=GenerationOptions(
-                        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, decoder=d
+                        max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens,
+                        decoder=d.partition(":")[0],
+                        fused_step=d.partition(":")[2] != "unfused",
                     ),
                     method=method_options(m),
                 )

@@ -88,6 +88,7 @@ def ask(
     top_k: o.TopK = 0,
     seed: o.Seed = None,
     decoder: o.Decoder = "auto",
+    fused_step: o.FusedStep = True,
     prompt: o.Prompt = "paper",
     system: o.System = PAPER_SYSTEM_PROMPT,
     compare: o.Compare = None,
@@ -139,6 +140,7 @@ def ask(
             top_k=top_k,
             seed=seed,
             decoder=decoder,
+            fused_step=fused_step,
             prompt=prompt,
             system=system,
         )
@@ -297,6 +299,7 @@ def batch(
     top_k: o.TopK = 0,
     seed: o.Seed = None,
     decoder: o.Decoder = "auto",
+    fused_step: o.FusedStep = True,
     prompt: o.Prompt = "paper",
     system: o.System = PAPER_SYSTEM_PROMPT,
     compare: o.Compare = None,
@@ -348,6 +351,7 @@ def batch(
             top_k=top_k,
             seed=seed,
             decoder=decoder,
+            fused_step=fused_step,
             prompt=prompt,
             system=system,
         )

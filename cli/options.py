@@ -79,6 +79,13 @@ Decoder = Annotated[
     typer.Option(help="auto (CUDA graphs for greedy on one GPU), hf (transformers' generate), static, graph."),
 ]
 Seed = Annotated[int | None, typer.Option(help="Random seed for sampling.")]
+FusedStep = Annotated[
+    bool,
+    typer.Option(
+        "--fused-step/--no-fused-step",
+        help="Decode steps with fused projections and kernels (Qwen2 models, static and graph decoders).",
+    ),
+]
 Prompt = Annotated[str, typer.Option(help="paper (the paper's evaluation prompt) or checkpoint (its template).")]
 System = Annotated[str, typer.Option(help="System prompt of the paper style.")]
 Compare = Annotated[
@@ -137,6 +144,7 @@ def build_options(
     seed: int | None,
     decoder: str,
     prompt: str,
+    fused_step: bool = True,
     system: str,
 ) -> tuple[ModelOptions, RunOptions]:
     """The library's options from a command's parameters (each validated by its dataclass)."""
@@ -154,6 +162,7 @@ def build_options(
             top_k=top_k,
             seed=seed,
             decoder=decoder,
+            fused_step=fused_step,
         ),
         prompt=PromptOptions(style=prompt, system_prompt=system),  # type: ignore[arg-type]
         method=MethodOptions(

@@ -123,7 +123,9 @@ class GenerationOptions:
     ``min_new_tokens`` forces a length (benchmarks on random weights use it). ``decoder`` picks the
     decode loop: ``hf`` (transformers' ``generate``), ``static`` (greedy on a static KV cache),
     ``graph`` (the same, one CUDA graph replay per token) or ``auto`` (``graph`` for greedy decoding on
-    one CUDA device, ``hf`` otherwise). All give the same tokens.
+    one CUDA device, ``hf`` otherwise). All give the same tokens. ``fused_step`` (static and graph
+    loops, Qwen2-family models): decode steps with fused projections and kernels
+    (``dycoke/decoding/fused.py``); off, the model's own modules run each step.
     """
 
     max_new_tokens: int = 256
@@ -134,6 +136,7 @@ class GenerationOptions:
     top_k: int = 0
     seed: int | None = None
     decoder: str = "auto"
+    fused_step: bool = True
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:

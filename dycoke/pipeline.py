@@ -339,6 +339,7 @@ class VideoQA:
                 prefix=prefix,
                 streamer=streamer,
                 stop=stop,
+                fused_step=gen.fused_step,
             )
         return [trim_generated(row, kwargs["eos_token_id"]) for row in output.tolist()], timing
 

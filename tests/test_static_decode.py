@@ -4,6 +4,7 @@ tokens and forced lengths."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from dycoke.config import GenerationOptions, MethodOptions, ModelOptions, RunOptions, VideoOptions
+from dycoke.decoding.fused import FusedStep
 from dycoke.decoding.static import StaticGreedyDecoder, prefill_mask
 from dycoke.errors import ConfigError
 from dycoke.pipeline import PreparedVideo, VideoQA
@@ -59,20 +61,30 @@ def test_prefill_mask_is_causal_and_hides_padding_and_empty_slots() -> None:
         ("dycoke", {"prune_layer": 1, "dp_evict": True, "gate_threshold": 0.99}),
     ],
 )
+@pytest.mark.parametrize("fused", [True, False])
 def test_static_decoder_equals_generate(
-    qa: VideoQA, prepared: PreparedVideo, method: str, kwargs: dict[str, Any]
+    qa: VideoQA,
+    prepared: PreparedVideo,
+    method: str,
+    kwargs: dict[str, Any],
+    fused: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    steps = []
+    real = FusedStep.logits
+    monkeypatch.setattr(FusedStep, "logits", lambda self, *a: steps.append(1) or real(self, *a))
     for share, batch in [(False, 1), (True, 3), (False, 3)]:
         hf = qa.answer_many(prepared, QUESTIONS, run(method, "hf", **kwargs), share_prefix=share, batch_size=batch)
-        static = qa.answer_many(
-            prepared, QUESTIONS, run(method, "static", **kwargs), share_prefix=share, batch_size=batch
-        )
+        static_run = run(method, "static", **kwargs)
+        static_run = replace(static_run, generation=replace(static_run.generation, fused_step=fused))
+        static = qa.answer_many(prepared, QUESTIONS, static_run, share_prefix=share, batch_size=batch)
         for a, b in zip(hf, static, strict=True):
             assert b.token_ids == a.token_ids, (method, share, batch)
             for figure in ("pruned_step_share", "evicted_wanted_back_avg_tokens", "visual_kept_late_layers"):
                 assert b.compression.get(figure) == a.compression.get(figure), (method, figure)
             assert b.memory.kv_cache_bytes == a.memory.kv_cache_bytes
             assert (a.decoder, b.decoder) == ("hf", "static")
+    assert bool(steps) is fused  # the fused step ran, or never
 
 
 @pytest.mark.parametrize("eos,min_new", [([53], 0), ([53, 722], 0), ([53], 3), ([11], 0)])

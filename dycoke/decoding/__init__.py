@@ -86,11 +86,13 @@ def decode(
     prefix: PrefixKV | None,
     streamer: TimedTextStreamer,
     stop: Callable[[], bool] | None = None,
+    fused_step: bool = True,
 ) -> tuple[torch.Tensor, DecodeTiming]:
     """Generate for one batch ((B, S, D) ``embeds``, (B, S) mask) with ``method``'s glue installed.
 
     ``prefix``: a shared prefix's KV, expanded for the batch (into the method's own cache when it
     brings one). ``stop``: polled after every step; generation ends early when it returns True.
+    ``fused_step``: the static loops decode with ``FusedStep`` where the model allows it.
     Returns the (B, n) generated ids and their timing.
     """
     from dycoke.decoding.generate import GenerateDecoder
@@ -112,6 +114,7 @@ def decode(
                 eos_ids=kwargs["eos_token_id"],
                 pad_id=kwargs["pad_token_id"],
                 use_graph=decoder == "graph",
+                fused=fused_step,
             )
             streamer.put(None)  # the prompt, which the streamer skips
             output = static.generate(

@@ -33,6 +33,7 @@ from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
 from dycoke.attention import DecodeSession, compacted_key_slots, static_decoding, take_slots
+from dycoke.decoding.fused import fused_decoder_for
 from dycoke.decoding.prefix import CACHE_ARGUMENT
 from dycoke.methods.base import Compaction
 
@@ -69,6 +70,9 @@ def _filled_layer(keys: torch.Tensor, values: torch.Tensor, length: int) -> Stat
 class StaticGreedyDecoder:
     """Greedy generation for one batch of prompt embeddings on a static cache.
 
+    ``fused``: each decode step runs ``FusedStep`` (fused projections and kernels) when the model is
+    one it implements, else the model's own forward.
+
     ``eos_ids`` end a row (it then emits ``pad_id``, as ``generate`` does); ``min_new_tokens``
     suppresses the end tokens until that many tokens exist, as ``generate``'s processor does.
     """
@@ -82,8 +86,10 @@ class StaticGreedyDecoder:
         eos_ids: list[int],
         pad_id: int,
         use_graph: bool,
+        fused: bool = True,
     ) -> None:
         self.model = model
+        self.fused = fused_decoder_for(model) if fused else None
         self.max_new_tokens = max_new_tokens
         self.min_new_tokens = min_new_tokens
         self.pad_id = pad_id
@@ -211,6 +217,9 @@ class StaticGreedyDecoder:
         buffers.position.add_(1)
         buffers.slot.add_(1)
         buffers.mask.index_fill_(3, buffers.slot, True)
+        if self.fused is not None:
+            self._choose(self.fused.logits(buffers.token, buffers.position, buffers.mask, self.cache))
+            return
         embeds = self.model.get_input_embeddings()(buffers.token)
         out = self.model(
             inputs_embeds=embeds,

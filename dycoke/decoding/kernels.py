@@ -1,0 +1,249 @@
+"""The fused decode step's elementwise work: Triton kernels on CUDA, the same arithmetic in torch elsewhere.
+
+Each function rounds exactly where transformers' Qwen2 modules round (bf16 after every elementwise op
+of a bf16 model), so a fused step differs from the module-by-module one only by the order of the
+RMSNorm's float32 sum. Shapes use B rows of one token each; D the hidden size; Hq / Hkv query and
+key-value heads of size d; L static cache slots.
+
+- ``add_rms_norm(hidden, delta, weight, eps)``: ``h = hidden + delta`` (or ``hidden`` when ``delta`` is
+  None) and ``RMSNorm(h)``; (B, D) -> ((B, D), (B, D)). One kernel instead of about seven.
+- ``rotary_to_cache(qkv, cos, sin, keys, values, slot, hq, hkv)``: splits the (B, (Hq + 2 Hkv) d) QKV
+  projection, applies rotary embeddings (cos/sin (B, d)) to queries and keys, writes the keys and values
+  into the (B, Hkv, L, d) static cache at ``slot`` ((1,) long, on the device) and returns the queries
+  (B, Hq, 1, d). One kernel instead of about twenty.
+- ``silu_mul(gate_up)``: (B, 2F) -> (B, F), ``silu(gate) * up``. One kernel instead of two.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def triton_available(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on ``device`` (a CUDA device with Triton installed)."""
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -- torch reference arithmetic (CPU, and the definition the kernels follow) --------------------------
+
+
+def add_rms_norm_torch(
+    hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    h = hidden if delta is None else hidden + delta
+    x = h.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return h, weight * x.to(h.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary_to_cache_torch(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot: torch.Tensor,
+    hq: int,
+    hkv: int,
+) -> torch.Tensor:
+    b = qkv.shape[0]
+    d = keys.shape[-1]
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k, v = q.view(b, hq, 1, d), k.view(b, hkv, 1, d), v.view(b, hkv, 1, d)
+    c, s = cos.view(b, 1, 1, d), sin.view(b, 1, 1, d)
+    q = (q * c) + (_rotate_half(q) * s)
+    k = (k * c) + (_rotate_half(k) * s)
+    keys.index_copy_(2, slot, k)
+    values.index_copy_(2, slot, v)
+    return q
+
+
+def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+# -- Triton kernels --------------------------------------------------------------------------------
+
+_KERNELS: dict[str, Any] = {}
+
+
+def _build() -> dict[str, Any]:
+    """Compile-on-first-use Triton kernels (Triton caches them on disk across processes)."""
+    if _KERNELS:
+        return _KERNELS
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add_rms_norm_kernel(  # type: ignore[no-untyped-def]
+        hidden, delta, weight, out_h, out_x, n, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < n
+        h = tl.load(hidden + row * n + cols, mask=inside, other=0.0)
+        if HAS_DELTA:
+            dl = tl.load(delta + row * n + cols, mask=inside, other=0.0)
+            h = (h.to(tl.float32) + dl.to(tl.float32)).to(h.dtype)
+            tl.store(out_h + row * n + cols, h, mask=inside)
+        x = h.to(tl.float32)
+        variance = tl.sum(x * x, axis=0) / n
+        x = (x * tl.math.rsqrt(variance + eps)).to(h.dtype)
+        w = tl.load(weight + cols, mask=inside, other=0.0)
+        tl.store(out_x + row * n + cols, (w.to(tl.float32) * x.to(tl.float32)).to(h.dtype), mask=inside)
+
+    @triton.jit
+    def rotary_to_cache_kernel(  # type: ignore[no-untyped-def]
+        qkv,
+        cos,
+        sin,
+        q_out,
+        keys,
+        values,
+        slot,
+        qkv_row,
+        cache_head,
+        cache_row,
+        HQ: tl.constexpr,
+        HKV: tl.constexpr,
+        D: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        half = tl.arange(0, D // 2)
+        c1 = tl.load(cos + row * D + half).to(tl.float32)
+        c2 = tl.load(cos + row * D + D // 2 + half).to(tl.float32)
+        s1 = tl.load(sin + row * D + half).to(tl.float32)
+        s2 = tl.load(sin + row * D + D // 2 + half).to(tl.float32)
+        base = qkv + row * qkv_row + head * D
+        x1 = tl.load(base + half)
+        x2 = tl.load(base + D // 2 + half)
+        dtype = x1.dtype
+        f1 = x1.to(tl.float32)
+        f2 = x2.to(tl.float32)
+        # (x * cos) + (rotate_half(x) * sin), each product and the sum rounded as bf16 ops round
+        a1 = (f1 * c1).to(dtype).to(tl.float32)
+        a2 = (f2 * c2).to(dtype).to(tl.float32)
+        b1 = (-f2 * s1).to(dtype).to(tl.float32)
+        b2 = (f1 * s2).to(dtype).to(tl.float32)
+        r1 = (a1 + b1).to(dtype)
+        r2 = (a2 + b2).to(dtype)
+        if head < HQ:
+            out = q_out + (row * HQ + head) * D
+            tl.store(out + half, r1)
+            tl.store(out + D // 2 + half, r2)
+        else:
+            kv_head = head - HQ
+            position = tl.load(slot)
+            target = row * cache_row + kv_head * cache_head + position * D
+            tl.store(keys + target + half, r1)
+            tl.store(keys + target + D // 2 + half, r2)
+            v_base = qkv + row * qkv_row + (HQ + HKV + kv_head) * D
+            tl.store(values + target + half, tl.load(v_base + half))
+            tl.store(values + target + D // 2 + half, tl.load(v_base + D // 2 + half))
+
+    @triton.jit
+    def silu_mul_kernel(gate_up, out, f, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < f
+        g = tl.load(gate_up + row * 2 * f + cols, mask=inside, other=0.0)
+        u = tl.load(gate_up + row * 2 * f + f + cols, mask=inside, other=0.0)
+        g32 = g.to(tl.float32)
+        s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype)
+        tl.store(out + row * f + cols, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=inside)
+
+    _KERNELS.update(
+        add_rms_norm=add_rms_norm_kernel,
+        rotary_to_cache=rotary_to_cache_kernel,
+        silu_mul=silu_mul_kernel,
+        next_power_of_2=triton.next_power_of_2,
+    )
+    return _KERNELS
+
+
+def add_rms_norm(
+    hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, D) ``hidden`` (+ ``delta``) -> (the sum, its RMSNorm times ``weight``)."""
+    if not triton_available(hidden.device):
+        return add_rms_norm_torch(hidden, delta, weight, eps)
+    k = _build()
+    b, n = hidden.shape
+    out_x = torch.empty_like(hidden)
+    out_h = torch.empty_like(hidden) if delta is not None else hidden
+    k["add_rms_norm"][(b,)](
+        hidden,
+        delta if delta is not None else hidden,
+        weight,
+        out_h,
+        out_x,
+        n,
+        eps,
+        HAS_DELTA=delta is not None,
+        BLOCK=k["next_power_of_2"](n),
+    )
+    return out_h, out_x
+
+
+def rotary_to_cache(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot: torch.Tensor,
+    hq: int,
+    hkv: int,
+) -> torch.Tensor:
+    """Rotary on the queries and keys of (B, (Hq + 2 Hkv) d) ``qkv``; keys and values stored at ``slot``
+    of the (B, Hkv, L, d) cache; returns the (B, Hq, 1, d) queries."""
+    if not triton_available(qkv.device):
+        return rotary_to_cache_torch(qkv, cos, sin, keys, values, slot, hq, hkv)
+    k = _build()
+    b = qkv.shape[0]
+    d = keys.shape[-1]
+    q_out = torch.empty(b, hq, 1, d, dtype=qkv.dtype, device=qkv.device)
+    k["rotary_to_cache"][(b, hq + hkv)](
+        qkv,
+        cos,
+        sin,
+        q_out,
+        keys,
+        values,
+        slot,
+        qkv.stride(0),
+        keys.stride(1),
+        keys.stride(0),
+        HQ=hq,
+        HKV=hkv,
+        D=d,
+    )
+    return q_out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """(B, 2F) -> (B, F): ``silu(gate) * up``."""
+    if not triton_available(gate_up.device):
+        return silu_mul_torch(gate_up)
+    k = _build()
+    b, two_f = gate_up.shape
+    f = two_f // 2
+    out = torch.empty(b, f, dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    k["silu_mul"][(b, (f + block - 1) // block)](gate_up, out, f, BLOCK=block)
+    return out

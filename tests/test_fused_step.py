@@ -1,0 +1,123 @@
+"""The fused decode step: its arithmetic is transformers' Qwen2 arithmetic (on synthetic tensors and on
+the tiny model), fusing leaves the model's own outputs unchanged, unsupported models keep their own
+step; on a GPU the Triton kernels equal the torch definitions (``pytest -m gpu``)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
+
+from dycoke.attention import language_model_of
+from dycoke.decoding import kernels
+from dycoke.decoding.fused import FusedStep, fused_decoder_for
+from dycoke.tiny import build_tiny_model
+
+
+def _rotary(b: int, d: int, dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.rand(b, d // 2, device=device) * 40
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_is_the_residual_add_and_qwen2_rmsnorm(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    norm = Qwen2RMSNorm(48, eps=1e-6).to(dtype)
+    norm.weight.data = torch.randn(48).to(dtype)
+    hidden, delta = torch.randn(3, 48).to(dtype), torch.randn(3, 48).to(dtype)
+    h, x = kernels.add_rms_norm_torch(hidden, delta, norm.weight, 1e-6)
+    assert torch.equal(h, hidden + delta) and torch.equal(x, norm(hidden + delta))
+    same, x0 = kernels.add_rms_norm_torch(hidden, None, norm.weight, 1e-6)
+    assert same is hidden and torch.equal(x0, norm(hidden))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_to_cache_is_qwen2_rotary_and_a_cache_write(dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    b, hq, hkv, d, length = 2, 4, 2, 16, 7
+    qkv = torch.randn(b, (hq + 2 * hkv) * d).to(dtype)
+    cos, sin = _rotary(b, d, dtype)
+    keys, values = torch.randn(b, hkv, length, d).to(dtype), torch.randn(b, hkv, length, d).to(dtype)
+    before_k, before_v = keys.clone(), values.clone()
+    q = kernels.rotary_to_cache_torch(qkv, cos, sin, keys, values, torch.tensor([5]), hq, hkv)
+    q_ref, k_ref, v_ref = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q_ref, k_ref = apply_rotary_pos_emb(
+        q_ref.view(b, 1, hq, d).transpose(1, 2), k_ref.view(b, 1, hkv, d).transpose(1, 2), cos[:, None], sin[:, None]
+    )
+    assert q.shape == (b, hq, 1, d) and torch.equal(q, q_ref)
+    assert torch.equal(keys[:, :, 5:6], k_ref) and torch.equal(values[:, :, 5], v_ref.view(b, hkv, d))
+    untouched = [0, 1, 2, 3, 4, 6]
+    assert torch.equal(keys[:, :, untouched], before_k[:, :, untouched])
+    assert torch.equal(values[:, :, untouched], before_v[:, :, untouched])
+
+
+def test_silu_mul_is_qwen2_mlp_activation() -> None:
+    gate_up = torch.randn(3, 20)
+    assert torch.equal(kernels.silu_mul_torch(gate_up), torch.nn.functional.silu(gate_up[:, :10]) * gate_up[:, 10:])
+
+
+def test_fusing_makes_views_and_keeps_the_models_outputs() -> None:
+    model = build_tiny_model(seed=3).eval()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 500, (2, 9))
+    step = fused_decoder_for(model)
+    assert isinstance(step, FusedStep) and fused_decoder_for(model) is step  # built once per model
+    layer = language_model_of(model).layers[0]
+    fused = step.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    assert attn.q_proj.weight.data_ptr() == fused.qkv_weight.data_ptr()
+    assert attn.k_proj.weight.data_ptr() == fused.qkv_weight[attn.q_proj.weight.shape[0] :].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == fused.gate_up_weight[mlp.gate_proj.weight.shape[0] :].data_ptr()
+    assert torch.equal(fused.qkv_weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert FusedStep(model).layers[0].qkv_weight.data_ptr() == fused.qkv_weight.data_ptr()  # idempotent
+
+
+def test_models_the_step_does_not_implement_keep_their_own() -> None:
+    model = build_tiny_model(seed=4)
+    language_model_of(model).config.hidden_act = "gelu"
+    assert fused_decoder_for(model) is None
+    other = build_tiny_model(seed=5)
+    language_model_of(other).layers[1].self_attn.o_proj.bias = torch.nn.Parameter(torch.zeros(64))
+    assert fused_decoder_for(other) is None
+
+
+# -- GPU: the Triton kernels --------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("b", [1, 5])
+def test_triton_kernels_equal_the_torch_definitions(b: int) -> None:
+    torch.manual_seed(2)
+    dev, dtype = "cuda", torch.bfloat16
+    d_model, hq, hkv, d, length, f = 3584, 28, 4, 128, 40, 18944
+    hidden, delta = torch.randn(b, d_model, device=dev, dtype=dtype), torch.randn(b, d_model, device=dev, dtype=dtype)
+    weight = torch.randn(d_model, device=dev, dtype=dtype)
+    h, x = kernels.add_rms_norm(hidden, delta, weight, 1e-6)
+    h_ref, x_ref = kernels.add_rms_norm_torch(hidden, delta, weight, 1e-6)
+    assert torch.equal(h, h_ref)
+    # only the float32 sum's order differs: at most one bf16 step apart, rarely
+    ulp = (x_ref.float().abs() * 2**-7).clamp_min(1e-30)
+    assert ((x.float() - x_ref.float()).abs() <= ulp).all() and (x != x_ref).float().mean() < 0.01
+    _, x0 = kernels.add_rms_norm(hidden, None, weight, 1e-6)
+    assert ((x0.float() - kernels.add_rms_norm_torch(hidden, None, weight, 1e-6)[1].float()).abs() <= 0.05).all()
+
+    qkv = torch.randn(b, (hq + 2 * hkv) * d, device=dev, dtype=dtype)
+    cos, sin = _rotary(b, d, dtype, dev)
+    keys = torch.zeros(b, hkv, length, d, device=dev, dtype=dtype)
+    values = torch.zeros_like(keys)
+    keys_ref, values_ref = keys.clone(), values.clone()
+    slot = torch.tensor(17, device=dev)
+    q = kernels.rotary_to_cache(qkv, cos, sin, keys, values, slot.view(1), hq, hkv)
+    q_ref = kernels.rotary_to_cache_torch(qkv, cos, sin, keys_ref, values_ref, slot.view(1), hq, hkv)
+    assert torch.equal(q, q_ref) and torch.equal(keys, keys_ref) and torch.equal(values, values_ref)
+
+    gate_up = torch.randn(b, 2 * f, device=dev, dtype=dtype)
+    a, a_ref = kernels.silu_mul(gate_up), kernels.silu_mul_torch(gate_up)
+    assert (a.float() - a_ref.float()).abs().max() <= (a_ref.float().abs() * 2**-7).max()
+    assert (a != a_ref).float().mean() < 0.01
