@@ -41,7 +41,7 @@ def add_rms_norm_torch(
     h = hidden if delta is None else hidden + delta
     x = h.to(torch.float32)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return h, weight * x.to(h.dtype)
+    return h, weight * x.to(h.dtype, fp_downcast_rounding="rtne")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -98,13 +98,17 @@ def _build() -> dict[str, Any]:
         h = tl.load(hidden + row * n + cols, mask=inside, other=0.0)
         if HAS_DELTA:
             dl = tl.load(delta + row * n + cols, mask=inside, other=0.0)
-            h = (h.to(tl.float32) + dl.to(tl.float32)).to(h.dtype)
+            h = (h.to(tl.float32) + dl.to(tl.float32)).to(h.dtype, fp_downcast_rounding="rtne")
             tl.store(out_h + row * n + cols, h, mask=inside)
         x = h.to(tl.float32)
         variance = tl.sum(x * x, axis=0) / n
-        x = (x * tl.math.rsqrt(variance + eps)).to(h.dtype)
+        x = (x * tl.math.rsqrt(variance + eps)).to(h.dtype, fp_downcast_rounding="rtne")
         w = tl.load(weight + cols, mask=inside, other=0.0)
-        tl.store(out_x + row * n + cols, (w.to(tl.float32) * x.to(tl.float32)).to(h.dtype), mask=inside)
+        tl.store(
+            out_x + row * n + cols,
+            (w.to(tl.float32) * x.to(tl.float32)).to(h.dtype, fp_downcast_rounding="rtne"),
+            mask=inside,
+        )
 
     @triton.jit
     def rotary_to_cache_kernel(  # type: ignore[no-untyped-def]
@@ -136,12 +140,12 @@ def _build() -> dict[str, Any]:
         f1 = x1.to(tl.float32)
         f2 = x2.to(tl.float32)
         # (x * cos) + (rotate_half(x) * sin), each product and the sum rounded as bf16 ops round
-        a1 = (f1 * c1).to(dtype).to(tl.float32)
-        a2 = (f2 * c2).to(dtype).to(tl.float32)
-        b1 = (-f2 * s1).to(dtype).to(tl.float32)
-        b2 = (f1 * s2).to(dtype).to(tl.float32)
-        r1 = (a1 + b1).to(dtype)
-        r2 = (a2 + b2).to(dtype)
+        a1 = (f1 * c1).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+        a2 = (f2 * c2).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+        b1 = (-f2 * s1).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+        b2 = (f1 * s2).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+        r1 = (a1 + b1).to(dtype, fp_downcast_rounding="rtne")
+        r2 = (a2 + b2).to(dtype, fp_downcast_rounding="rtne")
         if head < HQ:
             out = q_out + (row * HQ + head) * D
             tl.store(out + half, r1)
@@ -164,8 +168,12 @@ def _build() -> dict[str, Any]:
         g = tl.load(gate_up + row * 2 * f + cols, mask=inside, other=0.0)
         u = tl.load(gate_up + row * 2 * f + f + cols, mask=inside, other=0.0)
         g32 = g.to(tl.float32)
-        s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype)
-        tl.store(out + row * f + cols, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=inside)
+        s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype, fp_downcast_rounding="rtne")
+        tl.store(
+            out + row * f + cols,
+            (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype, fp_downcast_rounding="rtne"),
+            mask=inside,
+        )
 
     _KERNELS.update(
         add_rms_norm=add_rms_norm_kernel,
