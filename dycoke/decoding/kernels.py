@@ -41,7 +41,7 @@ def add_rms_norm_torch(
     h = hidden if delta is None else hidden + delta
     x = h.to(torch.float32)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return h, weight * x.to(h.dtype, fp_downcast_rounding="rtne")
+    return h, weight * x.to(h.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
