@@ -308,12 +308,13 @@ def test_decode_workers_default_and_override(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_decode_workers_for_seeking_readers(monkeypatch: pytest.MonkeyPatch) -> None:
-    # PyAV readers (seeking): one per 100 frames of work, up to one per CPU, beyond decord's cap
+    # PyAV readers (seeking): one per 25 frames of work (a seek counting 5), up to one per CPU, beyond
+    # decord's cap
     monkeypatch.delenv("DYCOKE_DECODE_WORKERS", raising=False)
     monkeypatch.setattr("dycoke.video.plan._cpu_count", lambda: 16)
     assert decode_workers(22, work=3566, seeking=True) == 16
-    assert decode_workers(32, work=1254, seeking=True) == 12
-    assert decode_workers(3, work=600, seeking=True) == 3 and decode_workers(8, work=99, seeking=True) == 1
+    assert decode_workers(32, work=32, seeking=True) == 7  # 32 key frames alone: (32 + 32 * 5) // 25
+    assert decode_workers(3, work=600, seeking=True) == 3 and decode_workers(2, work=10, seeking=True) == 1
     assert decode_workers(22, work=3566) == MAX_DECODE_WORKERS == 8
     monkeypatch.setenv("DYCOKE_DECODE_WORKERS", "5")
     assert decode_workers(22, work=3566, seeking=True) == 5

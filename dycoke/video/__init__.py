@@ -67,7 +67,8 @@ never decoded as a whole: each frame costs the frames from its key frame to it.
 
 Readers. The forward passes are dealt out, as contiguous runs of similar cost, to several readers on
 threads, each with its own PyAV container or decord reader (both decode without holding the GIL).
-PyAV: one reader per ``FRAMES_PER_SEEKING_READER=100`` frames of work, at most one per CPU and one per
+PyAV: one reader per ``FRAMES_PER_SEEKING_READER=25`` frames of work (a seek counting as
+``SEEK_COST_FRAMES=5``), at most one per CPU and one per
 forward pass; decord: one per ``FRAMES_PER_READER=400`` frames, at most ``min(CPUs,
 MAX_DECODE_WORKERS=8)``; ``DYCOKE_DECODE_WORKERS=N`` overrides both. FFmpeg's own decoding threads per
 reader are the CPUs divided among the readers (measured: more readers of one thread beat fewer readers

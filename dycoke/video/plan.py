@@ -120,9 +120,12 @@ FRAMES_PER_READER = 400
 (opening the file, building its index) than it saves (2 cores: a 20-s clip read 0.74 s with one reader,
 0.95 s with two; a 3-min one 5.0 s and 3.6 s)."""
 
-FRAMES_PER_SEEKING_READER = 100
+FRAMES_PER_SEEKING_READER = 25
+SEEK_COST_FRAMES = 5
 """For PyAV, whose readers open in milliseconds (they seek by timestamp in the demux index, they build
-none): one more reader per this many frames of work, up to one per CPU. On the 3-min 1080p clip
+none): one more reader per ``FRAMES_PER_SEEKING_READER`` frames of work, a seek counting as
+``SEEK_COST_FRAMES`` frames, up to one per CPU and one per seek (32 key frames of a 10-min clip, one
+frame each: one reader took 0.73 s on 16 CPUs). On the 3-min 1080p clip
 (3566 frames to decode for 32 exact frames), 16 CPUs: 16 readers of one thread 0.79 s, 8 of two
 0.87 s, 8 of one 1.20 s, 22 of one 1.00 s; 2 CPUs: 2 readers of one thread 3.39 s, of two 4.36 s, one
 reader 6.19 s (``benchmarks/tune_video_readers.py``)."""
@@ -132,16 +135,18 @@ def decode_workers(segments: int | None = None, work: float | None = None, *, se
     """Readers decoding at once: ``DYCOKE_DECODE_WORKERS`` when set to a positive integer, else one
     per ``FRAMES_PER_READER`` of ``work`` (frames to decode) when given, at most
     ``min(CPUs, MAX_DECODE_WORKERS)``; with ``seeking`` (PyAV readers) one per
-    ``FRAMES_PER_SEEKING_READER``, at most one per CPU. Never more than ``segments`` (the key-frame
-    segments or seeks the sampled frames need) when given."""
+    ``FRAMES_PER_SEEKING_READER`` with ``SEEK_COST_FRAMES`` added per segment, at most one per CPU.
+    Never more than ``segments`` (the key-frame segments or seeks the sampled frames need) when given."""
     configured = os.environ.get("DYCOKE_DECODE_WORKERS", "").strip()
     if configured.isdigit() and int(configured) > 0:
         workers = int(configured)
     else:
         workers = _cpu_count() if seeking else min(_cpu_count(), MAX_DECODE_WORKERS)
-        if work is not None:
-            per_reader = FRAMES_PER_SEEKING_READER if seeking else FRAMES_PER_READER
-            workers = min(workers, max(1, int(work // per_reader)))
+        if work is not None and seeking:
+            work += SEEK_COST_FRAMES * (segments or 1)
+            workers = min(workers, max(1, int(work // FRAMES_PER_SEEKING_READER)))
+        elif work is not None:
+            workers = min(workers, max(1, int(work // FRAMES_PER_READER)))
     return max(1, min(workers, segments)) if segments is not None else workers
 
 
