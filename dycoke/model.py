@@ -163,6 +163,8 @@ def load_model(options: ModelOptions) -> LoadedModel:
         f"model '{options.model}' does not fit in the memory of {device}; use a smaller model, "
         "--device-map auto (over several GPUs and CPU memory) or --device cpu"
     )
+    if device.type == "cuda" and options.device_map != "auto":
+        _compile_kernels_meanwhile(source, device, dtype)
     try:
         model, tokenizer = _from_pretrained(source, kwargs, hub=local is None)
     except torch.cuda.OutOfMemoryError as exc:
@@ -192,6 +194,20 @@ def load_model(options: ModelOptions) -> LoadedModel:
         dtype=dtype,
         random_weights=checkpoint_is_random(model.config),
     )
+
+
+def _compile_kernels_meanwhile(source: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Start compiling the fused decode step's kernels for this checkpoint's language model while its
+    weights load (nothing when its configuration cannot be read here: they compile on first use)."""
+    from dycoke.decoding.kernels import compile_in_background
+
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError):
+        return
+    compile_in_background(getattr(config, "text_config", config), device, dtype)
 
 
 def _max_memory(per_gpu: str) -> dict[int | str, str | int]:

@@ -16,6 +16,7 @@ key-value heads of size d; L static cache slots.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -79,6 +80,46 @@ def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
 # -- Triton kernels --------------------------------------------------------------------------------
 
 _KERNELS: dict[str, Any] = {}
+_WARMING: list[threading.Thread] = []
+
+
+def compile_in_background(text_config: Any, device: torch.device, dtype: torch.dtype) -> threading.Thread | None:
+    """Compile the kernels for a language model of ``text_config``'s shape (or load them from Triton's
+    disk cache) on a thread, while the weights load: a first compile takes seconds, which the first
+    answer would otherwise wait for. The kernels' first real call waits for the thread. Returns it, or
+    None where the fused step's kernels do not apply."""
+    if not triton_available(device) or getattr(text_config, "model_type", None) != "qwen2":
+        return None
+    hidden = int(text_config.hidden_size)
+    hq, hkv = int(text_config.num_attention_heads), int(text_config.num_key_value_heads)
+    head = int(getattr(text_config, "head_dim", None) or hidden // hq)
+    width = int(text_config.intermediate_size)
+
+    def compile_all() -> None:
+        try:
+            with torch.cuda.device(device):
+                h = torch.zeros(1, hidden, dtype=dtype, device=device)
+                add_rms_norm(h, h, torch.ones_like(h[0]), 1e-6, wait=False)
+                add_rms_norm(h, None, torch.ones_like(h[0]), 1e-6, wait=False)
+                qkv = torch.zeros(1, (hq + 2 * hkv) * head, dtype=dtype, device=device)
+                cos = torch.zeros(1, head, dtype=dtype, device=device)
+                keys = torch.zeros(1, hkv, 2, head, dtype=dtype, device=device)
+                slot = torch.zeros((), dtype=torch.long, device=device).view(1)
+                rotary_to_cache(qkv, cos, cos, keys, torch.zeros_like(keys), slot, hq, hkv, wait=False)
+                silu_mul(torch.zeros(1, 2 * width, dtype=dtype, device=device), wait=False)
+                torch.cuda.synchronize(device)
+        except Exception:  # the step then compiles on first use, as without this thread
+            pass
+
+    thread = threading.Thread(target=compile_all, name="dycoke-kernels", daemon=True)
+    _WARMING.append(thread)
+    thread.start()
+    return thread
+
+
+def _wait_for_compiles() -> None:
+    while _WARMING:
+        _WARMING.pop().join()
 
 
 def _build() -> dict[str, Any]:
@@ -87,6 +128,13 @@ def _build() -> dict[str, Any]:
         return _KERNELS
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def rounded(x, dtype: tl.constexpr, SIXTEEN: tl.constexpr):  # type: ignore[no-untyped-def]
+        y = x.to(dtype, fp_downcast_rounding="rtne")
+        if SIXTEEN:
+            y = y.to(tl.int16, bitcast=True).to(dtype, bitcast=True)
+        return y.to(tl.float32)
 
     @triton.jit
     def add_rms_norm_kernel(  # type: ignore[no-untyped-def]
@@ -125,6 +173,7 @@ def _build() -> dict[str, Any]:
         HQ: tl.constexpr,
         HKV: tl.constexpr,
         D: tl.constexpr,
+        SIXTEEN: tl.constexpr,
     ):
         row = tl.program_id(0)
         head = tl.program_id(1)
@@ -139,11 +188,12 @@ def _build() -> dict[str, Any]:
         dtype = x1.dtype
         f1 = x1.to(tl.float32)
         f2 = x2.to(tl.float32)
-        # (x * cos) + (rotate_half(x) * sin), each product and the sum rounded as bf16 ops round
-        a1 = (f1 * c1).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
-        a2 = (f2 * c2).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
-        b1 = (-f2 * s1).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
-        b2 = (f1 * s2).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+        # (x * cos) + (rotate_half(x) * sin), each product and the sum rounded as bf16 ops round (the
+        # bit casts keep the compiler from folding a rounding away)
+        a1 = rounded(f1 * c1, dtype, SIXTEEN)
+        a2 = rounded(f2 * c2, dtype, SIXTEEN)
+        b1 = rounded(-f2 * s1, dtype, SIXTEEN)
+        b2 = rounded(f1 * s2, dtype, SIXTEEN)
         r1 = (a1 + b1).to(dtype, fp_downcast_rounding="rtne")
         r2 = (a2 + b2).to(dtype, fp_downcast_rounding="rtne")
         if head < HQ:
@@ -185,11 +235,13 @@ def _build() -> dict[str, Any]:
 
 
 def add_rms_norm(
-    hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, *, wait: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, D) ``hidden`` (+ ``delta``) -> (the sum, its RMSNorm times ``weight``)."""
     if not triton_available(hidden.device):
         return add_rms_norm_torch(hidden, delta, weight, eps)
+    if wait:
+        _wait_for_compiles()
     k = _build()
     b, n = hidden.shape
     out_x = torch.empty_like(hidden)
@@ -217,11 +269,15 @@ def rotary_to_cache(
     slot: torch.Tensor,
     hq: int,
     hkv: int,
+    *,
+    wait: bool = True,
 ) -> torch.Tensor:
     """Rotary on the queries and keys of (B, (Hq + 2 Hkv) d) ``qkv``; keys and values stored at ``slot``
     of the (B, Hkv, L, d) cache; returns the (B, Hq, 1, d) queries."""
     if not triton_available(qkv.device):
         return rotary_to_cache_torch(qkv, cos, sin, keys, values, slot, hq, hkv)
+    if wait:
+        _wait_for_compiles()
     k = _build()
     b = qkv.shape[0]
     d = keys.shape[-1]
@@ -240,14 +296,17 @@ def rotary_to_cache(
         HQ=hq,
         HKV=hkv,
         D=d,
+        SIXTEEN=qkv.element_size() == 2,
     )
     return q_out
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, *, wait: bool = True) -> torch.Tensor:
     """(B, 2F) -> (B, F): ``silu(gate) * up``."""
     if not triton_available(gate_up.device):
         return silu_mul_torch(gate_up)
+    if wait:
+        _wait_for_compiles()
     k = _build()
     b, two_f = gate_up.shape
     f = two_f // 2
