@@ -121,6 +121,13 @@ def test_triton_add_rms_norm(b: int) -> None:
 @needs_gpu
 @pytest.mark.parametrize("b", [1, 5])
 def test_triton_rotary_to_cache(b: int) -> None:
+    """Values are copied bit for bit; rotated queries and keys are as accurate as the module path's.
+
+    They are not its bits: on the H200, 23% of bf16 queries differed from transformers' three-rounding
+    arithmetic (some by more than one step, where the two products nearly cancel), while RMSNorm and
+    SiLU matched bit for bit. So the kernel is held to accuracy against a float64 rotation: its worst
+    error at most the module path's plus one bf16 step of the largest value.
+    """
     torch.manual_seed(3)
     hq, hkv, d, length = 28, 4, 128, 40
     qkv = torch.randn(b, (hq + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
@@ -132,10 +139,17 @@ def test_triton_rotary_to_cache(b: int) -> None:
     q = kernels.rotary_to_cache(qkv, cos, sin, keys, values, slot, hq, hkv)
     q_ref = kernels.rotary_to_cache_torch(qkv, cos, sin, keys_ref, values_ref, slot, hq, hkv)
     assert torch.equal(values, values_ref)
-    for got, want in ((q, q_ref), (keys, keys_ref)):
-        close, share = _one_ulp_apart(got, want)
-        print(f"share of elements one bf16 step apart: {share:.4f}")  # shown with -s
-        assert close and share < 0.3, share
+    untouched = [i for i in range(length) if i != 17]
+    assert not keys[:, :, untouched].any()
+    exact_keys = torch.zeros(b, hkv, length, d, device="cuda", dtype=torch.float64)
+    exact_q = kernels.rotary_to_cache_torch(
+        qkv.double(), cos.double(), sin.double(), exact_keys, torch.zeros_like(exact_keys), slot, hq, hkv
+    )
+    for got, module_path, exact in ((q, q_ref, exact_q), (keys[:, :, 17], keys_ref[:, :, 17], exact_keys[:, :, 17])):
+        step = float(exact.abs().max()) * 2**-8
+        ours, theirs = (got.double() - exact).abs().max(), (module_path.double() - exact).abs().max()
+        print(f"rotary worst error: ours {float(ours):.2e}, module path {float(theirs):.2e}")
+        assert ours <= theirs + step
 
 
 @pytest.mark.gpu
