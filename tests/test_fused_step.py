@@ -159,3 +159,11 @@ def test_triton_silu_mul() -> None:
     close, share = _one_ulp_apart(kernels.silu_mul(gate_up), kernels.silu_mul_torch(gate_up))
     print(f"share of elements one bf16 step apart: {share:.4f}")  # shown with -s
     assert close and share < 0.3, share
+
+
+def test_kernels_are_not_compiled_where_they_cannot_run() -> None:
+    config = build_tiny_model(seed=6).config.text_config
+    assert kernels.compile_in_background(config, torch.device("cpu"), torch.float32) is None
+    if torch.cuda.is_available():  # a model type the fused step does not implement: nothing to compile
+        config.model_type = "llama"
+        assert kernels.compile_in_background(config, torch.device("cuda"), torch.bfloat16) is None
