@@ -17,16 +17,28 @@ Modes, each over the same 64 questions:
 
 Questions per second counts the wall time of the whole mode (the next video's decode overlaps on a CPU
 thread in the batch modes).
+
+``--memory-budget-gib G``: for each method, the largest batch size whose peak GPU memory (weights
+included) stays within G GiB is searched (doubling, then bisecting; a batch that runs out of memory
+does not fit), each trial answering one video's questions in one batch; then the ``shared-b<best>``
+mode runs over every video and the result records questions per second at that budget
+(``budget`` rows), the quantity DyCoke's smaller KV cache buys:
+
+    python benchmarks/bench_batch.py --size 7b --frames 32 --new-tokens 64 --memory-budget-gib 40 \
+        --questions-per-video 64 --modes --out benchmarks/results/batch-budget-7b-h200.json
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +83,48 @@ def write_questions(folder: Path, video: Path, videos: int, per_video: int = len
     return path
 
 
+def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
+    """The largest n in 1..limit with ``fits(n)``, assuming fitting is monotone (what fits at n fits
+    below it): doubling from 1, then bisecting. 0 when even 1 does not fit. Calls ``fits`` about
+    2 log2(n) times."""
+    if limit < 1 or not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)  # low fits; high does not (or is past the limit)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def batch_fits(qa: VideoQA, csv_path: Path, options: RunOptions, folder: Path, size: int, *, budget_gib: float) -> bool:
+    """Whether ``size`` questions on one video, answered as one batch, peak within ``budget_gib``."""
+    MODES[f"shared-b{size}"] = {"share_prefix": True, "batch_size": size}
+    questions = read_questions(csv_path)[:size]
+    trial = folder / f"trial-{size}.csv"
+    with trial.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "video", "question"])
+        writer.writerows([q.id, str(q.path), q.question] for q in questions)
+    try:
+        peak = run_mode(qa, trial, f"shared-b{size}", options, folder)["peak_gpu_gib"]
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return False
+    except Exception as exc:  # the library turns an out-of-memory error into its own
+        if "out of" not in str(exc).lower() or "memory" not in str(exc).lower():
+            raise
+        torch.cuda.empty_cache()
+        return False
+    print(f"  batch {size}: peak {peak:.1f} GiB", flush=True)
+    return bool(peak <= budget_gib)
+
+
 def run_mode(qa: VideoQA, csv_path: Path, mode: str, options: RunOptions, folder: Path) -> dict[str, Any]:
     questions = read_questions(csv_path)
     torch.cuda.synchronize()
@@ -108,6 +162,9 @@ def main() -> None:
         "--batch-sizes", type=int, nargs="*", default=[], help="add shared-prefix modes at these batch sizes"
     )
     parser.add_argument("--decoder", default="auto", help="decode loop: auto (CUDA graphs), hf, static, graph")
+    parser.add_argument(
+        "--memory-budget-gib", type=float, help="find each method's largest batch within this peak GPU memory"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     for size in args.batch_sizes:
@@ -144,6 +201,22 @@ def main() -> None:
                 row = {"method": method, "mode": mode, **run_mode(qa, csv_path, mode, options, folder)}
                 print(json.dumps(row), flush=True)
                 results["runs"].append(row)
+            if args.memory_budget_gib is not None:
+                budget = float(args.memory_budget_gib)
+                best = largest_fitting(
+                    partial(batch_fits, qa, csv_path, options, folder, budget_gib=budget),
+                    args.questions_per_video,
+                )
+                row = {"method": method, "mode": f"shared-b{best}", "budget_gib": budget, "largest_batch": best}
+                if best:
+                    row |= run_mode(qa, csv_path, f"shared-b{best}", options, folder)
+                print(json.dumps(row), flush=True)
+                results.setdefault("budget", []).append(row)
+    budget_rows = {r["method"]: r for r in results.get("budget", [])}
+    if "full" in budget_rows and budget_rows["full"].get("questions_per_s"):
+        for row in budget_rows.values():
+            if row.get("questions_per_s"):
+                row["vs_full_at_budget"] = row["questions_per_s"] / budget_rows["full"]["questions_per_s"]
     base = {r["method"]: r["questions_per_s"] for r in results["runs"] if r["mode"] == "one-by-one"}
     for row in results["runs"]:
         if row["method"] in base:
@@ -167,6 +240,18 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {r['method']} | {r['mode']} | {r['questions_per_s']:.2f} | {r['seconds']:.1f} | "
             f"{'-' if speedup is None else f'{speedup:.2f}x'} | {r['peak_gpu_gib']:.1f} |"
         )
+    if results.get("budget"):
+        lines += [
+            "",
+            "| method | budget GiB | largest batch | questions/s | vs full | peak GiB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in results["budget"]:
+            ratio = r.get("vs_full_at_budget")
+            lines.append(
+                f"| {r['method']} | {r['budget_gib']:g} | {r['largest_batch']} | {r.get('questions_per_s', 0):.2f} | "
+                f"{'-' if ratio is None else f'{ratio:.2f}x'} | {r.get('peak_gpu_gib', 0):.1f} |"
+            )
     return "\n".join(lines)
 
 
