@@ -1,20 +1,27 @@
 """What a one-shot ``dycoke ask`` pays on its first run in a fresh process, per decoder.
 
-CUDA-graph capture happens inside the first answer (no compilation step); this measures whether that
-first answer is still faster than ``generate``'s. Each decoder runs in its own fresh process:
+CUDA-graph capture happens inside the first answer; the fused decode step's Triton kernels compile on
+their first use ever on a machine (Triton keeps them on disk, in ``TRITON_CACHE_DIR``; ``dycoke ask``
+compiles them beside the weight load). This measures what the first answer pays for both. Each
+decoder runs in its own fresh process, with Triton's disk cache as it is (``warm``) and, with
+``--kernel-cache fresh both``, also with an empty one (``fresh``: the compile inside the first answer):
 
-    python benchmarks/first_run.py --size 7b --out benchmarks/results/first-run-7b-h100.json
+    python benchmarks/first_run.py --size 7b --decoders hf graph graph:unfused --kernel-cache warm fresh \
+        --out benchmarks/results/first-run-7b-h200.json
 
-Per decoder: the first answer (CUDA context and kernels warm from model construction only), then two
-more; total time from the video file to the 64th token.
+Per decoder (``graph:unfused``: the model's own modules each step): the first answer (CUDA context and
+kernels warm from model construction only), then two more; total time from the video file to the 64th
+token.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +38,12 @@ def child(size: str, decoder: str, video: str, frames: int, new_tokens: int) -> 
     qa = build(size)
     options = RunOptions(
         video=VideoOptions(num_frames=frames),
-        generation=GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens, decoder=decoder),
+        generation=GenerationOptions(
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            decoder=decoder.partition(":")[0],
+            fused_step=decoder.partition(":")[2] != "unfused",
+        ),
         method=MethodOptions(method="dycoke"),
     )
     totals = []
@@ -50,7 +62,10 @@ def main() -> None:
     parser.add_argument("--video", default="samples/bigbuckbunny.mp4")
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--decoders", nargs="+", default=["hf", "graph"])
+    parser.add_argument("--decoders", nargs="+", default=["hf", "graph"], help="hf, graph, graph:unfused, static")
+    parser.add_argument(
+        "--kernel-cache", nargs="+", choices=["warm", "fresh"], default=["warm"], help="Triton's disk cache"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -58,12 +73,15 @@ def main() -> None:
         child(args.size, args.child, args.video, args.frames, args.new_tokens)
         return
     rows = []
-    for decoder in args.decoders:
-        command = [sys.executable, __file__, "--child", decoder, "--size", args.size, "--video", args.video]
-        command += ["--frames", str(args.frames), "--new-tokens", str(args.new_tokens)]
-        out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
+    for cache in args.kernel_cache:
+        for decoder in args.decoders:
+            command = [sys.executable, __file__, "--child", decoder, "--size", args.size, "--video", args.video]
+            command += ["--frames", str(args.frames), "--new-tokens", str(args.new_tokens)]
+            with tempfile.TemporaryDirectory() as empty:
+                env = dict(os.environ, **({"TRITON_CACHE_DIR": empty} if cache == "fresh" else {}))
+                out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
+            rows.append({"kernel_cache": cache, **json.loads(out.stdout.strip().splitlines()[-1])})
+            print(rows[-1], flush=True)
     result = {"command": " ".join(["python", *sys.argv]), "size": args.size, "frames": args.frames, "rows": rows}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
