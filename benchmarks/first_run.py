@@ -4,7 +4,7 @@ CUDA-graph capture happens inside the first answer; the fused decode step's Trit
 their first use ever on a machine (Triton keeps them on disk, in ``TRITON_CACHE_DIR``; ``dycoke ask``
 compiles them beside the weight load). This measures what the first answer pays for both. Each
 decoder runs in its own fresh process, with Triton's disk cache as it is (``warm``) and, with
-``--kernel-cache fresh both``, also with an empty one (``fresh``: the compile inside the first answer):
+``--kernel-cache warm fresh``, also with an empty one (``fresh``: the compile inside the first answer):
 
     python benchmarks/first_run.py --size 7b --decoders hf graph graph:unfused --kernel-cache warm fresh \
         --out benchmarks/results/first-run-7b-h200.json
