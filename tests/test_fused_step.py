@@ -5,6 +5,9 @@ step; on a GPU the Triton kernels equal the torch definitions (``pytest -m gpu``
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -121,13 +124,8 @@ def test_triton_add_rms_norm(b: int) -> None:
 @needs_gpu
 @pytest.mark.parametrize("b", [1, 5])
 def test_triton_rotary_to_cache(b: int) -> None:
-    """Values are copied bit for bit; rotated queries and keys are as accurate as the module path's.
-
-    They are not its bits: on the H200, 23% of bf16 queries differed from transformers' three-rounding
-    arithmetic (some by more than one step, where the two products nearly cancel), while RMSNorm and
-    SiLU matched bit for bit. So the kernel is held to accuracy against a float64 rotation: its worst
-    error at most the module path's plus one bf16 step of the largest value.
-    """
+    """Bit for bit: the kernel rounds to bf16 with integer operations between the ops (with float round
+    trips, which the compiler folded, 23% of the queries were off on an H200). Not yet run on a GPU."""
     torch.manual_seed(3)
     hq, hkv, d, length = 28, 4, 128, 40
     qkv = torch.randn(b, (hq + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
@@ -138,18 +136,9 @@ def test_triton_rotary_to_cache(b: int) -> None:
     slot = torch.tensor(17, device="cuda").view(1)
     q = kernels.rotary_to_cache(qkv, cos, sin, keys, values, slot, hq, hkv)
     q_ref = kernels.rotary_to_cache_torch(qkv, cos, sin, keys_ref, values_ref, slot, hq, hkv)
-    assert torch.equal(values, values_ref)
-    untouched = [i for i in range(length) if i != 17]
-    assert not keys[:, :, untouched].any()
-    exact_keys = torch.zeros(b, hkv, length, d, device="cuda", dtype=torch.float64)
-    exact_q = kernels.rotary_to_cache_torch(
-        qkv.double(), cos.double(), sin.double(), exact_keys, torch.zeros_like(exact_keys), slot, hq, hkv
-    )
-    for got, module_path, exact in ((q, q_ref, exact_q), (keys[:, :, 17], keys_ref[:, :, 17], exact_keys[:, :, 17])):
-        step = float(exact.abs().max()) * 2**-8
-        ours, theirs = (got.double() - exact).abs().max(), (module_path.double() - exact).abs().max()
-        print(f"rotary worst error: ours {float(ours):.2e}, module path {float(theirs):.2e}")
-        assert ours <= theirs + step
+    _, share = _one_ulp_apart(q, q_ref)
+    print(f"share of elements one bf16 step apart: {share:.4f}")  # shown with -s
+    assert torch.equal(q, q_ref) and torch.equal(keys, keys_ref) and torch.equal(values, values_ref)
 
 
 @pytest.mark.gpu
@@ -167,3 +156,19 @@ def test_kernels_are_not_compiled_where_they_cannot_run() -> None:
     if torch.cuda.is_available():  # a model type the fused step does not implement: nothing to compile
         config.model_type = "llama"
         assert kernels.compile_in_background(config, torch.device("cuda"), torch.bfloat16) is None
+
+
+# -- the Triton kernels in Triton's interpreter (CPU; runs wherever Triton is installed) -----------------
+
+
+def test_kernels_in_tritons_interpreter() -> None:
+    """The kernels' logic on CPU tensors, in a fresh process (the interpreter must be on before Triton
+    is imported): rotary bit for bit in bf16 and float32, RMSNorm and SiLU * up in float32
+    (``tests/interpreted_kernels.py``)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.interpreted_kernels"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "all kernels agree"

@@ -16,8 +16,8 @@ weights' reading. This step computes the same thing with about 12 kernels per la
 
 Numerically: on the CPU (torch arithmetic) it gives the module path's tokens (tested for every
 method); on a GPU the RMSNorm and SiLU kernels matched transformers' bf16 results bit for bit (H200),
-the rotary kernel not (23% of bf16 query elements differ, some by more than one bf16 step: it is held
-to accuracy against a float64 rotation instead), and the wider GEMMs may sum in another order.
+the rotary kernel since it rounds with integer operations (Triton's interpreter; see ``kernels.py``),
+and the wider GEMMs may sum in another order.
 ``fused_decoder_for`` returns None, and the caller keeps the module-by-module step, for any model this
 step does not implement exactly (not Qwen2, a sliding window, a scaled RoPE, other activations).
 

@@ -18,7 +18,7 @@ The first decode step always runs eagerly, so the graph is captured once every s
 Without CUDA (or with ``use_graph=False``) the same loop runs eagerly: on a CPU it is the reference
 the tests compare with ``generate``. Nothing here changes the answer: the tokens are those of
 ``generate`` with greedy decoding (tested token for token, on the CPU and, in float32, on the GPU).
-With the fused step (``fused.py``) in bf16 on a GPU the rotary embedding rounds differently, so a
+With the fused step (``fused.py``) in bf16 on a GPU the fused GEMMs may sum in another order, so a
 long answer may part from ``generate``'s after a near-tie; ``fused=False`` keeps the modules' kernels.
 
 Shapes: B rows, S prompt length (left-padded), L = S + max_new_tokens cache slots, V vocabulary.

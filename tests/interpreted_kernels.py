@@ -1,0 +1,61 @@
+"""Checks of the fused step's Triton kernels under Triton's interpreter, run as
+``TRITON_INTERPRET=1 python -m tests.interpreted_kernels`` (``test_fused_step`` does): CPU tensors,
+no GPU. The interpreter's float -> bf16 conversions truncate, so only integer-rounded results (the
+rotary kernel's bf16 path) and float32 are compared."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dycoke.decoding import kernels
+
+
+def check_rotary(defined: dict, dtype: torch.dtype, b: int, hq: int, hkv: int, d: int) -> None:
+    torch.manual_seed(b + d)
+    length = 9
+    qkv = (torch.randn(b, (hq + 2 * hkv) * d) * 3).to(dtype)
+    angles = torch.rand(b, d // 2) * 40
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    keys = torch.zeros(b, hkv, length, d, dtype=dtype)
+    values = torch.zeros_like(keys)
+    keys_ref, values_ref = keys.clone(), values.clone()
+    slot = torch.tensor(length - 2).view(1)
+    q = torch.empty(b, hq, 1, d, dtype=dtype)
+    defined["rotary_to_cache"][(b, hq + hkv)](
+        qkv, cos, sin, q, keys, values, slot, qkv.stride(0), keys.stride(1), keys.stride(0),
+        HQ=hq, HKV=hkv, D=d, BF16=dtype == torch.bfloat16,
+    )  # fmt: skip
+    q_ref = kernels.rotary_to_cache_torch(qkv, cos, sin, keys_ref, values_ref, slot, hq, hkv)
+    assert torch.equal(q, q_ref), (dtype, b, hq, d, float((q != q_ref).float().mean()))
+    assert torch.equal(keys, keys_ref) and torch.equal(values, values_ref), (dtype, b, hq, d)
+
+
+def check_norm_and_activation(defined: dict) -> None:
+    hidden, delta, weight = torch.randn(2, 100), torch.randn(2, 100), torch.randn(100)
+    for has_delta in (True, False):
+        out_h, out_x = torch.empty_like(hidden), torch.empty_like(hidden)
+        defined["add_rms_norm"][(2,)](hidden, delta, weight, out_h, out_x, 100, 1e-6, HAS_DELTA=has_delta, BLOCK=128)
+        h_ref, x_ref = kernels.add_rms_norm_torch(hidden, delta if has_delta else None, weight, 1e-6)
+        assert torch.allclose(out_x, x_ref, rtol=1e-5, atol=1e-6)
+        assert not has_delta or torch.equal(out_h, h_ref)
+    gate_up = torch.randn(2, 2 * 1500)
+    out = torch.empty(2, 1500)
+    defined["silu_mul"][(2, 2)](gate_up, out, 1500, BLOCK=1024)
+    assert torch.allclose(out, kernels.silu_mul_torch(gate_up), rtol=1e-5, atol=1e-6)
+
+
+def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    defined = kernels.define_kernels()
+    for dtype in (torch.bfloat16, torch.float32):
+        for shape in ((1, 1, 1, 8), (3, 28, 4, 128)):
+            check_rotary(defined, dtype, *shape)
+    check_norm_and_activation(defined)
+    print("all kernels agree")
+
+
+if __name__ == "__main__":
+    main()
