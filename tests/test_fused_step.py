@@ -125,7 +125,8 @@ def test_triton_add_rms_norm(b: int) -> None:
 @pytest.mark.parametrize("b", [1, 5])
 def test_triton_rotary_to_cache(b: int) -> None:
     """Bit for bit: the kernel rounds to bf16 with integer operations between the ops (with float round
-    trips, which the compiler folded, 23% of the queries were off on an H200). Not yet run on a GPU."""
+    trips, most likely folded by the compiler, 23% of the queries were off on an H200). Not yet run on a
+    GPU."""
     torch.manual_seed(3)
     hq, hkv, d, length = 28, 4, 128, 40
     qkv = torch.randn(b, (hq + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)

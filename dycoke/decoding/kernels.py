@@ -3,10 +3,10 @@
 Each kernel rounds where transformers' Qwen2 modules round (bf16 after every elementwise op of a
 bf16 model). Measured on an H200: ``add_rms_norm`` and ``silu_mul`` equal the torch definitions bit
 for bit. ``rotary_to_cache`` did not while it rounded with float round trips (23% of bf16 queries
-off: the compiler folds a truncate-then-extend pair); it now rounds with integer operations, and
-equals the torch definition bit for bit in Triton's interpreter (``tests/interpreted_kernels.py``;
-its GPU test is written, not yet run). Shapes use B rows of one token each; D the hidden size; Hq /
-Hkv query and key-value heads of size d; L static cache slots.
+off, most likely because the compiler folds a truncate-then-extend pair); it now rounds with
+integer operations, and equals the torch definition bit for bit in Triton's interpreter
+(``tests/interpreted_kernels.py``; its GPU test is written, not yet run). Shapes use B rows of one
+token each; D the hidden size; Hq / Hkv query and key-value heads of size d; L static cache slots.
 
 - ``add_rms_norm(hidden, delta, weight, eps)``: ``h = hidden + delta`` (or ``hidden`` when ``delta`` is
   None) and ``RMSNorm(h)``; (B, D) -> ((B, D), (B, D)). One kernel instead of about seven.
@@ -144,7 +144,7 @@ def define_kernels() -> dict[str, Any]:
     @triton.jit
     def _round_to_bf16(x):  # type: ignore[no-untyped-def]
         # float32 -> the float32 holding the nearest bfloat16 (ties to even), with integer operations
-        # only: a float round trip (truncate, then extend) is folded away by the compiler (measured on
+        # only: a float round trip (truncate, then extend) is, most likely, folded away by the compiler (on
         # an H200: 23% of the rotated values then differed from torch's bf16 arithmetic)
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
