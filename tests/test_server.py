@@ -783,3 +783,45 @@ def test_engine_waits_briefly_for_concurrent_clients_but_never_for_a_lone_one(tm
         assert qa.batches == [["alone"], ["first"], ["q1", "q2"]]
 
     asyncio.run(scenario())
+
+
+def test_engine_waits_for_as_many_clients_as_its_last_batch_answered(tmp_path: Path) -> None:
+    """Clients answered together send their next questions a few ms apart, after the batch ended: the
+    worker waits for that many (not for the whole wait, and not for a full batch)."""
+    from dycoke.config import RunOptions
+    from dycoke.server.engine import Done, Job
+
+    async def scenario() -> None:
+        engine, qa, source = _engine_with_fake(tmp_path, max_batch_size=4, batch_wait_s=3.0)
+        loop = asyncio.get_running_loop()
+
+        def job(question: str) -> Job:
+            return Job(source=source("a.mp4"), question=question, options=RunOptions(), stream=False, loop=loop)
+
+        async def done(j: Job) -> None:
+            while not isinstance(await asyncio.wait_for(j.events.get(), 10), Done):
+                pass
+
+        engine.start()
+        qa.gate = threading.Event()
+        blocker = job("first")
+        engine.submit(blocker)
+        assert await asyncio.to_thread(qa.entered.wait, 5)
+        round_one = [job(f"a{i}") for i in range(4)]
+        for j in round_one:  # arrive while a batch runs: a full batch forms at once
+            engine.submit(j)
+        qa.gate.set()
+        for j in (blocker, *round_one):
+            await done(j)
+        t0 = time.monotonic()
+        round_two = [job(f"b{i}") for i in range(4)]
+        for j in round_two:  # the same four clients, after their answers, 50 ms apart
+            engine.submit(j)
+            await asyncio.sleep(0.05)
+        for j in round_two:
+            await done(j)
+        assert time.monotonic() - t0 < 2.0  # formed as soon as the fourth came, not after the 3-s wait
+        engine.close(2)
+        assert qa.batches == [["first"], ["a0", "a1", "a2", "a3"], ["b0", "b1", "b2", "b3"]]
+
+    asyncio.run(scenario())

@@ -142,6 +142,7 @@ class Engine:
         self.qa = qa
         self.batch_wait_s = batch_wait_s
         self._busy_arrivals = 0  # requests that arrived while a batch ran: clients are asking concurrently
+        self._last_group_size = 0  # clients answered together send their next questions together
         self.media = media
         self.cache = PreparedCache(cache_bytes)
         self.max_batch_size = max_batch_size
@@ -275,15 +276,19 @@ class Engine:
             if first.batchable:
                 self._gather(group)
                 # Clients asking concurrently send their next questions a few ms apart when a batch ends:
-                # wait a moment for them, so that they form one batch instead of several small ones.
+                # wait a moment for them, so that they form one batch instead of several small ones. How
+                # many to wait for: a full batch when requests arrived while the last one ran, else as
+                # many as the last batch answered (its clients ask again after their answers came).
                 concurrent, self._busy_arrivals = self._busy_arrivals > 0, 0
+                wanted = self.max_batch_size if concurrent else min(self._last_group_size, self.max_batch_size)
                 deadline = time.monotonic() + self.batch_wait_s
-                while concurrent and len(group) < self.max_batch_size and not self._closing:
+                while len(group) < wanted and not self._closing:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
                     self._gather(group)
+            self._last_group_size = len(group)
             self._running = group
             return group
 

@@ -25,8 +25,9 @@ class ServerSettings:
         api_key: when set, every ``/v1`` request must send ``Authorization: Bearer <key>``.
         max_batch_size: most requests answered together (same video, same options).
         max_queue: most requests waiting or running; more get 503.
-        batch_wait_ms: when clients ask concurrently (requests came while the last batch ran), how long
-            a new batch waits for more requests on its video before it starts (0: never).
+        batch_wait_ms: when clients ask concurrently (requests came while the last batch ran, or the last
+            batch answered several), how long a new batch waits at most for more requests on its video
+            before it starts: for a full batch, or as many as the last batch answered (0: never).
         defaults: the options of a request that sets none (its fields override these).
         warmup: answer one short question on a synthetic clip before listening (skipped on CPU).
         shutdown_timeout_s: on SIGTERM/Ctrl-C, how long running requests may finish before they are
