@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dycoke.attention import language_model_of
 from dycoke.decoding.kernels import add_rms_norm, rotary_to_cache, silu_mul
@@ -141,8 +142,6 @@ class FusedStep:
     def logits(self, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
         """(B, 1) tokens at (B, 1) positions, attending through the (B, 1, 1, L) boolean ``mask``, with
         each layer's key and value written at its static cache layer's next slot -> (B, V) logits."""
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         b = token.shape[0]
         attend = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         hidden = self.embed(token)  # (B, 1, D)
