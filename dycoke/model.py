@@ -198,13 +198,14 @@ def load_model(options: ModelOptions) -> LoadedModel:
 
 def _compile_kernels_meanwhile(source: str, device: torch.device, dtype: torch.dtype) -> None:
     """Start compiling the fused decode step's kernels for this checkpoint's language model while its
-    weights load (nothing when its configuration cannot be read here: they compile on first use)."""
+    weights load (nothing when its configuration is not on this machine: they compile on first use;
+    the configuration is never fetched for this, so an offline hub id costs no network retries)."""
     from dycoke.decoding.kernels import compile_in_background
 
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError):
         return
     compile_in_background(getattr(config, "text_config", config), device, dtype)

@@ -19,6 +19,7 @@ token each; D the hidden size; Hq / Hkv query and key-value heads of size d; L s
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -27,8 +28,11 @@ import torch
 
 def triton_available(device: torch.device) -> bool:
     """Whether the Triton kernels can run on ``device`` (a CUDA device with Triton installed)."""
-    if device.type != "cuda":
-        return False
+    return device.type == "cuda" and _triton_importable()
+
+
+@functools.cache
+def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -206,13 +210,9 @@ def define_kernels() -> dict[str, Any]:
         if BF16:
             r1 = _round_to_bf16(_round_to_bf16(f1 * c1) + _round_to_bf16(-f2 * s1)).to(dtype)
             r2 = _round_to_bf16(_round_to_bf16(f2 * c2) + _round_to_bf16(f1 * s2)).to(dtype)
-        else:  # float32 (exact), or float16
-            a1 = (f1 * c1).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
-            a2 = (f2 * c2).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
-            b1 = (-f2 * s1).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
-            b2 = (f1 * s2).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
-            r1 = (a1 + b1).to(dtype, fp_downcast_rounding="rtne")
-            r2 = (a2 + b2).to(dtype, fp_downcast_rounding="rtne")
+        else:  # float32: nothing to round between the ops
+            r1 = f1 * c1 + -f2 * s1
+            r2 = f2 * c2 + f1 * s2
         if head < HQ:
             out = q_out + (row * HQ + head) * D
             tl.store(out + half, r1)
@@ -289,8 +289,9 @@ def rotary_to_cache(
     wait: bool = True,
 ) -> torch.Tensor:
     """Rotary on the queries and keys of (B, (Hq + 2 Hkv) d) ``qkv``; keys and values stored at ``slot``
-    of the (B, Hkv, L, d) cache; returns the (B, Hq, 1, d) queries."""
-    if not triton_available(qkv.device):
+    of the (B, Hkv, L, d) cache; returns the (B, Hq, 1, d) queries. The kernel rounds as torch does for
+    bf16 and float32; float16 takes the torch definition."""
+    if not triton_available(qkv.device) or qkv.dtype not in (torch.bfloat16, torch.float32):
         return rotary_to_cache_torch(qkv, cos, sin, keys, values, slot, hq, hkv)
     if wait:
         _wait_for_compiles()
