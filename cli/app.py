@@ -104,46 +104,7 @@ def ask(
 ) -> None:
     """Answer QUESTION about VIDEO; the answer streams to stdout, a summary follows on stderr."""
     try:
-        model_options, run_options = o.build_options(
-            model=model,
-            device=device,
-            dtype=dtype,
-            device_map=device_map,
-            max_gpu_memory=max_gpu_memory,
-            frames=frames,
-            fps=fps,
-            max_frames=max_frames,
-            start=start,
-            end=end,
-            seek=seek,
-            method=method,
-            merge_ratio=merge_ratio,
-            prune_layer=prune_layer,
-            prune_ratio=prune_ratio,
-            gate_threshold=gate_threshold,
-            gate_mode=gate_mode,
-            similarity=similarity,
-            prune_last_window=prune_last_window,
-            keep_odd_last_frame=keep_odd_last_frame,
-            dp_evict=dp_evict,
-            fastv_layer=fastv_layer,
-            fastv_keep=fastv_keep,
-            prumerge_plus=prumerge_plus,
-            budget_tokens=budget_tokens,
-            budget_ratio=budget_ratio,
-            budget_seed=budget_seed,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            sample=sample,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            decoder=decoder,
-            fused_step=fused_step,
-            prompt=prompt,
-            system=system,
-        )
+        model_options, run_options = o.options_from(locals())
         if not question.strip():
             raise ConfigError("question must not be empty")
         check_video_path(video)
@@ -315,46 +276,7 @@ def batch(
     1 on a fatal error (unreadable CSV, model not loadable), 2 on a bad option value.
     """
     try:
-        model_options, run_options = o.build_options(
-            model=model,
-            device=device,
-            dtype=dtype,
-            device_map=device_map,
-            max_gpu_memory=max_gpu_memory,
-            frames=frames,
-            fps=fps,
-            max_frames=max_frames,
-            start=start,
-            end=end,
-            seek=seek,
-            method=method,
-            merge_ratio=merge_ratio,
-            prune_layer=prune_layer,
-            prune_ratio=prune_ratio,
-            gate_threshold=gate_threshold,
-            gate_mode=gate_mode,
-            similarity=similarity,
-            prune_last_window=prune_last_window,
-            keep_odd_last_frame=keep_odd_last_frame,
-            dp_evict=dp_evict,
-            fastv_layer=fastv_layer,
-            fastv_keep=fastv_keep,
-            prumerge_plus=prumerge_plus,
-            budget_tokens=budget_tokens,
-            budget_ratio=budget_ratio,
-            budget_seed=budget_seed,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            sample=sample,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            decoder=decoder,
-            fused_step=fused_step,
-            prompt=prompt,
-            system=system,
-        )
+        model_options, run_options = o.options_from(locals())
         if batch_size < 1:
             raise ConfigError(f"batch size must be a positive integer, got {batch_size}")
         if show_tokens_dir is not None and not show_tokens_dir.is_dir():

@@ -3,7 +3,8 @@ the library's option dataclasses (validated there, before anything heavy is impo
 
 from __future__ import annotations
 
-from typing import Annotated
+import inspect
+from typing import Annotated, Any
 
 import typer
 
@@ -143,8 +144,8 @@ def build_options(
     top_k: int,
     seed: int | None,
     decoder: str,
+    fused_step: bool,
     prompt: str,
-    fused_step: bool = True,
     system: str,
 ) -> tuple[ModelOptions, RunOptions]:
     """The library's options from a command's parameters (each validated by its dataclass)."""
@@ -185,6 +186,14 @@ def build_options(
         ),
     )
     return model_options, run
+
+
+def options_from(parameters: dict[str, Any]) -> tuple[ModelOptions, RunOptions]:
+    """``build_options`` from a command's parameters (its ``locals()`` on entry): every command that
+    runs the model takes the same option parameters, so a new option is added in one call, not one per
+    command."""
+    names = inspect.signature(build_options).parameters
+    return build_options(**{name: parameters[name] for name in names})
 
 
 def similarity_fp32(value: str) -> bool:
