@@ -55,6 +55,12 @@ def installed_attention(
         variable.reset(token)
 
 
+def attention_scaling(query: torch.Tensor, kwargs: dict[str, Any]) -> float:
+    """The softmax scale an attention function was called with (transformers passes ``scaling``), else
+    SDPA's default 1/sqrt(d) for (..., d) ``query``."""
+    return float(kwargs.get("scaling") or query.shape[-1] ** -0.5)
+
+
 def additive_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, ..., S) boolean "may attend" -> (B, 1, 1, S) additive bias: 0 or -inf, in ``dtype``.
 

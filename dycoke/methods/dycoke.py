@@ -23,6 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dycoke.attention import (
     additive_bias,
+    attention_scaling,
     compacted_mask,
     decode_attention,
     decoding_session,
@@ -160,7 +161,7 @@ def dycoke_attention(
         return decode_attention(module, query, key, value, attention_mask, **kwargs)
     state = session.state
     if layer == session.prune_layer - 1:
-        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        scaling = attention_scaling(query, kwargs)
         probabilities = head_mean_attention(query, key, scaling, attention_mask)
         kept = state.update(state.visual_attention(probabilities.to(state.starts.device)))
         static = decoding_session()

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dycoke.attention import (
+    attention_scaling,
     compacted_mask,
     decode_attention,
     decoding_session,
@@ -99,7 +100,7 @@ def fastv_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if layer == session.layer - 1:
         if query.shape[2] > 1 and session.slots is None:
-            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            scaling = attention_scaling(query, kwargs)
             session.select(query, key, attention_mask, scaling)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     mask = session.layer_mask(attention_mask, query, key.shape[2])

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from dycoke.attention import installed_attention, register_attention
+from dycoke.attention import attention_scaling, installed_attention, register_attention
 from dycoke.errors import ConfigError
 from dycoke.methods.base import CompressedVisual, TokensOnly, VisionSignals, register_method
 
@@ -85,7 +85,7 @@ def vision_probe_attention(
     out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     probe = _PROBE.get()
     if probe is not None and module is probe.target:
-        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        scaling = attention_scaling(query, kwargs)
         received = []
         for frame in range(query.shape[0]):
             logits = torch.matmul(query[frame].float(), key[frame].float().transpose(-1, -2)) * scaling
