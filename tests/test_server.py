@@ -583,6 +583,22 @@ def _engine_with_fake(tmp_path: Path, max_batch_size: int = 8, batch_wait_s: flo
     return engine, qa, source
 
 
+def _question_on(source: Any, question: str, loop: asyncio.AbstractEventLoop) -> Any:
+    """A non-streaming job asking ``question`` about ``source`` with the default options."""
+    from dycoke.config import RunOptions
+    from dycoke.server.engine import Job
+
+    return Job(source=source, question=question, options=RunOptions(), stream=False, loop=loop)
+
+
+async def _answered(job: Any) -> None:
+    """Wait (10 s at most per event) until ``job`` is done."""
+    from dycoke.server.engine import Done
+
+    while not isinstance(await asyncio.wait_for(job.events.get(), 10), Done):
+        pass
+
+
 def test_engine_batches_same_video_and_options_and_drops_cancelled(tmp_path: Path) -> None:
     from dycoke.config import RunOptions, run_options
     from dycoke.server.engine import Done, Job, Text
@@ -748,25 +764,20 @@ def test_importing_the_server_does_not_import_torch() -> None:
 
 
 def test_engine_waits_briefly_for_concurrent_clients_but_never_for_a_lone_one(tmp_path: Path) -> None:
-    from dycoke.config import RunOptions
-    from dycoke.server.engine import Done, Job
+    from dycoke.server.engine import Job
 
     async def scenario() -> None:
         engine, qa, source = _engine_with_fake(tmp_path, max_batch_size=4, batch_wait_s=2.0)
         loop = asyncio.get_running_loop()
 
         def job(question: str) -> Job:
-            return Job(source=source("a.mp4"), question=question, options=RunOptions(), stream=False, loop=loop)
-
-        async def done(j: Job) -> None:
-            while not isinstance(await asyncio.wait_for(j.events.get(), 10), Done):
-                pass
+            return _question_on(source("a.mp4"), question, loop)
 
         engine.start()
         lone = job("alone")
         t0 = time.monotonic()
         engine.submit(lone)
-        await done(lone)
+        await _answered(lone)
         assert time.monotonic() - t0 < 1.0  # nothing ran when it came: no waiting for company
         qa.gate = threading.Event()
         qa.entered.clear()
@@ -778,7 +789,7 @@ def test_engine_waits_briefly_for_concurrent_clients_but_never_for_a_lone_one(tm
         await asyncio.sleep(0.3)  # the worker has formed [q1] and waits for company
         engine.submit(second)
         for j in (blocker, first, second):
-            await done(j)
+            await _answered(j)
         engine.close(2)
         assert qa.batches == [["alone"], ["first"], ["q1", "q2"]]
 
@@ -788,19 +799,14 @@ def test_engine_waits_briefly_for_concurrent_clients_but_never_for_a_lone_one(tm
 def test_engine_waits_for_as_many_clients_as_its_last_batch_answered(tmp_path: Path) -> None:
     """Clients answered together send their next questions a few ms apart, after the batch ended: the
     worker waits for that many (not for the whole wait, and not for a full batch)."""
-    from dycoke.config import RunOptions
-    from dycoke.server.engine import Done, Job
+    from dycoke.server.engine import Job
 
     async def scenario() -> None:
         engine, qa, source = _engine_with_fake(tmp_path, max_batch_size=4, batch_wait_s=3.0)
         loop = asyncio.get_running_loop()
 
         def job(question: str) -> Job:
-            return Job(source=source("a.mp4"), question=question, options=RunOptions(), stream=False, loop=loop)
-
-        async def done(j: Job) -> None:
-            while not isinstance(await asyncio.wait_for(j.events.get(), 10), Done):
-                pass
+            return _question_on(source("a.mp4"), question, loop)
 
         engine.start()
         qa.gate = threading.Event()
@@ -812,14 +818,14 @@ def test_engine_waits_for_as_many_clients_as_its_last_batch_answered(tmp_path: P
             engine.submit(j)
         qa.gate.set()
         for j in (blocker, *round_one):
-            await done(j)
+            await _answered(j)
         t0 = time.monotonic()
         round_two = [job(f"b{i}") for i in range(4)]
         for j in round_two:  # the same four clients, after their answers, 50 ms apart
             engine.submit(j)
             await asyncio.sleep(0.05)
         for j in round_two:
-            await done(j)
+            await _answered(j)
         assert time.monotonic() - t0 < 2.0  # formed as soon as the fourth came, not after the 3-s wait
         engine.close(2)
         assert qa.batches == [["first"], ["a0", "a1", "a2", "a3"], ["b0", "b1", "b2", "b3"]]
