@@ -83,6 +83,15 @@ def write_questions(folder: Path, video: Path, videos: int, per_video: int = len
     return path
 
 
+def mode_settings(mode: str) -> dict[str, Any] | None:
+    """``run_batch`` keywords of a mode (None: one ``ask`` per question); ``shared-b<N>`` for any N."""
+    if mode in MODES:
+        return MODES[mode]
+    if mode.startswith("shared-b") and mode[len("shared-b") :].isdigit():
+        return {"share_prefix": True, "batch_size": int(mode[len("shared-b") :])}
+    raise ValueError(f"unknown mode {mode!r}: one of {', '.join(MODES)} or shared-b<N>")
+
+
 def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
     """The largest n in 1..limit with ``fits(n)``, assuming fitting is monotone (what fits at n fits
     below it): doubling from 1, then bisecting. 0 when even 1 does not fit. Calls ``fits`` about
@@ -104,7 +113,6 @@ def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
 
 def batch_fits(qa: VideoQA, csv_path: Path, options: RunOptions, folder: Path, size: int, *, budget_gib: float) -> bool:
     """Whether ``size`` questions on one video, answered as one batch, peak within ``budget_gib``."""
-    MODES[f"shared-b{size}"] = {"share_prefix": True, "batch_size": size}
     questions = read_questions(csv_path)[:size]
     trial = folder / f"trial-{size}.csv"
     with trial.open("w", newline="") as f:
@@ -130,7 +138,7 @@ def run_mode(qa: VideoQA, csv_path: Path, mode: str, options: RunOptions, folder
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    kwargs = MODES[mode]
+    kwargs = mode_settings(mode)
     if kwargs is None:
         for q in questions:
             qa.ask(q.path, q.prompt(), options)
@@ -168,7 +176,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     for size in args.batch_sizes:
-        MODES[f"shared-b{size}"] = {"share_prefix": True, "batch_size": size}
         if f"shared-b{size}" not in args.modes:
             args.modes.append(f"shared-b{size}")
 
