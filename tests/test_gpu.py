@@ -25,6 +25,22 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_video(tmp_path_factory.mktemp("gpu") / "clip.mp4", textured_frames(24, 96, 128, seed=5), fps=12)
 
 
+@pytest.fixture(scope="module")
+def qa32(tiny_checkpoint: Path) -> VideoQA:
+    """The tiny model on the GPU in float32 without TF32: what exactness checks compare."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda", dtype="float32"))
+
+
+def _eight_frames(tokens: int, decoder: str = "auto", **method: Any) -> RunOptions:
+    """8 frames, exactly ``tokens`` answer tokens on ``decoder``, ``MethodOptions(**method)``."""
+    return RunOptions(
+        video=VideoOptions(num_frames=8),
+        generation=GenerationOptions(max_new_tokens=tokens, min_new_tokens=tokens, decoder=decoder),
+        method=MethodOptions(**method),
+    )
+
+
 @pytest.mark.parametrize("method", ["full", "dycoke"])
 def test_pipeline_runs_on_cuda_in_bf16(tiny_checkpoint: Path, clip: Path, method: str) -> None:
     qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda"))
@@ -68,14 +84,9 @@ def test_dp_on_cuda_matches_the_naive_reference(tiny_checkpoint: Path) -> None:
 
 
 @pytest.mark.parametrize("method", ["full", "dycoke"])
-def test_shared_prefix_and_batches_on_cuda_answer_as_one_by_one(tiny_checkpoint: Path, clip: Path, method: str) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
-    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda", dtype="float32"))
-    run = RunOptions(
-        video=VideoOptions(num_frames=8),
-        generation=GenerationOptions(max_new_tokens=8, min_new_tokens=8),
-        method=MethodOptions(method=method, prune_layer=2),  # type: ignore[arg-type]
-    )
+def test_shared_prefix_and_batches_on_cuda_answer_as_one_by_one(qa32: VideoQA, clip: Path, method: str) -> None:
+    qa = qa32
+    run = _eight_frames(8, method=method, prune_layer=2)
     prepared = qa.prepare(clip, run.video)
     questions = ["What moves?", "Describe the background in detail, please.", "Why?"]
     alone = [qa.answer(prepared, q, run).token_ids for q in questions]
@@ -87,70 +98,43 @@ def test_shared_prefix_and_batches_on_cuda_answer_as_one_by_one(tiny_checkpoint:
 @pytest.mark.parametrize("method", ["fastv", "prumerge", "random", "uniform"])
 def test_baselines_on_cuda_in_bf16_batched(tiny_checkpoint: Path, clip: Path, method: str) -> None:
     qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda"))
-    run = RunOptions(
-        video=VideoOptions(num_frames=8),
-        generation=GenerationOptions(max_new_tokens=6, min_new_tokens=6),
-        method=MethodOptions(method=method),  # type: ignore[arg-type]
-    )
+    run = _eight_frames(6, method=method)
     prepared = qa.prepare(clip, run.video, with_signals=method == "prumerge")
     reports = qa.answer_many(prepared, ["What moves?", "Describe the scene in detail."], run, batch_size=2)
     assert [r.tokens.generated for r in reports] == [6, 6]
     assert reports[0].tokens.visual == reports[1].tokens.visual < 8 * 196 + 1 or method == "fastv"
 
 
-def test_fastv_keeping_everything_on_cuda_is_full(tiny_checkpoint: Path, clip: Path) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
-    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda", dtype="float32"))
-
-    def run(method: str, **kwargs: Any) -> RunOptions:
-        return RunOptions(
-            video=VideoOptions(num_frames=8),
-            generation=GenerationOptions(max_new_tokens=8, min_new_tokens=8),
-            method=MethodOptions(method=method, **kwargs),  # type: ignore[arg-type]
-        )
-
-    prepared = qa.prepare(clip, VideoOptions(num_frames=8))
-    full = qa.answer(prepared, "What moves?", run("full"))
-    assert qa.answer(prepared, "What moves?", run("fastv", fastv_keep=1.0)).token_ids == full.token_ids
+def test_fastv_keeping_everything_on_cuda_is_full(qa32: VideoQA, clip: Path) -> None:
+    prepared = qa32.prepare(clip, VideoOptions(num_frames=8))
+    full = qa32.answer(prepared, "What moves?", _eight_frames(8, method="full"))
+    fastv = qa32.answer(prepared, "What moves?", _eight_frames(8, method="fastv", fastv_keep=1.0))
+    assert fastv.token_ids == full.token_ids
 
 
 @pytest.mark.parametrize("method", ["full", "dycoke"])
-def test_cuda_graph_decoder_generates_what_generate_does(tiny_checkpoint: Path, clip: Path, method: str) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
-    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda", dtype="float32"))
-
+def test_cuda_graph_decoder_generates_what_generate_does(qa32: VideoQA, clip: Path, method: str) -> None:
     def run(decoder: str) -> RunOptions:
-        return RunOptions(
-            video=VideoOptions(num_frames=8),
-            generation=GenerationOptions(max_new_tokens=12, min_new_tokens=12, decoder=decoder),
-            method=MethodOptions(method=method, prune_layer=2),  # type: ignore[arg-type]
-        )
+        return _eight_frames(12, decoder, method=method, prune_layer=2)
 
-    prepared = qa.prepare(clip, VideoOptions(num_frames=8))
+    prepared = qa32.prepare(clip, VideoOptions(num_frames=8))
     questions = ["What moves?", "Describe the scene in detail, please.", "Why?"]
     for batch in (1, 3):
-        hf = qa.answer_many(prepared, questions, run("hf"), batch_size=batch)
-        graph = qa.answer_many(prepared, questions, run("graph"), batch_size=batch)
+        hf = qa32.answer_many(prepared, questions, run("hf"), batch_size=batch)
+        graph = qa32.answer_many(prepared, questions, run("graph"), batch_size=batch)
         assert [r.token_ids for r in graph] == [r.token_ids for r in hf]
         assert [r.compression.get("pruned_step_share") for r in graph] == [
             r.compression.get("pruned_step_share") for r in hf
         ]
 
 
-def test_recording_inside_the_cuda_graph_matches_generate(tiny_checkpoint: Path, clip: Path) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
-    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda", dtype="float32"))
-
+def test_recording_inside_the_cuda_graph_matches_generate(qa32: VideoQA, clip: Path) -> None:
     def run(decoder: str) -> RunOptions:
-        return RunOptions(
-            video=VideoOptions(num_frames=8),
-            generation=GenerationOptions(max_new_tokens=10, min_new_tokens=10, decoder=decoder),
-            method=MethodOptions(method="dycoke", prune_layer=2, gate_threshold=0.999),
-        )
+        return _eight_frames(10, decoder, method="dycoke", prune_layer=2, gate_threshold=0.999)
 
-    prepared = qa.prepare(clip, VideoOptions(num_frames=8))
-    hf = qa.answer(prepared, "What moves?", run("hf"), record=True)
-    graph = qa.answer(prepared, "What moves?", run("graph"), record=True)
+    prepared = qa32.prepare(clip, VideoOptions(num_frames=8))
+    hf = qa32.answer(prepared, "What moves?", run("hf"), record=True)
+    graph = qa32.answer(prepared, "What moves?", run("graph"), record=True)
     assert graph.token_ids == hf.token_ids
     assert hf.trace is not None and graph.trace is not None
     assert graph.trace.step_kept == hf.trace.step_kept and len(graph.trace.step_kept) == 9
@@ -159,18 +143,13 @@ def test_recording_inside_the_cuda_graph_matches_generate(tiny_checkpoint: Path,
 
 @pytest.mark.parametrize("method", ["full", "dycoke"])
 def test_a_model_split_over_gpu_and_cpu_memory_answers_as_on_one_device(
-    tiny_checkpoint: Path, clip: Path, method: str
+    tiny_checkpoint: Path, qa32: VideoQA, clip: Path, method: str
 ) -> None:
     """``--device-map auto`` with a GPU cap too small for the model (a 72B on one GPU): accelerate puts
     the rest in CPU memory; DP's keep sets follow; the answer equals the single-device one."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    one = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda", dtype="float32"))
-    run = RunOptions(
-        video=VideoOptions(num_frames=8),
-        generation=GenerationOptions(max_new_tokens=10, min_new_tokens=10),
-        # every step prunes: no gate decision can flip on rounding
-        method=MethodOptions(method=method, prune_layer=2, gate_threshold=1.0),  # type: ignore[arg-type]
-    )
+    one = qa32
+    # every step prunes: no gate decision can flip on rounding
+    run = _eight_frames(10, method=method, prune_layer=2, gate_threshold=1.0)
     prepared = one.prepare(clip, VideoOptions(num_frames=8))
     expected = one.answer(prepared, "What moves?", run)
     size = sum(p.numel() * p.element_size() for p in one.loaded.model.parameters())
@@ -191,23 +170,16 @@ def test_a_model_split_over_gpu_and_cpu_memory_answers_as_on_one_device(
     [("fastv", {}), ("dycoke", {"dp_evict": True}), ("dycoke", {"dp_evict": True, "gate_threshold": 0.999})],
 )
 def test_fastv_and_eviction_decode_on_the_cuda_graph_as_generate(
-    tiny_checkpoint: Path, clip: Path, method: str, kwargs: dict[str, Any]
+    qa32: VideoQA, clip: Path, method: str, kwargs: dict[str, Any]
 ) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
-    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda", dtype="float32"))
-
     def run(decoder: str) -> RunOptions:
-        return RunOptions(
-            video=VideoOptions(num_frames=8),
-            generation=GenerationOptions(max_new_tokens=12, min_new_tokens=12, decoder=decoder),
-            method=MethodOptions(method=method, prune_layer=2, **kwargs),  # type: ignore[arg-type]
-        )
+        return _eight_frames(12, decoder, method=method, prune_layer=2, **kwargs)
 
-    prepared = qa.prepare(clip, VideoOptions(num_frames=8))
+    prepared = qa32.prepare(clip, VideoOptions(num_frames=8))
     questions = ["What moves?", "Describe the scene in detail, please.", "Why?"]
     for batch in (1, 3):
-        hf = qa.answer_many(prepared, questions, run("hf"), batch_size=batch)
-        graph = qa.answer_many(prepared, questions, run("auto"), batch_size=batch)
+        hf = qa32.answer_many(prepared, questions, run("hf"), batch_size=batch)
+        graph = qa32.answer_many(prepared, questions, run("auto"), batch_size=batch)
         assert [r.token_ids for r in graph] == [r.token_ids for r in hf]
         assert [r.memory.kv_cache_bytes for r in graph] == [r.memory.kv_cache_bytes for r in hf]
         assert {r.decoder for r in graph} == {"graph"} and {r.decoder for r in hf} == {"hf"}
