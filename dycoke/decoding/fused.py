@@ -26,6 +26,7 @@ Shapes: B rows, one token each; D hidden size; Hq / Hkv heads of size d; F the M
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -81,17 +82,13 @@ def _fuse(modules: list[Any], name: str) -> torch.Tensor:
     its rows of the result (its values, dtype and device unchanged). Idempotent."""
     parts = [getattr(m, name) for m in modules]
     first = parts[0]
-    storage = first.untyped_storage().data_ptr()
-    offset = first.storage_offset()
-    contiguous = all(p.is_contiguous() for p in parts)
-    already = contiguous and all(p.untyped_storage().data_ptr() == storage for p in parts)
-    if already:
-        for p in parts:
-            if p.storage_offset() != offset:
-                already = False
-                break
-            offset += p.numel()
-    if already:
+    starts = itertools.accumulate((p.numel() for p in parts[:-1]), initial=first.storage_offset())
+    if all(
+        p.is_contiguous()
+        and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and p.storage_offset() == start
+        for p, start in zip(parts, starts, strict=True)
+    ):  # already consecutive rows of one tensor: fused before
         total = sum(p.shape[0] for p in parts)
         return first.detach().as_strided((total, *first.shape[1:]), first.stride(), first.storage_offset())
     with torch.no_grad():
