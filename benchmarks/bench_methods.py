@@ -88,6 +88,14 @@ def run_once(qa: VideoQA, video: str, options: RunOptions) -> dict[str, Any]:
     }
 
 
+def forced_generation(decoder_spec: str, tokens: int) -> GenerationOptions:
+    """Exactly ``tokens`` answer tokens on ``graph``, ``hf``, ...; ``graph:unfused``: without the fused step."""
+    decoder, _, variant = decoder_spec.partition(":")
+    return GenerationOptions(
+        max_new_tokens=tokens, min_new_tokens=tokens, decoder=decoder, fused_step=variant != "unfused"
+    )
+
+
 def method_options(spec: str) -> MethodOptions:
     """``dycoke`` or ``dycoke:gate_threshold=1.0,prune_ratio=0.5`` -> MethodOptions."""
     name, _, rest = spec.partition(":")
@@ -150,12 +158,7 @@ def main() -> None:
             opts = {
                 (m if len(args.decoders) == 1 else f"{m}@{d}"): RunOptions(
                     video=VideoOptions(num_frames=frames),
-                    generation=GenerationOptions(
-                        max_new_tokens=args.new_tokens,
-                        min_new_tokens=args.new_tokens,
-                        decoder=d.partition(":")[0],
-                        fused_step=d.partition(":")[2] != "unfused",
-                    ),
+                    generation=forced_generation(d, args.new_tokens),
                     method=method_options(m),
                 )
                 for m in args.methods

@@ -32,18 +32,13 @@ def child(size: str, decoder: str, video: str, frames: int, new_tokens: int) -> 
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from benchmarks.bench_methods import build
-    from dycoke.config import GenerationOptions, MethodOptions, RunOptions, VideoOptions
+    from benchmarks.bench_methods import build, forced_generation
+    from dycoke.config import MethodOptions, RunOptions, VideoOptions
 
     qa = build(size)
     options = RunOptions(
         video=VideoOptions(num_frames=frames),
-        generation=GenerationOptions(
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            decoder=decoder.partition(":")[0],
-            fused_step=decoder.partition(":")[2] != "unfused",
-        ),
+        generation=forced_generation(decoder, new_tokens),
         method=MethodOptions(method="dycoke"),
     )
     totals = []
