@@ -2,9 +2,10 @@
 
     python benchmarks/profile_vision.py --size 7b --frames 32 [--compile]
 
-Builds the random-weight model at the real shape, then times ``encode_frames`` (SigLIP tower, projector,
-pooling) on ``--frames`` frames of 384x384 for each SDPA back end (PyTorch's choice, flash, memory
-efficient, cuDNN), CUDA-synchronised medians of 10; one profiled call sorted by kernel family; the
+Builds the random-weight model at the real shape, then times transformers' ``get_video_features`` and
+``encode_frames`` (the same computation with faster memory layouts; checked bit-equal here) on
+``--frames`` frames of 384x384, the latter for each SDPA back end (PyTorch's choice, flash, memory
+efficient, cuDNN); CUDA-synchronised medians of 10; one profiled call sorted by kernel family; the
 GEMMs of the tower alone at the same shapes (their achieved TFLOP/s); with ``--compile`` also
 ``torch.compile`` of the tower (its compile time reported beside its speed). Prints JSON at the end.
 """
@@ -95,6 +96,22 @@ def main() -> None:
     def encode() -> None:
         with torch.inference_mode():
             encode_frames(model, pixels, 196)
+
+    def transformers_way() -> None:
+        with torch.inference_mode():
+            model.model.get_video_features(
+                pixels.unsqueeze(0), vision_feature_layer=-1, vision_feature_select_strategy="full"
+            )
+
+    with torch.inference_mode():
+        ours = encode_frames(model, pixels, 196)[0]
+        out = model.model.get_video_features(
+            pixels.unsqueeze(0), vision_feature_layer=-1, vision_feature_select_strategy="full"
+        )
+    reference = out.pooler_output.reshape(-1, ours.shape[-1])[: ours.shape[0]]
+    result["equal_to_get_video_features"] = bool(torch.equal(ours, reference))
+    result["get_video_features_ms"] = timed(transformers_way)
+    print("get_video_features", result["get_video_features_ms"], "equal", result["equal_to_get_video_features"])
 
     backends = {
         "default": None,

@@ -183,3 +183,22 @@ def test_fastv_and_eviction_decode_on_the_cuda_graph_as_generate(
         assert [r.token_ids for r in graph] == [r.token_ids for r in hf]
         assert [r.memory.kv_cache_bytes for r in graph] == [r.memory.kv_cache_bytes for r in hf]
         assert {r.decoder for r in graph} == {"graph"} and {r.decoder for r in hf} == {"hf"}
+
+
+def test_encoder_equals_get_video_features_in_bf16(tiny_checkpoint: Path) -> None:
+    """The channels-last tower input and pooling change memory layouts only: same bits as transformers'."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from dycoke.vision import encode_frames
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16).cuda()
+    pixels = torch.rand(8, 3, 384, 384, device="cuda", dtype=torch.bfloat16) * 2 - 1
+    with torch.inference_mode():
+        tokens, _, _ = encode_frames(model, pixels, 196)
+        out = model.model.get_video_features(
+            pixels.unsqueeze(0),
+            vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        )
+    reference = (out.pooler_output if hasattr(out, "pooler_output") else out).reshape(-1, tokens.shape[-1])
+    assert torch.equal(tokens, reference[: tokens.shape[0]])
