@@ -47,6 +47,20 @@ def check_norm_and_activation(defined: dict) -> None:
     assert torch.allclose(out, kernels.silu_mul_torch(gate_up), rtol=1e-5, atol=1e-6)
 
 
+def check_gemv(defined: dict) -> None:
+    torch.manual_seed(3)
+    cases = ((37, 96, True, False, 32), (20, 100, False, True, 32), (16, 64, False, False, 64))
+    for n, k, bias, silu, block_k in cases:
+        x = torch.randn(1, 2 * k if silu else k)
+        weight, b = torch.randn(n, k), torch.randn(n)
+        out = torch.empty(1, n)
+        defined["gemv"][((n + 7) // 8,)](
+            x, weight, b, out, n, k, HAS_BIAS=bias, SILU_INPUT=silu, EVEN_K=k % block_k == 0, BLOCK_N=8, BLOCK_K=block_k
+        )
+        expected = torch.nn.functional.linear(kernels.silu_mul_torch(x) if silu else x, weight, b if bias else None)
+        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5), (n, k, bias, silu)
+
+
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     defined = kernels.define_kernels()
@@ -54,6 +68,7 @@ def main() -> None:
         for shape in ((1, 1, 1, 8), (3, 28, 4, 128)):
             check_rotary(defined, dtype, *shape)
     check_norm_and_activation(defined)
+    check_gemv(defined)
     print("all kernels agree")
 
 

@@ -242,7 +242,53 @@ def define_kernels() -> dict[str, Any]:
             mask=inside,
         )
 
+    @triton.jit
+    def gemv_kernel(  # type: ignore[no-untyped-def]
+        x,
+        weight,
+        bias,
+        out,
+        n,
+        k,
+        HAS_BIAS: tl.constexpr,
+        SILU_INPUT: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for start in range(0, k, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            col_ok = cols < k
+            if SILU_INPUT:  # x holds (gate, up): the input is silu(gate) * up, rounded as silu_mul rounds
+                if EVEN_K:
+                    g = tl.load(x + cols)
+                    u = tl.load(x + k + cols)
+                else:
+                    g = tl.load(x + cols, mask=col_ok, other=0.0)
+                    u = tl.load(x + k + cols, mask=col_ok, other=0.0)
+                g32 = g.to(tl.float32)
+                s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype, fp_downcast_rounding="rtne")
+                xv = (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype, fp_downcast_rounding="rtne").to(tl.float32)
+            elif EVEN_K:
+                xv = tl.load(x + cols).to(tl.float32)
+            else:
+                xv = tl.load(x + cols, mask=col_ok, other=0.0).to(tl.float32)
+            offsets = rows[:, None] * k + cols[None, :]
+            if EVEN_K:
+                w = tl.load(weight + offsets, mask=row_ok[:, None], other=0.0)
+            else:
+                w = tl.load(weight + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += w.to(tl.float32) * xv[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out + rows, y.to(out.dtype.element_ty), mask=row_ok)
+
     return {
+        "gemv": gemv_kernel,
         "add_rms_norm": add_rms_norm_kernel,
         "rotary_to_cache": rotary_to_cache_kernel,
         "silu_mul": silu_mul_kernel,
@@ -330,4 +376,50 @@ def silu_mul(gate_up: torch.Tensor, *, wait: bool = True) -> torch.Tensor:
     out = torch.empty(b, f, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     k["silu_mul"][(b, (f + block - 1) // block)](gate_up, out, f, BLOCK=block)
+    return out
+
+
+GEMV_CONFIG = {"block_n": 8, "block_k": 512, "num_warps": 4, "num_stages": 3}
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    silu_input: bool = False,
+    config: dict[str, int] | None = None,
+    wait: bool = True,
+) -> torch.Tensor:
+    """(1, K) ``x`` (with ``silu_input``: (1, 2K) gate and up, the input being ``silu_mul(x)``) times the
+    (N, K) row-major ``weight`` (+ (N,) ``bias``) -> (1, N), summed in float32, one row of the weight
+    per lane group: a matrix-vector product that streams the weight once. One row only (batch 1)."""
+    if x.shape[0] != 1 or not weight.is_contiguous():
+        raise ValueError(f"gemv takes one contiguous row and a contiguous weight, got x {tuple(x.shape)}")
+    if not triton_available(x.device):
+        return torch.nn.functional.linear(silu_mul_torch(x) if silu_input else x, weight, bias)
+    if wait:
+        _wait_for_compiles()
+    k_ = _build()
+    n, k = weight.shape
+    settings = config or GEMV_CONFIG
+    if out is None:
+        out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    block_n, block_k = settings["block_n"], settings["block_k"]
+    k_["gemv"][((n + block_n - 1) // block_n,)](
+        x,
+        weight,
+        bias if bias is not None else weight,
+        out,
+        n,
+        k,
+        HAS_BIAS=bias is not None,
+        SILU_INPUT=silu_input,
+        EVEN_K=k % block_k == 0,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=settings["num_warps"],
+        num_stages=settings["num_stages"],
+    )
     return out
