@@ -185,13 +185,17 @@ def test_fastv_and_eviction_decode_on_the_cuda_graph_as_generate(
         assert {r.decoder for r in graph} == {"graph"} and {r.decoder for r in hf} == {"hf"}
 
 
-def test_encoder_equals_get_video_features_in_bf16(tiny_checkpoint: Path) -> None:
-    """The channels-last tower input and pooling change memory layouts only: same bits as transformers'."""
+def test_encoder_matches_get_video_features_in_bf16(tiny_checkpoint: Path) -> None:
+    """Channels-last tower input and pooling change memory layouts, not the arithmetic: the pooling is
+    bit-equal; the tower may take another convolution algorithm for the other layout (on the 7B shape
+    the whole encoder measured bit-equal: benchmarks/profile_vision.py), so bf16 closeness there."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from dycoke.vision import encode_frames
+    from dycoke.vision import encode_frames, pool_frame_grid
 
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16).cuda()
+    grid = torch.randn(8, 729, 3584, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(pool_frame_grid(grid, 27), model.model.apply_pooling(grid))
     pixels = torch.rand(8, 3, 384, 384, device="cuda", dtype=torch.bfloat16) * 2 - 1
     with torch.inference_mode():
         tokens, _, _ = encode_frames(model, pixels, 196)
@@ -201,4 +205,6 @@ def test_encoder_equals_get_video_features_in_bf16(tiny_checkpoint: Path) -> Non
             vision_feature_select_strategy=model.config.vision_feature_select_strategy,
         )
     reference = (out.pooler_output if hasattr(out, "pooler_output") else out).reshape(-1, tokens.shape[-1])
-    assert torch.equal(tokens, reference[: tokens.shape[0]])
+    reference = reference[: tokens.shape[0]]
+    scale = float(reference.float().abs().max())
+    torch.testing.assert_close(tokens.float(), reference.float(), rtol=0, atol=2**-7 * scale)
