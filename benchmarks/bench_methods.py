@@ -89,11 +89,25 @@ def run_once(qa: VideoQA, video: str, options: RunOptions) -> dict[str, Any]:
 
 
 def forced_generation(decoder_spec: str, tokens: int) -> GenerationOptions:
-    """Exactly ``tokens`` answer tokens on ``graph``, ``hf``, ...; ``graph:unfused``: without the fused step."""
+    """Exactly ``tokens`` answer tokens on ``graph``, ``hf``, ...; ``graph:unfused``: without the fused
+    step; ``graph:cublas``: the fused step with cuBLAS for its one-row projections (see ``run_spec``)."""
     decoder, _, variant = decoder_spec.partition(":")
     return GenerationOptions(
         max_new_tokens=tokens, min_new_tokens=tokens, decoder=decoder, fused_step=variant != "unfused"
     )
+
+
+def run_spec(qa: VideoQA, video: str, options: RunOptions, decoder_spec: str) -> dict[str, Any]:
+    """``run_once``, with ``DYCOKE_GEMV=cublas`` set for a ``:cublas`` decoder spec."""
+    from dycoke.decoding.fused import GEMV_ENV
+
+    if not decoder_spec.endswith(":cublas"):
+        return run_once(qa, video, options)
+    os.environ[GEMV_ENV] = "cublas"
+    try:
+        return run_once(qa, video, options)
+    finally:
+        del os.environ[GEMV_ENV]
 
 
 def method_options(spec: str) -> MethodOptions:
@@ -143,7 +157,8 @@ def main() -> None:
         "--decoders",
         nargs="+",
         default=["auto"],
-        help="decode loops to compare: hf, static, graph, auto; graph:unfused = the model's own modules each step",
+        help="decode loops: hf, static, graph, auto; graph:unfused = the model's own modules each step; "
+        "graph:cublas = the fused step with cuBLAS for its one-row projections",
     )
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, required=True)
@@ -155,6 +170,7 @@ def main() -> None:
         for frames in args.frames:
             names = [m if len(args.decoders) == 1 else f"{m}@{d}" for m in args.methods for d in args.decoders]
             per_method: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+            specs = {(m if len(args.decoders) == 1 else f"{m}@{d}"): d for m in args.methods for d in args.decoders}
             opts = {
                 (m if len(args.decoders) == 1 else f"{m}@{d}"): RunOptions(
                     video=VideoOptions(num_frames=frames),
@@ -164,10 +180,10 @@ def main() -> None:
                 for m in args.methods
                 for d in args.decoders
             }
-            first = {m: run_once(qa, args.video, opts[m]) for m in names}  # warm-up: each method's first use
+            first = {m: run_spec(qa, args.video, opts[m], specs[m]) for m in names}  # warm-up: first use
             for _ in range(args.repeats):
                 for m in names:
-                    per_method[m].append(run_once(qa, args.video, opts[m]))
+                    per_method[m].append(run_spec(qa, args.video, opts[m], specs[m]))
             for m in names:
                 row = {"size": size, "frames": frames, "method": m, **median_of(per_method[m])}
                 row["ms_per_token_all"] = [r["ms_per_token"] for r in per_method[m]]

@@ -3,7 +3,7 @@
     python benchmarks/profile_step.py --size 7b --prompt 3200 [--batch 1]
 
 Random-weight model at the real shape, random prompt embeddings of ``--prompt`` tokens. Per variant
-(fused / module-by-module): the CUDA-graph decoder's ms/token (median of 5 runs of 64 tokens less
+(fused with the Triton GEMV / fused with cuBLAS projections / module-by-module): the CUDA-graph decoder's ms/token (median of 5 runs of 64 tokens less
 one of 2 tokens), and the GPU time per step by kernel family from two eager profiled runs (34 and 2
 tokens; their difference over 32 steps: prefill and the first steps cancel). The gap between a
 step's kernel time and its graph time is what launches and idle cost inside the graph.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -25,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_methods import build
+from dycoke.decoding.fused import GEMV_ENV
 from dycoke.decoding.static import StaticGreedyDecoder
 
 FAMILIES = (
@@ -90,8 +92,8 @@ def main() -> None:
     embeds = torch.randn(args.batch, args.prompt, dim, device="cuda", dtype=torch.bfloat16) * 0.02
     mask = torch.ones(args.batch, args.prompt, dtype=torch.long, device="cuda")
     result: dict[str, Any] = {"size": args.size, "prompt": args.prompt, "batch": args.batch}
-    for fused in (True, False):
-        label = "fused" if fused else "modules"
+    for label, fused, gemv in (("fused", True, "triton"), ("fused-cublas", True, "cublas"), ("modules", False, "")):
+        os.environ[GEMV_ENV] = gemv
         decode(model, embeds, mask, 4, graph=False, fused=fused)
         graph_ms = step_ms(model, embeds, mask, fused)
         long, short = kernel_ms(model, embeds, mask, 34, fused), kernel_ms(model, embeds, mask, 2, fused)

@@ -125,8 +125,7 @@ def test_triton_add_rms_norm(b: int) -> None:
 @pytest.mark.parametrize("b", [1, 5])
 def test_triton_rotary_to_cache(b: int) -> None:
     """Bit for bit: the kernel rounds to bf16 with integer operations between the ops (with float round
-    trips, most likely folded by the compiler, 23% of the queries were off on an H200). Not yet run on a
-    GPU."""
+    trips, most likely folded by the compiler, 23% of the queries were off on an H200; passes since)."""
     torch.manual_seed(3)
     hq, hkv, d, length = 28, 4, 128, 40
     qkv = torch.randn(b, (hq + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
@@ -149,6 +148,47 @@ def test_triton_silu_mul() -> None:
     close, share = _one_ulp_apart(kernels.silu_mul(gate_up), kernels.silu_mul_torch(gate_up))
     print(f"share of elements one bf16 step apart: {share:.4f}")  # shown with -s
     assert close and share < 0.3, share
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize(
+    ("n", "k", "bias", "silu"),
+    [(4608, 3584, True, False), (3584, 3584, False, False), (37888, 3584, False, False), (896, 4864, False, True),
+     (1152, 896, True, False), (151936, 896, False, False)],
+)  # fmt: skip
+def test_triton_gemv(n: int, k: int, bias: bool, silu: bool) -> None:
+    """7B and 0.5B projection shapes (0.5B's 896 is not a multiple of the 512 block): the float32 sum
+    rounded once, like cuBLAS's (one bf16 step apart where the sums' order tips the rounding)."""
+    torch.manual_seed(n + k)
+    x = torch.randn(1, 2 * k if silu else k, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
+    got = kernels.gemv(x, weight, b, silu_input=silu)
+    x_in = kernels.silu_mul(x) if silu else x
+    exact = torch.nn.functional.linear(x_in.double(), weight.double(), None if b is None else b.double())
+    close, share = _one_ulp_apart(got, exact.to(torch.bfloat16))
+    cublas = torch.nn.functional.linear(x_in, weight, b)
+    print(f"one bf16 step from the exact sum: {share:.4f}; differs from cuBLAS: {(got != cublas).float().mean():.4f}")
+    assert close and share < 0.05, share
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_one_row_projections_take_gemv_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dycoke.decoding import fused
+
+    weight = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    one, two = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16), torch.randn(2, 512, device="cuda")
+    calls = []
+    monkeypatch.setattr(fused, "gemv", lambda *a, **kw: calls.append(a) or kernels.gemv(*a, **kw))
+    fused._linear(one, weight)
+    fused._linear(two.to(torch.bfloat16), weight)  # two rows: cuBLAS
+    fused._linear(one.float(), weight.float())  # float32: cuBLAS
+    assert len(calls) == 1
+    monkeypatch.setenv(fused.GEMV_ENV, "cublas")
+    fused._linear(one, weight)
+    assert len(calls) == 1
 
 
 def test_kernels_are_not_compiled_where_they_cannot_run() -> None:

@@ -12,12 +12,15 @@ weights' reading. This step computes the same thing with about 12 kernels per la
 - residual add + RMSNorm, rotary + cache write, SiLU * up as one kernel each (``kernels.py``: Triton on
   CUDA, the same arithmetic in torch elsewhere);
 - attention through the attention function installed on the model (``decode_attention``, or a
-  method's, e.g. DyCoke's dynamic pruning), called exactly as transformers' Qwen2 attention calls it.
+  method's, e.g. DyCoke's dynamic pruning), called exactly as transformers' Qwen2 attention calls it;
+- at batch 1 in bf16/fp16 on CUDA, the QKV, output, gate/up and LM-head projections as ``kernels.gemv``
+  (a Triton matrix-vector kernel: 4.2-4.4 TB/s where cuBLAS's one-row kernels reach 2.2-3.8 on an
+  H200); ``DYCOKE_GEMV=cublas`` keeps cuBLAS.
 
 Numerically: on the CPU (torch arithmetic) it gives the module path's tokens (tested for every
 method); on a GPU the RMSNorm and SiLU kernels matched transformers' bf16 results bit for bit (H200),
 the rotary kernel since it rounds with integer operations (Triton's interpreter; see ``kernels.py``),
-and the wider GEMMs may sum in another order.
+and the wider GEMMs and the GEMV kernel may sum in another order.
 ``fused_decoder_for`` returns None, and the caller keeps the module-by-module step, for any model this
 step does not implement exactly (not Qwen2, a sliding window, a scaled RoPE, other activations).
 
@@ -27,6 +30,7 @@ Shapes: B rows, one token each; D hidden size; Hq / Hkv heads of size d; F the M
 from __future__ import annotations
 
 import itertools
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +39,31 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dycoke.attention import language_model_of
-from dycoke.decoding.kernels import add_rms_norm, rotary_to_cache, silu_mul
+from dycoke.decoding.kernels import GEMV_CONFIG, add_rms_norm, gemv, rotary_to_cache, silu_mul, triton_available
+
+GEMV_ENV = "DYCOKE_GEMV"
+"""``DYCOKE_GEMV=cublas`` keeps cuBLAS for the one-row projections (default: ``kernels.gemv``)."""
+
+
+def _gemv_config(weight: torch.Tensor) -> dict[str, int]:
+    """Block sizes for ``kernels.gemv`` on an (N, K) weight, from ``benchmarks/micro_gemv.py`` (H200, 7B
+    shapes): 8 rows per program, 4 below 16M elements (more programs for the small matrices)."""
+    return {**GEMV_CONFIG, "block_n": 4 if weight.numel() < 16 * 2**20 else 8}
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, K) @ (N, K).T (+ bias) -> (B, N): ``kernels.gemv`` for one bf16/fp16 row on CUDA (it streams the
+    weight at 4.2-4.4 TB/s on an H200 where cuBLAS's one-row kernels reach 2.2-3.8: micro_gemv.py),
+    cuBLAS otherwise (more rows, float32, the CPU, or ``DYCOKE_GEMV=cublas``)."""
+    if (
+        x.shape[0] == 1
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.is_contiguous()
+        and triton_available(x.device)
+        and os.environ.get(GEMV_ENV, "triton") != "cublas"
+    ):
+        return gemv(x, weight, bias, config=_gemv_config(weight))
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 @dataclass
@@ -148,7 +176,7 @@ class FusedStep:
         delta: torch.Tensor | None = None
         for layer in self.layers:
             hidden, x = add_rms_norm(hidden, delta, layer.input_norm, self.eps)
-            qkv = torch.nn.functional.linear(x, layer.qkv_weight, layer.qkv_bias)  # (B, (Hq + 2 Hkv) d)
+            qkv = _linear(x, layer.qkv_weight, layer.qkv_bias)  # (B, (Hq + 2 Hkv) d)
             static = cache.layers[layer.attention.layer_idx]
             query = rotary_to_cache(
                 qkv, cos, sin, static.keys, static.values, static.cumulative_length.view(1), self.hq, self.hkv
@@ -165,13 +193,12 @@ class FusedStep:
                 sliding_window=None,
                 position_ids=position,
             )
-            attended = torch.nn.functional.linear(out.reshape(b, -1), layer.o_weight)
+            attended = _linear(out.reshape(b, -1), layer.o_weight)
             hidden, x = add_rms_norm(hidden, attended, layer.post_norm, self.eps)
-            delta = torch.nn.functional.linear(
-                silu_mul(torch.nn.functional.linear(x, layer.gate_up_weight)), layer.down_weight
-            )
+            # down stays on cuBLAS: its 18944-long rows favour cuBLAS's kernel (micro_gemv.py)
+            delta = torch.nn.functional.linear(silu_mul(_linear(x, layer.gate_up_weight)), layer.down_weight)
         _, x = add_rms_norm(hidden, delta, self.norm, self.eps)
-        return torch.nn.functional.linear(x, self.lm_head)
+        return _linear(x, self.lm_head)
 
 
 _STEPS: weakref.WeakKeyDictionary[Any, FusedStep | None] = weakref.WeakKeyDictionary()

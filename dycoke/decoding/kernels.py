@@ -15,6 +15,9 @@ token each; D the hidden size; Hq / Hkv query and key-value heads of size d; L s
   into the (B, Hkv, L, d) static cache at ``slot`` ((1,) long, on the device) and returns the queries
   (B, Hq, 1, d). One kernel instead of about twenty.
 - ``silu_mul(gate_up)``: (B, 2F) -> (B, F), ``silu(gate) * up``. One kernel instead of two.
+- ``gemv(x, weight, bias)``: (1, K) x (N, K) -> (1, N), the one-row projection, float32 sums; streams
+  the weight faster than cuBLAS's one-row kernels at most of the decode step's shapes (H200:
+  ``benchmarks/micro_gemv.py``).
 """
 
 from __future__ import annotations
@@ -86,6 +89,9 @@ def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
 
 # -- Triton kernels --------------------------------------------------------------------------------
 
+GEMV_CONFIG = {"block_n": 8, "block_k": 512, "num_warps": 8, "num_stages": 4}
+"""``gemv``'s default blocks: the best of ``benchmarks/micro_gemv.py``'s sweep at most 7B shapes (H200)."""
+
 _KERNELS: dict[str, Any] = {}
 _round_to_bf16: Any = None  # a Triton helper, defined with the kernels (they find it here by name)
 _WARMING: list[threading.Thread] = []
@@ -115,6 +121,13 @@ def compile_in_background(text_config: Any, device: torch.device, dtype: torch.d
                 slot = torch.zeros((), dtype=torch.long, device=device).view(1)
                 rotary_to_cache(qkv, cos, cos, keys, torch.zeros_like(keys), slot, hq, hkv, wait=False)
                 silu_mul(torch.zeros(1, 2 * width, dtype=dtype, device=device), wait=False)
+                # every projection's input width is the hidden size; Triton specialises on the sizes'
+                # divisibility, not their values, so a 16-row weight compiles what the real ones use
+                weight = torch.zeros(16, hidden, dtype=dtype, device=device)
+                for rows in (4, 8):
+                    for bias in (None, weight[0]):
+                        config = {**GEMV_CONFIG, "block_n": rows}
+                        gemv(h, weight, bias, config=config, wait=False)
                 torch.cuda.synchronize(device)
         except Exception:  # the step then compiles on first use, as without this thread
             pass
@@ -377,9 +390,6 @@ def silu_mul(gate_up: torch.Tensor, *, wait: bool = True) -> torch.Tensor:
     block = 1024
     k["silu_mul"][(b, (f + block - 1) // block)](gate_up, out, f, BLOCK=block)
     return out
-
-
-GEMV_CONFIG = {"block_n": 8, "block_k": 512, "num_warps": 4, "num_stages": 3}
 
 
 def gemv(
