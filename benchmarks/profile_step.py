@@ -4,9 +4,10 @@
 
 Random-weight model at the real shape, random prompt embeddings of ``--prompt`` tokens. Per variant
 (fused with the Triton GEMV / fused with cuBLAS projections / module-by-module): the CUDA-graph
-decoder's ms/token (median of 5 runs of 64 tokens less one of 2 tokens), and the GPU time per step by kernel family from two eager profiled runs (34 and 2
-tokens; their difference over 32 steps: prefill and the first steps cancel). The gap between a
-step's kernel time and its graph time is what launches and idle cost inside the graph.
+decoder's ms/token (median of 5 runs of 64 tokens less one of 2 tokens), and the GPU time per step
+by kernel family from two eager profiled runs (34 and 2 tokens; their difference over 32 steps:
+prefill and the first steps cancel). The gap between a step's kernel time and its graph time is what
+launches and idle cost inside the graph.
 """
 
 from __future__ import annotations
