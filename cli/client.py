@@ -1,13 +1,16 @@
 """The thin client of `dycoke serve`: one chat-completions request per question, the answer streamed.
 
-Imports httpx and the library's torch-free modules only, so `dycoke ask --server URL` starts fast.
+Speaks HTTP through the standard library (no httpx: importing it costs ~100 ms) and imports the library's
+torch-free modules only, so `dycoke ask --server URL` starts fast.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import mimetypes
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,42 +97,57 @@ class ServerClient:
         on_text: Callable[[str], None] | None = None,
     ) -> Report:
         """Send the conversation; stream the answer to ``on_text``; return the server's full report."""
-        import httpx
-
         body = request_body(video, turns, options, upload=upload, stream=on_text is not None)
+        connection, prefix = self._connection()
         try:
-            with httpx.Client(timeout=httpx.Timeout(self.timeout_s, connect=5.0)) as http:
-                if on_text is None:
-                    reply = http.post(f"{self.url}/v1/chat/completions", json=body, headers=self.headers)
-                    data = self._checked(reply)
-                    return Report.from_dict(data["dycoke"])
-                with http.stream("POST", f"{self.url}/v1/chat/completions", json=body, headers=self.headers) as reply:
-                    if reply.status_code >= 400:
-                        reply.read()
-                        self._checked(reply)
-                    report: dict[str, Any] | None = None
-                    for chunk in _events(reply.iter_lines()):
-                        for choice in chunk.get("choices", []):
-                            piece = choice.get("delta", {}).get("content")
-                            if piece:
-                                on_text(piece)
-                        if "dycoke" in chunk:
-                            report = chunk["dycoke"]
-                    if report is None:
-                        raise ServerError("the server's stream ended without its report")
-                    return Report.from_dict(report)
-        except httpx.HTTPError as exc:
+            connection.connect()  # within the connect timeout of 5 s; then each read may take up to timeout_s
+            if connection.sock is not None:
+                connection.sock.settimeout(self.timeout_s)
+            data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            headers = {"Content-Type": "application/json", **self.headers}
+            connection.request("POST", f"{prefix}/v1/chat/completions", body=data, headers=headers)
+            reply = connection.getresponse()
+            if on_text is None or reply.status >= 400:
+                return Report.from_dict(self._checked(reply)["dycoke"])
+            report: dict[str, Any] | None = None
+            lines = (raw.decode("utf-8", "replace").rstrip("\r\n") for raw in reply)  # each line as it arrives
+            for chunk in _events(lines):
+                for choice in chunk.get("choices", []):
+                    piece = choice.get("delta", {}).get("content")
+                    if piece:
+                        on_text(piece)
+                if "dycoke" in chunk:
+                    report = chunk["dycoke"]
+            if report is None:
+                raise ServerError("the server's stream ended without its report")
+            return Report.from_dict(report)
+        except (OSError, http.client.HTTPException) as exc:
             raise ServerError(f"cannot reach the dycoke server at {self.url}: {exc}") from exc
+        finally:
+            connection.close()
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, str]:
+        """An unopened connection to the server (connect timeout 5 s) and the URL's path prefix."""
+        parts = urllib.parse.urlsplit(self.url)
+        kinds = {"http": http.client.HTTPConnection, "https": http.client.HTTPSConnection}
+        try:
+            if parts.scheme not in kinds or not parts.hostname:
+                raise ValueError("the URL must start with http:// or https:// and name a host")
+            return kinds[parts.scheme](parts.hostname, parts.port, timeout=5.0), parts.path
+        except ValueError as exc:  # also a port that is not a number in 0-65535
+            raise ServerError(f"cannot reach the dycoke server at {self.url}: {exc}") from None
 
     @staticmethod
-    def _checked(reply: Any) -> dict[str, Any]:
+    def _checked(reply: http.client.HTTPResponse) -> dict[str, Any]:
+        """The reply's JSON object; ``ServerError`` with the server's message when its status is an error."""
+        text = reply.read().decode("utf-8", "replace")
         try:
-            data = reply.json()
+            data = json.loads(text)
         except ValueError:
             data = {}
-        if reply.status_code >= 400:
+        if reply.status >= 400:
             message = (data.get("error") or {}).get("message") if isinstance(data, dict) else None
-            raise ServerError(f"the server answered {reply.status_code}: {message or reply.text[:200]}")
+            raise ServerError(f"the server answered {reply.status}: {message or text[:200]}")
         return dict(data)
 
 
