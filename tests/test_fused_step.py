@@ -167,10 +167,14 @@ def test_triton_gemv(n: int, k: int, bias: bool, silu: bool) -> None:
     got = kernels.gemv(x, weight, b, silu_input=silu)
     x_in = kernels.silu_mul(x) if silu else x
     exact = torch.nn.functional.linear(x_in.double(), weight.double(), None if b is None else b.double())
-    close, share = _one_ulp_apart(got, exact.to(torch.bfloat16))
+    # one bf16 rounding of the result, plus what a float32 sum of K products may drift where they cancel
+    drift = k * 2**-24 * (weight.double().abs() @ x_in.double().abs().T).T
+    bound = exact.abs() * 2**-8 + drift
+    assert bool(((got.double() - exact).abs() <= bound).all())
     cublas = torch.nn.functional.linear(x_in, weight, b)
+    _, share = _one_ulp_apart(got, exact.to(torch.bfloat16))
     print(f"one bf16 step from the exact sum: {share:.4f}; differs from cuBLAS: {(got != cublas).float().mean():.4f}")
-    assert close and share < 0.05, share
+    assert share < 0.05, share
 
 
 @pytest.mark.gpu

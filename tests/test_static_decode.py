@@ -117,3 +117,27 @@ def test_decoder_choices_are_checked(qa: VideoQA, prepared: PreparedVideo) -> No
         GenerationOptions(decoder="static", do_sample=True)
     with pytest.raises(ConfigError, match="decoder 'graph' needs a CUDA device, the model is on cpu"):
         qa.answer(prepared, "What?", run("full", "graph"))
+
+
+def test_streamed_tokens_are_the_returned_ones_and_stop_ends_soon(tiny_checkpoint: Path) -> None:
+    """The host reads each step's tokens one step behind the GPU: what ``on_tokens`` receives is still
+    exactly what ``generate`` returns, row by row, and ``stop()`` ends it within a step."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    embeds, mask, _ = make_batch(model, [0, 4, 1])
+    seen: list[list[int]] = []
+
+    def decode(stop: Any = None) -> torch.Tensor:
+        seen.clear()
+        decoder = StaticGreedyDecoder(
+            model, max_new_tokens=10, min_new_tokens=10, eos_ids=[53], pad_id=0, use_graph=False
+        )
+        with torch.inference_mode():
+            return decoder.generate(embeds, mask, on_tokens=lambda t: seen.append(t.tolist()), stop=stop)
+
+    full = decode()
+    assert full.shape == (3, 10) and full.T.tolist() == seen
+    stopped = decode(stop=lambda: len(seen) >= 3)
+    assert stopped.shape[1] in (3, 4) and stopped.T.tolist() == seen
+    assert stopped.tolist() == full[:, : stopped.shape[1]].tolist()
