@@ -55,9 +55,10 @@ def check_video_path(video: str) -> None:
 
 
 def load_for_video(video: str, model_options: ModelOptions, options: RunOptions) -> tuple[Any, Any, float]:
-    """Decode the video on a thread while torch is imported and the model loads; a bad file fails before
-    the model loads. Returns the model, the decoded video and the start-up seconds (process start to the
-    model load: imports, CUDA initialisation)."""
+    """Decode the video on a thread while torch is imported and the model loads, and read the weights
+    onto the GPU on another while transformers' model code imports (where that fits: ``dycoke.weights``);
+    a bad file fails before the model loads. Returns the model, the decoded video and the start-up
+    seconds (process start to the model load: imports, CUDA initialisation)."""
     from cli.render import loading, warn_random_weights
     from dycoke.reading import start_reading
 
@@ -65,14 +66,17 @@ def load_for_video(video: str, model_options: ModelOptions, options: RunOptions)
     with loading(f"Loading {model_options.model}"):
         import torch
 
-        from dycoke.pipeline import VideoQA
+        from dycoke.weights import prefetch_weights
 
         if reading.done():
             reading.result()  # raises the video's error before any loading
         if model_options.device != "cpu" and model_options.device != "mps" and torch.cuda.is_available():
             torch.cuda.init()
+        weights = prefetch_weights(model_options)  # read onto the GPU while transformers imports
+        from dycoke.pipeline import VideoQA
+
         startup = time.time() - process_start()
-        qa = VideoQA.load(model_options)
+        qa = VideoQA.load(model_options, weights=weights)
     with loading(f"Reading {video}"):
         decoded = reading.result()
     options.method.check_against_model(qa.loaded.num_layers)

@@ -17,6 +17,7 @@ import torch
 from dycoke.config import ModelOptions
 from dycoke.errors import DeviceError, ModelLoadError, OutOfMemoryError
 from dycoke.preprocess import PreprocessConfig
+from dycoke.weights import WeightPrefetch, state_dict_load_kwargs
 
 MODEL_TYPE = "llava_onevision"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,8 +133,12 @@ def check_checkpoint_dir(path: Path) -> None:
         raise ModelLoadError(f"{path} has no .safetensors weights (only safetensors checkpoints are loaded)")
 
 
-def load_model(options: ModelOptions) -> LoadedModel:
-    """Load model, tokenizer and preprocessing constants from a hub id or a local directory."""
+def load_model(options: ModelOptions, weights: WeightPrefetch | None = None) -> LoadedModel:
+    """Load model, tokenizer and preprocessing constants from a hub id or a local directory.
+
+    ``weights``: the checkpoint's tensors being read onto the GPU already (``dycoke.weights``); the
+    model is built from them when the read succeeded, else loaded from the files as usual."""
+    from safetensors import SafetensorError
     from transformers.utils import logging as hf_logging
 
     from dycoke.tiny import checkpoint_is_random
@@ -165,11 +170,15 @@ def load_model(options: ModelOptions) -> LoadedModel:
     )
     if device.type == "cuda" and options.device_map != "auto":
         _compile_kernels_meanwhile(source, device, dtype)
+    tensors = weights.take() if weights is not None and local is not None else None
     try:
-        model, tokenizer = _from_pretrained(source, kwargs, hub=local is None)
+        if tensors is not None:
+            model, tokenizer = _from_state_dict(source, tensors, kwargs)
+        else:
+            model, tokenizer = _from_pretrained(source, kwargs, hub=local is None)
     except torch.cuda.OutOfMemoryError as exc:
         raise OutOfMemoryError(too_big) from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # missing, unreadable or damaged files
         where = source if local is not None else f"the Hugging Face hub or the local cache ({_hf_cache()})"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
@@ -218,6 +227,21 @@ def _max_memory(per_gpu: str) -> dict[int | str, str | int]:
     budget: dict[int | str, str | int] = {index: per_gpu for index in range(torch.cuda.device_count())}
     budget["cpu"] = int(psutil.virtual_memory().available * 0.9)
     return budget
+
+
+def _from_state_dict(source: str, tensors: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """Model built from the already-read ``tensors`` of the local checkpoint ``source``, and its tokenizer;
+    the read copies are freed afterwards (the model holds its own)."""
+    from transformers import AutoConfig, AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        None, config=config, state_dict=tensors, **state_dict_load_kwargs(kwargs)
+    )
+    tensors.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the read copies' memory back to the GPU, not kept in torch's cache
+    return model, AutoTokenizer.from_pretrained(source, local_files_only=True)
 
 
 def _from_pretrained(source: str, kwargs: dict[str, Any], *, hub: bool) -> tuple[Any, Any]:

@@ -31,6 +31,7 @@ from dycoke.report import Report, Timings, VideoInfo
 from dycoke.trace import build_trace
 from dycoke.video import VideoFrames
 from dycoke.vision import encode_frames
+from dycoke.weights import WeightPrefetch
 
 TextCallback = Callable[[str], None]
 
@@ -90,16 +91,18 @@ class VideoQA:
         device: str | None = None,
         dtype: str | None = None,
         device_map: str | None = None,
+        weights: WeightPrefetch | None = None,
     ) -> VideoQA:
         """Load a checkpoint: a hub id or local directory (or ``ModelOptions``), on ``device`` (auto,
-        cpu, cuda, cuda:N) in ``dtype`` (auto, float32, bfloat16, float16)."""
+        cpu, cuda, cuda:N) in ``dtype`` (auto, float32, bfloat16, float16). ``weights``: its tensors
+        being read already (``dycoke.weights.prefetch_weights``)."""
         if isinstance(model, ModelOptions):
             options = model
         else:
             given = {"device": device, "dtype": dtype, "device_map": device_map}
             options = ModelOptions(**({"model": model} if model else {}), **{k: v for k, v in given.items() if v})
         t0 = time.perf_counter()
-        loaded = load_model(options)
+        loaded = load_model(options, weights)
         return cls(loaded, load_s=time.perf_counter() - t0)
 
     # -- the stages ---------------------------------------------------------------------------------

@@ -208,3 +208,16 @@ def test_encoder_matches_get_video_features_in_bf16(tiny_checkpoint: Path) -> No
     reference = reference[: tokens.shape[0]]
     scale = float(reference.float().abs().max())
     torch.testing.assert_close(tokens.float(), reference.float(), rtol=0, atol=2**-7 * scale)
+
+
+def test_weights_read_ahead_onto_the_gpu_give_the_plain_model(tiny_checkpoint: Path) -> None:
+    from dycoke.model import load_model
+    from dycoke.weights import prefetch_weights
+
+    options = ModelOptions(model=str(tiny_checkpoint), device="cuda")
+    prefetch = prefetch_weights(options)
+    assert prefetch is not None  # a local checkpoint, one GPU with room: read ahead
+    built, plain = load_model(options, prefetch), load_model(options)
+    ours, theirs = built.model.state_dict(), plain.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) and ours[k].device == theirs[k].device for k in ours)

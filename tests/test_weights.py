@@ -1,0 +1,56 @@
+"""Reading a checkpoint's weights ahead of the model code (``dycoke.weights``), on the CPU here."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dycoke.config import ModelOptions
+from dycoke.errors import ModelLoadError
+from dycoke.model import load_model
+from dycoke.weights import WeightPrefetch, prefetch_weights, weight_bytes
+
+
+def test_weight_bytes_reads_the_headers_and_casts_float_tensors(tiny_checkpoint: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = {k: v for f in tiny_checkpoint.glob("*.safetensors") for k, v in load_file(f).items()}
+    as_stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    as_bf16 = sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in tensors.values())
+    assert weight_bytes(tiny_checkpoint, torch.float32) == as_stored  # the tiny checkpoint is float32
+    assert weight_bytes(tiny_checkpoint, torch.bfloat16) == as_bf16 < as_stored
+
+
+def test_a_model_built_from_read_weights_equals_the_plain_load(tiny_checkpoint: Path) -> None:
+    options = ModelOptions(model=str(tiny_checkpoint), device="cpu")
+    prefetch = WeightPrefetch(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    built = load_model(options, prefetch)
+    plain = load_model(options)
+    assert prefetch.take() is None  # handed over once
+    ours, theirs = built.model.state_dict(), plain.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert built.random_weights and built.tokenizer.vocab_size == plain.tokenizer.vocab_size
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        assert torch.equal(built.model(input_ids=ids).logits, plain.model(input_ids=ids).logits)
+
+
+def test_a_failed_read_falls_back_to_the_plain_load_and_its_error(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    for file in broken.glob("*.safetensors"):
+        file.write_bytes(b"not a safetensors file")
+    prefetch = WeightPrefetch(broken, torch.device("cpu"), torch.float32)
+    with pytest.raises(ModelLoadError, match="could not load model"):
+        load_model(ModelOptions(model=str(broken), device="cpu"), prefetch)
+
+
+def test_no_prefetch_where_it_cannot_help(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    assert prefetch_weights(ModelOptions(model=str(tiny_checkpoint), device="cpu")) is None
+    assert prefetch_weights(ModelOptions(model="llava-hf/llava-onevision-qwen2-0.5b-ov-hf")) is None
+    assert prefetch_weights(ModelOptions(model=str(tmp_path / "missing"))) is None
+    assert prefetch_weights(ModelOptions(model=str(tiny_checkpoint), device_map="auto")) is None
