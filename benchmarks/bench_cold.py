@@ -5,7 +5,8 @@ one), then, per size and method, runs `dycoke ask ... --json` as fresh processes
 records the wall clock measured from outside next to the report's own breakdown (start-up, load,
 video decode, vision encoder, prefill, decode, wall). In the same run: the floor, a bare
 `python -c "import torch, transformers"`, and the first vs second answer inside one process.
-Page cache warm by default; `--drop-caches` also runs with the page cache dropped where allowed.
+Page cache warm by default; `--drop-caches` also runs with the page cache dropped where allowed;
+`--prefetch on off` alternates runs with and without the weights read ahead (DYCOKE_PREFETCH_WEIGHTS).
 
     python benchmarks/bench_cold.py --sizes 7b 0.5b --methods full dycoke --repeats 3 \\
         --checkpoints /tmp/dycoke-ckpt --out benchmarks/results/cold-h200.json
@@ -27,14 +28,37 @@ ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What is the rabbit doing?"
 
 
-def run(command: list[str]) -> tuple[float, str]:
-    """Wall seconds of a fresh process, and its stdout (raises with its stderr when it fails)."""
+def run(command: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
+    """Wall seconds of a fresh process (``env`` added to this one's environment), and its stdout
+    (raises with its stderr when it fails)."""
     t0 = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
+    environment = {**os.environ, **(env or {})}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False, env=environment)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr[-2000:]}")
     return wall, done.stdout
+
+
+def report(
+    entry: dict[str, Any], floor: float, size: str, cache: str, method: str, prefetch: str, runs: list[dict[str, Any]]
+) -> None:
+    """Medians of one configuration's fresh-process runs, into ``entry["rows"]`` and printed."""
+    row: dict[str, Any] = {
+        "cache": cache,
+        "method": method,
+        "prefetch": prefetch,
+        "runs": runs,
+        **{f"median_{k}": statistics.median(r[k] for r in runs) for k in runs[0] if runs[0][k] is not None},
+    }
+    row["cold_minus_floor_s"] = row["median_process_wall_s"] - floor
+    entry.setdefault("rows", []).append(row)
+    print(
+        f"{size} {cache} {method} prefetch {prefetch}: process {row['median_process_wall_s']:.2f} s "
+        f"(minus floor {row['cold_minus_floor_s']:.2f}), startup {row['median_startup']:.2f}, "
+        f"load {row['median_load']:.2f}, answer {row['median_total']:.2f}",
+        flush=True,
+    )
 
 
 def drop_caches() -> bool:
@@ -70,6 +94,13 @@ def main() -> None:
     parser.add_argument("--video", default="samples/bigbuckbunny.mp4")
     parser.add_argument("--checkpoints", type=Path, required=True, help="folder for the random checkpoints")
     parser.add_argument("--drop-caches", action="store_true")
+    parser.add_argument(
+        "--prefetch",
+        nargs="+",
+        choices=["on", "off"],
+        default=["on"],
+        help="weights read ahead during the model-code import (off: DYCOKE_PREFETCH_WEIGHTS=0); both alternate",
+    )
     parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -104,37 +135,26 @@ def main() -> None:
         if not (folder / "config.json").exists():
             build_real_shape_checkpoint(folder, size)  # type: ignore[arg-type]
             torch.cuda.empty_cache()
+            os.sync()  # the fresh files' dirty pages written back before any timing
         size_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         entry: dict[str, Any] = {"size": size, "checkpoint_gb": size_bytes / 1e9, "write_s": time.perf_counter() - t0}
         for cache in ["warm", "dropped"] if args.drop_caches else ["warm"]:
             for method in args.methods:
-                runs = []
+                runs: dict[str, list[dict[str, Any]]] = {p: [] for p in args.prefetch}
                 for _ in range(args.repeats):
-                    if cache == "dropped" and not drop_caches():
-                        entry["drop_caches"] = "not allowed on this machine"
-                        break
-                    command = [py, "-m", "cli.app", "ask", args.video, QUESTION, "--model", str(folder)]
-                    command += ["--method", method, "--json", "--max-new-tokens", str(args.new_tokens)]
-                    command += ["--min-new-tokens", str(args.new_tokens)]
-                    wall, out = run(command)
-                    t = json.loads(out)["timings_s"]
-                    runs.append({"process_wall_s": wall, **t})
-                if not runs:
-                    continue
-                row = {
-                    "cache": cache,
-                    "method": method,
-                    "runs": runs,
-                    **{f"median_{k}": statistics.median(r[k] for r in runs) for k in runs[0] if runs[0][k] is not None},
-                }
-                row["cold_minus_floor_s"] = row["median_process_wall_s"] - floor
-                entry.setdefault("rows", []).append(row)
-                print(
-                    f"{size} {cache} {method}: process {row['median_process_wall_s']:.2f} s "
-                    f"(minus floor {row['cold_minus_floor_s']:.2f}), startup {row['median_startup']:.2f}, "
-                    f"load {row['median_load']:.2f}, answer {row['median_total']:.2f}",
-                    flush=True,
-                )
+                    for prefetch in args.prefetch:  # alternating, so drifts hit both alike
+                        if cache == "dropped" and not drop_caches():
+                            entry["drop_caches"] = "not allowed on this machine"
+                            break
+                        command = [py, "-m", "cli.app", "ask", args.video, QUESTION, "--model", str(folder)]
+                        command += ["--method", method, "--json", "--max-new-tokens", str(args.new_tokens)]
+                        command += ["--min-new-tokens", str(args.new_tokens)]
+                        wall, out = run(command, {"DYCOKE_PREFETCH_WEIGHTS": "1" if prefetch == "on" else "0"})
+                        t = json.loads(out)["timings_s"]
+                        runs[prefetch].append({"process_wall_s": wall, **t})
+                for prefetch, done in runs.items():
+                    if done:
+                        report(entry, floor, size, cache, method, prefetch, done)
         for method in args.methods:
             _, out = run(
                 [

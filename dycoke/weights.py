@@ -17,6 +17,7 @@ device maps and the CPU, the plain load runs as before. Nothing here imports tra
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 from pathlib import Path
@@ -25,6 +26,9 @@ from typing import Any
 import torch
 
 from dycoke.config import ModelOptions
+
+PREFETCH_ENV = "DYCOKE_PREFETCH_WEIGHTS"
+"""``DYCOKE_PREFETCH_WEIGHTS=0`` turns the read-ahead off (e.g. on a GPU shared with other processes)."""
 
 MARGIN_BYTES = 2 * 2**30
 """Free GPU memory kept beyond twice the weights before a prefetch starts."""
@@ -89,9 +93,12 @@ class WeightPrefetch:
 def prefetch_weights(options: ModelOptions) -> WeightPrefetch | None:
     """Start reading ``options.model``'s weights onto its GPU when that helps and fits: a local
     safetensors checkpoint, one CUDA device (no device map), free memory for twice the weights plus
-    :data:`MARGIN_BYTES`. None otherwise (and on any doubt): the plain load then runs."""
+    :data:`MARGIN_BYTES`, and not turned off by ``DYCOKE_PREFETCH_WEIGHTS=0``. None otherwise (and on
+    any doubt): the plain load then runs."""
     from dycoke.model import resolve_device, resolve_dtype
 
+    if os.environ.get(PREFETCH_ENV, "1").strip() in ("0", "false", "no", "off"):
+        return None
     folder = Path(options.model).expanduser()
     if options.device_map == "auto" or not (folder / "config.json").is_file():
         return None

@@ -49,8 +49,12 @@ def test_a_failed_read_falls_back_to_the_plain_load_and_its_error(tiny_checkpoin
         load_model(ModelOptions(model=str(broken), device="cpu"), prefetch)
 
 
-def test_no_prefetch_where_it_cannot_help(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_no_prefetch_where_it_cannot_help(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert prefetch_weights(ModelOptions(model=str(tiny_checkpoint), device="cpu")) is None
     assert prefetch_weights(ModelOptions(model="llava-hf/llava-onevision-qwen2-0.5b-ov-hf")) is None
     assert prefetch_weights(ModelOptions(model=str(tmp_path / "missing"))) is None
     assert prefetch_weights(ModelOptions(model=str(tiny_checkpoint), device_map="auto")) is None
+    monkeypatch.setenv("DYCOKE_PREFETCH_WEIGHTS", "0")  # turned off: not even on a GPU
+    assert prefetch_weights(ModelOptions(model=str(tiny_checkpoint), device="auto")) is None
