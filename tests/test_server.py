@@ -697,8 +697,19 @@ def test_warm_up_answers_on_a_synthetic_clip(tiny_checkpoint: Path) -> None:
     from dycoke.server import warm_up
 
     qa = VideoQA.load(str(tiny_checkpoint), device="cpu")
+    reports = []
+    answer_many = qa.answer_many
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        reports.extend(answer_many(*args, **kwargs))
+        return reports[-1:]
+
+    qa.answer_many = recorded  # type: ignore[method-assign]
     warm_up(qa, RunOptions(video=VideoOptions(num_frames=4)))
     assert qa.load_s is None  # the load time went into the warm-up answer's report
+    # as the engine answers: a first question prefills the shared prefix, the follow-up continues from it
+    assert len(reports) == 2
+    assert reports[0].timings_s.shared_prefix > 0 and reports[1].timings_s.shared_prefix == 0
 
 
 def test_prepared_cache_evicts_the_least_recently_used_beyond_its_budget() -> None:

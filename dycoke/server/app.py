@@ -347,8 +347,11 @@ def serve(settings: ServerSettings, qa: VideoQA | None = None) -> None:
 
 
 def warm_up(qa: VideoQA, defaults: RunOptions) -> None:
-    """One short answer on a synthetic clip with the default options (the first answer of a process
-    pays for kernel loading and CUDA graph capture; this way no client does)."""
+    """Two short streamed answers on a synthetic clip with the default options, the way the engine
+    answers: a first question (the shared prefix prefilled) and a follow-up (continuing from the cached
+    prefix). Each path's first run in a process pays for kernel loading, cuBLAS/cuDNN plans and CUDA
+    graph capture (on the H200, with one warm-up answer outside the engine's path, a client's first
+    question still took 2.0 s instead of 1.1 and its first follow-up 1.6 s instead of 0.6)."""
     import numpy as np
 
     from dycoke.reading import DecodedVideo
@@ -370,7 +373,8 @@ def warm_up(qa: VideoQA, defaults: RunOptions) -> None:
     )
     decoded = DecodedVideo(frames=frames, path="warm-up", decode_s=0.0)
     prepared = qa.prepare(decoded, video, with_signals=needs_vision_signals([options.method.method]))
-    qa.answer_many(prepared, ["Describe the video."], options, batch_size=1)
+    for question in ("Describe the video.", "What happens next?"):  # a miss, then a hit on the prefix
+        qa.answer_many(prepared, [question], options, batch_size=1, share_prefix=True, on_texts=[lambda _: None])
 
 
 class _Server(uvicorn.Server):
