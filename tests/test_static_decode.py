@@ -141,3 +141,23 @@ def test_streamed_tokens_are_the_returned_ones_and_stop_ends_soon(tiny_checkpoin
     stopped = decode(stop=lambda: len(seen) >= 3)
     assert stopped.shape[1] in (3, 4) and stopped.T.tolist() == seen
     assert stopped.tolist() == full[:, : stopped.shape[1]].tolist()
+
+
+def test_the_prefilled_dynamic_copy_is_freed_as_the_static_cache_fills(tiny_checkpoint: Path) -> None:
+    """The prompt's keys and values are not held twice while decoding: the dynamic cache that prefill
+    wrote (here one passed in as the prefix) is emptied layer by layer as the static cache takes it."""
+    from transformers import DynamicCache, LlavaOnevisionForConditionalGeneration
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    embeds, mask, _ = make_batch(model, [0, 4, 1])
+    prefilled = DynamicCache(config=model.config)
+    decoder = StaticGreedyDecoder(model, max_new_tokens=4, min_new_tokens=4, eos_ids=[53], pad_id=0, use_graph=False)
+    with torch.inference_mode():
+        got = decoder.generate(embeds, mask, prefix=prefilled)
+        plain = StaticGreedyDecoder(
+            model, max_new_tokens=4, min_new_tokens=4, eos_ids=[53], pad_id=0, use_graph=False
+        ).generate(embeds, mask)
+    assert got.tolist() == plain.tolist()
+    assert len(prefilled.layers) == model.config.text_config.num_hidden_layers
+    assert all(layer.keys.numel() == 0 and layer.values.numel() == 0 for layer in prefilled.layers)
+    assert all(layer.keys.shape[2] == mask.shape[1] + 4 for layer in decoder.cache.layers)

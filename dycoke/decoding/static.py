@@ -86,6 +86,12 @@ def prefill_mask(attention_mask: torch.Tensor, cache_length: int) -> torch.Tenso
     return (causal[None, None] & padding[:, None, None, :]).contiguous()
 
 
+def _emptied(tensor: torch.Tensor) -> torch.Tensor:
+    """A new (B, Hkv, 0, d) tensor like ``tensor``: holds no memory of it (a slice would keep it alive)."""
+    b, h, _, d = tensor.shape
+    return tensor.new_empty((b, h, 0, d))
+
+
 def _filled_layer(keys: torch.Tensor, values: torch.Tensor, length: int) -> StaticLayer:
     """A static layer of ``length`` slots holding (B, Hkv, n, d) ``keys``/``values`` in its first n."""
     layer = StaticLayer(max_cache_len=length)
@@ -172,6 +178,9 @@ class StaticGreedyDecoder:
                 cache.update(layer.keys, layer.values, index)
             else:  # a layer the method compacted at prefill: its own, shorter static layer
                 cache.layers[index] = _filled_layer(layer.keys, layer.values, length - s + layer.keys.shape[2])
+            # this call's own dynamic copy (a shared prefix was copied into it): freed layer by layer, so the
+            # prompt's keys and values are held about once, not twice (the static layers are the larger)
+            layer.keys, layer.values = _emptied(layer.keys), _emptied(layer.values)
         first_logits = out.logits[:, -1]
         del out, prefilled  # the dynamic copy of the prompt's keys and values
         self.cache = cache
