@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_methods import build
+from benchmarks.kernel_families import kernel_family
 from dycoke.decoding.fused import GEMV_ENV
 from dycoke.decoding.static import StaticGreedyDecoder
 
@@ -39,11 +40,7 @@ FAMILIES = (
 
 
 def family(name: str) -> str:
-    lowered = name.lower()
-    for label, needles in FAMILIES:
-        if any(n in lowered for n in needles):
-            return label
-    return "other"
+    return kernel_family(name, FAMILIES)
 
 
 def decode(model: Any, embeds: torch.Tensor, mask: torch.Tensor, tokens: int, *, graph: bool, fused: bool) -> None:

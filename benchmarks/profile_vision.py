@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_methods import build
+from benchmarks.kernel_families import kernel_family
 from dycoke.vision import encode_frames
 
 FAMILIES = (
@@ -39,11 +40,7 @@ FAMILIES = (
 
 
 def family(name: str) -> str:
-    lowered = name.lower()
-    for label, needles in FAMILIES:
-        if any(n in lowered for n in needles):
-            return label
-    return "other"
+    return kernel_family(name, FAMILIES)
 
 
 def timed(fn: Any, repeats: int = 10) -> float:

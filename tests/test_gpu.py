@@ -192,6 +192,7 @@ def test_encoder_matches_get_video_features_in_bf16(tiny_checkpoint: Path) -> No
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from dycoke.vision import encode_frames, pool_frame_grid
+    from tests.test_vision import transformers_tokens
 
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16).cuda()
     grid = torch.randn(8, 729, 3584, device="cuda", dtype=torch.bfloat16)
@@ -199,13 +200,7 @@ def test_encoder_matches_get_video_features_in_bf16(tiny_checkpoint: Path) -> No
     pixels = torch.rand(8, 3, 384, 384, device="cuda", dtype=torch.bfloat16) * 2 - 1
     with torch.inference_mode():
         tokens, _, _ = encode_frames(model, pixels, 196)
-        out = model.model.get_video_features(
-            pixels.unsqueeze(0),
-            vision_feature_layer=model.config.vision_feature_layer,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        )
-    reference = (out.pooler_output if hasattr(out, "pooler_output") else out).reshape(-1, tokens.shape[-1])
-    reference = reference[: tokens.shape[0]]
+        reference = transformers_tokens(model, pixels)
     scale = float(reference.float().abs().max())
     torch.testing.assert_close(tokens.float(), reference.float(), rtol=0, atol=2**-7 * scale)
 
