@@ -36,12 +36,23 @@ MARGIN_BYTES = 2 * 2**30
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files ``from_pretrained`` would read: those of ``model.safetensors.index.json``'s
+    weight map when the checkpoint is sharded, else ``model.safetensors``, else every ``*.safetensors``."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / name for name in names]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
+
+
 def weight_bytes(folder: Path, dtype: torch.dtype) -> int:
     """Bytes the folder's safetensors tensors take once floating-point ones are cast to ``dtype``
     (read from the files' headers: nothing is loaded)."""
     total = 0
     itemsize = torch.empty((), dtype=dtype).element_size()
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in checkpoint_files(folder):
         with file.open("rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(length))
@@ -71,7 +82,7 @@ class WeightPrefetch:
         from safetensors import safe_open
 
         try:
-            for file in sorted(self.folder.glob("*.safetensors")):
+            for file in checkpoint_files(self.folder):
                 with safe_open(str(file), framework="pt", device="cpu") as handle:
                     for key in list(handle.keys()):
                         tensor = handle.get_tensor(key)

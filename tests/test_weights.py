@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from dycoke.config import ModelOptions
 from dycoke.errors import ModelLoadError
 from dycoke.model import load_model
-from dycoke.weights import WeightPrefetch, prefetch_weights, weight_bytes
+from dycoke.weights import WeightPrefetch, checkpoint_files, prefetch_weights, weight_bytes
 
 
 def test_weight_bytes_reads_the_headers_and_casts_float_tensors(tiny_checkpoint: Path) -> None:
@@ -58,3 +59,18 @@ def test_no_prefetch_where_it_cannot_help(
     assert prefetch_weights(ModelOptions(model=str(tiny_checkpoint), device_map="auto")) is None
     monkeypatch.setenv("DYCOKE_PREFETCH_WEIGHTS", "0")  # turned off: not even on a GPU
     assert prefetch_weights(ModelOptions(model=str(tiny_checkpoint), device="auto")) is None
+
+
+def test_the_files_read_are_those_from_pretrained_reads(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "adapter.safetensors").write_bytes(b"")
+    assert checkpoint_files(tmp_path) == [tmp_path / "model.safetensors"]
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00002-of-00002.safetensors", "b": "model-00001-of-00002.safetensors"}})
+    )
+    assert checkpoint_files(tmp_path) == [tmp_path / f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "b.safetensors").write_bytes(b"")
+    (other / "a.safetensors").write_bytes(b"")
+    assert checkpoint_files(other) == [other / "a.safetensors", other / "b.safetensors"]
