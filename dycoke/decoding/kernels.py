@@ -1,11 +1,10 @@
 """The fused decode step's elementwise work: Triton kernels on CUDA, the same arithmetic in torch elsewhere.
 
 Each kernel rounds where transformers' Qwen2 modules round (bf16 after every elementwise op of a
-bf16 model). Measured on an H200: ``add_rms_norm`` and ``silu_mul`` equal the torch definitions bit
-for bit. ``rotary_to_cache`` did not while it rounded with float round trips (23% of bf16 queries
-off, most likely because the compiler folds a truncate-then-extend pair); it now rounds with
-integer operations, and equals the torch definition bit for bit in Triton's interpreter
-(``tests/interpreted_kernels.py``; its GPU test is written, not yet run). Shapes use B rows of one
+bf16 model). Measured on an H200: ``add_rms_norm``, ``silu_mul`` and ``rotary_to_cache`` equal the
+torch definitions bit for bit (the rotary kernel since it rounds with integer operations: with float
+round trips, most likely folded by the compiler, 23% of bf16 queries were off); Triton's interpreter
+checks them on the CPU too (``tests/interpreted_kernels.py``). Shapes use B rows of one
 token each; D the hidden size; Hq / Hkv query and key-value heads of size d; L static cache slots.
 
 - ``add_rms_norm(hidden, delta, weight, eps)``: ``h = hidden + delta`` (or ``hidden`` when ``delta`` is
