@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dycoke.config import GenerationOptions, MethodOptions, RunOptions, VideoOptions
+from dycoke.decoding.kernels import compile_in_background
 from dycoke.model import LoadedModel
 from dycoke.pipeline import VideoQA
 from dycoke.preprocess import PreprocessConfig
@@ -38,7 +39,8 @@ QUESTION = "What is the rabbit doing, and what happens to the butterflies?"
 
 def build(size: str, device: str = "cuda") -> VideoQA:
     """A random-weight LLaVA-OneVision at the real shape of ``size``, built directly on the device
-    (bf16 on a GPU, fp32 on a CPU, the dtypes ``--dtype auto`` picks)."""
+    (bf16 on a GPU, fp32 on a CPU, the dtypes ``--dtype auto`` picks); the fused step's kernels compile
+    on a thread meanwhile, as ``load_model`` does."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     tokenizer = build_tiny_tokenizer()
@@ -47,6 +49,7 @@ def build(size: str, device: str = "cuda") -> VideoQA:
     config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config.video_token_id = tokenizer.convert_tokens_to_ids("<video>")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    compile_in_background(config.text_config, torch.device(device), dtype)  # as load_model: beside the build
     with torch.device(device):
         model = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.eval()
