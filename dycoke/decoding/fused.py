@@ -14,7 +14,7 @@ weights' reading. This step computes the same thing with about 12 kernels per la
 - attention through the attention function installed on the model (``decode_attention``, or a
   method's, e.g. DyCoke's dynamic pruning), called exactly as transformers' Qwen2 attention calls it;
 - at batch 1 in bf16/fp16 on CUDA, the QKV, output, gate/up and LM-head projections as ``kernels.gemv``
-  (a Triton matrix-vector kernel: 4.2-4.4 TB/s where cuBLAS's one-row kernels reach 2.2-3.8 on an
+  (a Triton matrix-vector kernel: 2.8-4.4 TB/s where cuBLAS's one-row kernels reach 2.2-3.8 on an
   H200); ``DYCOKE_GEMV=cublas`` keeps cuBLAS.
 
 Numerically: on the CPU (torch arithmetic) it gives the module path's tokens (tested for every
@@ -53,7 +53,7 @@ def _gemv_config(weight: torch.Tensor) -> dict[str, int]:
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """(B, K) @ (N, K).T (+ bias) -> (B, N): ``kernels.gemv`` for one bf16/fp16 row on CUDA (it streams the
-    weight at 4.2-4.4 TB/s on an H200 where cuBLAS's one-row kernels reach 2.2-3.8: micro_gemv.py),
+    weight at 2.8-4.4 TB/s on an H200 where cuBLAS's one-row kernels reach 2.2-3.8: micro_gemv.py),
     cuBLAS otherwise (more rows, float32, the CPU, or ``DYCOKE_GEMV=cublas``)."""
     if (
         x.shape[0] == 1
