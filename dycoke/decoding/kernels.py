@@ -92,7 +92,8 @@ GEMV_CONFIG = {"block_n": 8, "block_k": 512, "num_warps": 8, "num_stages": 4}
 """``gemv``'s default blocks: the best of ``benchmarks/micro_gemv.py``'s sweep at most 7B shapes (H200)."""
 
 _KERNELS: dict[str, Any] = {}
-_round_to_bf16: Any = None  # a Triton helper, defined with the kernels (they find it here by name)
+_round_to_bf16: Any = None  # Triton helpers, defined with the kernels (they find them here by name)
+_silu_times: Any = None
 _WARMING: list[threading.Thread] = []
 
 
@@ -155,7 +156,7 @@ def define_kernels() -> dict[str, Any]:
     import triton
     import triton.language as tl
 
-    global _round_to_bf16
+    global _round_to_bf16, _silu_times
 
     @triton.jit
     def _round_to_bf16(x):  # type: ignore[no-untyped-def]
@@ -165,6 +166,13 @@ def define_kernels() -> dict[str, Any]:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         return ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _silu_times(g, u):  # type: ignore[no-untyped-def]
+        # silu(g) * u as transformers' Qwen2 MLP rounds it: silu in float32, rounded to g's dtype, times u
+        g32 = g.to(tl.float32)
+        s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype, fp_downcast_rounding="rtne")
+        return (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype, fp_downcast_rounding="rtne")
 
     @triton.jit
     def add_rms_norm_kernel(  # type: ignore[no-untyped-def]
@@ -246,13 +254,7 @@ def define_kernels() -> dict[str, Any]:
         inside = cols < f
         g = tl.load(gate_up + row * 2 * f + cols, mask=inside, other=0.0)
         u = tl.load(gate_up + row * 2 * f + f + cols, mask=inside, other=0.0)
-        g32 = g.to(tl.float32)
-        s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype, fp_downcast_rounding="rtne")
-        tl.store(
-            out + row * f + cols,
-            (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype, fp_downcast_rounding="rtne"),
-            mask=inside,
-        )
+        tl.store(out + row * f + cols, _silu_times(g, u), mask=inside)
 
     @triton.jit
     def gemv_kernel(  # type: ignore[no-untyped-def]
@@ -281,9 +283,7 @@ def define_kernels() -> dict[str, Any]:
                 else:
                     g = tl.load(x + cols, mask=col_ok, other=0.0)
                     u = tl.load(x + k + cols, mask=col_ok, other=0.0)
-                g32 = g.to(tl.float32)
-                s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype, fp_downcast_rounding="rtne")
-                xv = (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype, fp_downcast_rounding="rtne").to(tl.float32)
+                xv = _silu_times(g, u).to(tl.float32)
             elif EVEN_K:
                 xv = tl.load(x + cols).to(tl.float32)
             else:
