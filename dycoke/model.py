@@ -17,7 +17,7 @@ import torch
 from dycoke.config import ModelOptions
 from dycoke.errors import DeviceError, ModelLoadError, OutOfMemoryError
 from dycoke.preprocess import PreprocessConfig
-from dycoke.weights import WeightPrefetch, state_dict_load_kwargs
+from dycoke.weights import WeightPrefetch
 
 MODEL_TYPE = "llava_onevision"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -168,12 +168,19 @@ def load_model(options: ModelOptions, weights: WeightPrefetch | None = None) -> 
         f"model '{options.model}' does not fit in the memory of {device}; use a smaller model, "
         "--device-map auto (over several GPUs and CPU memory) or --device cpu"
     )
-    if device.type == "cuda" and options.device_map != "auto":
-        _compile_kernels_meanwhile(source, device, dtype)
-    tensors = weights.take() if weights is not None and local is not None else None
+    one_gpu = device.type == "cuda" and options.device_map != "auto"
+    config = _local_config(source) if one_gpu or weights is not None else None
+    if one_gpu and config is not None:
+        from dycoke.decoding.kernels import compile_in_background
+
+        # the fused step's kernels compile (or load from Triton's disk cache) while the weights load
+        compile_in_background(getattr(config, "text_config", config), device, dtype)
+    tensors = weights.take() if weights is not None else None  # the prefetch holds none of them now
+    if config is None:
+        tensors = None  # no configuration to build with: freed before the plain load
     try:
         if tensors is not None:
-            model, tokenizer = _from_state_dict(source, tensors, kwargs)
+            model, tokenizer = _from_state_dict(source, config, tensors, kwargs)
         else:
             model, tokenizer = _from_pretrained(source, kwargs, hub=local is None)
     except torch.cuda.OutOfMemoryError as exc:
@@ -205,19 +212,15 @@ def load_model(options: ModelOptions, weights: WeightPrefetch | None = None) -> 
     )
 
 
-def _compile_kernels_meanwhile(source: str, device: torch.device, dtype: torch.dtype) -> None:
-    """Start compiling the fused decode step's kernels for this checkpoint's language model while its
-    weights load (nothing when its configuration is not on this machine: they compile on first use;
-    the configuration is never fetched for this, so an offline hub id costs no network retries)."""
-    from dycoke.decoding.kernels import compile_in_background
+def _local_config(source: str) -> Any:
+    """The checkpoint's configuration when it is on this machine, else None (never fetched: an offline
+    hub id costs no network retries for it)."""
+    from transformers import AutoConfig
 
     try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(source, local_files_only=True)
+        return AutoConfig.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError):
-        return
-    compile_in_background(getattr(config, "text_config", config), device, dtype)
+        return None
 
 
 def _max_memory(per_gpu: str) -> dict[int | str, str | int]:
@@ -229,14 +232,16 @@ def _max_memory(per_gpu: str) -> dict[int | str, str | int]:
     return budget
 
 
-def _from_state_dict(source: str, tensors: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    """Model built from the already-read ``tensors`` of the local checkpoint ``source``, and its tokenizer;
-    the read copies are freed afterwards (the model holds its own)."""
-    from transformers import AutoConfig, AutoTokenizer, LlavaOnevisionForConditionalGeneration
+def _from_state_dict(
+    source: str, config: Any, tensors: dict[str, torch.Tensor], kwargs: dict[str, Any]
+) -> tuple[Any, Any]:
+    """Model built from the already-read ``tensors`` of the local checkpoint ``source`` (``config``), and
+    its tokenizer; the read copies are freed afterwards (the model holds its own)."""
+    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
-    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    files_free = {k: v for k, v in kwargs.items() if k != "use_safetensors"}  # no files to choose from
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-        None, config=config, state_dict=tensors, **state_dict_load_kwargs(kwargs)
+        None, config=config, state_dict=tensors, **files_free
     )
     tensors.clear()
     if torch.cuda.is_available():

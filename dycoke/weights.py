@@ -17,11 +17,11 @@ device maps and the CPU, the plain load runs as before. Nothing here imports tra
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -33,7 +33,8 @@ PREFETCH_ENV = "DYCOKE_PREFETCH_WEIGHTS"
 MARGIN_BYTES = 2 * 2**30
 """Free GPU memory kept beyond twice the weights before a prefetch starts."""
 
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+"""safetensors dtype names of the floating-point tensors, which the load casts to the model's dtype."""
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -59,11 +60,9 @@ def weight_bytes(folder: Path, dtype: torch.dtype) -> int:
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
-            numel = 1
-            for size in entry["shape"]:
-                numel *= int(size)
             begin, end = entry["data_offsets"]
-            total += numel * itemsize if entry["dtype"] in _ITEMSIZE else int(end) - int(begin)
+            cast = entry["dtype"] in _FLOAT_DTYPES
+            total += math.prod(entry["shape"]) * itemsize if cast else int(end) - int(begin)
     return total
 
 
@@ -72,32 +71,29 @@ class WeightPrefetch:
 
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
         self.folder, self.device, self.dtype = folder, device, dtype
-        self._tensors: dict[str, torch.Tensor] = {}
-        self._error: BaseException | None = None
-        self._taken = False
+        self._tensors: dict[str, torch.Tensor] | None = None  # set once every tensor is read
         self._thread = threading.Thread(target=self._read, name="dycoke-weights", daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
         from safetensors import safe_open
 
+        tensors: dict[str, torch.Tensor] = {}
         try:
             for file in checkpoint_files(self.folder):
                 with safe_open(str(file), framework="pt", device="cpu") as handle:
                     for key in list(handle.keys()):
                         tensor = handle.get_tensor(key)
                         dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
-                        self._tensors[key] = tensor.to(self.device, dtype)
-        except BaseException as exc:  # the plain load then runs, and reports what is wrong
-            self._error = exc
-            self._tensors.clear()
+                        tensors[key] = tensor.to(self.device, dtype)
+        except BaseException:  # what was read is dropped; the plain load then runs and says what is wrong
+            return
+        self._tensors = tensors
 
     def take(self) -> dict[str, torch.Tensor] | None:
         """Wait for the read; the tensors (handed over once: later calls get None), or None if it failed."""
         self._thread.join()
-        tensors = None if self._error is not None or self._taken else dict(self._tensors)
-        self._tensors.clear()
-        self._taken = True
+        tensors, self._tensors = self._tensors, None
         return tensors
 
 
@@ -127,8 +123,3 @@ def prefetch_weights(options: ModelOptions) -> WeightPrefetch | None:
     if needed > free:
         return None
     return WeightPrefetch(folder, device, dtype)
-
-
-def state_dict_load_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``from_pretrained`` keyword arguments for a model built from a state dict (no files to choose)."""
-    return {k: v for k, v in kwargs.items() if k != "use_safetensors"}
