@@ -39,10 +39,6 @@ FAMILIES = (
 )
 
 
-def family(name: str) -> str:
-    return kernel_family(name, FAMILIES)
-
-
 def decode(model: Any, embeds: torch.Tensor, mask: torch.Tensor, tokens: int, *, graph: bool, fused: bool) -> None:
     decoder = StaticGreedyDecoder(
         model, max_new_tokens=tokens, min_new_tokens=tokens, eos_ids=[0], pad_id=0, use_graph=graph, fused=fused
@@ -72,7 +68,7 @@ def kernel_ms(model: Any, embeds: torch.Tensor, mask: torch.Tensor, tokens: int,
     for event in prof.key_averages():
         if event.device_time_total <= 0:
             continue
-        totals[family(event.key)] += event.device_time_total / 1000
+        totals[kernel_family(event.key, FAMILIES)] += event.device_time_total / 1000
         names[event.key[:100]] = (event.device_time_total / 1000, event.count)
     return {"families": totals, "names": names}
 

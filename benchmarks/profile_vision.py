@@ -39,10 +39,6 @@ FAMILIES = (
 )
 
 
-def family(name: str) -> str:
-    return kernel_family(name, FAMILIES)
-
-
 def timed(fn: Any, repeats: int = 10) -> float:
     """Median milliseconds of ``fn()`` (CUDA-synchronised), after two warm-up calls."""
     for _ in range(2):
@@ -142,7 +138,7 @@ def main() -> None:
         us = event.device_time_total
         if us <= 0:
             continue
-        by_family[family(event.key)] += us / 1000
+        by_family[kernel_family(event.key, FAMILIES)] += us / 1000
         kernels.append((us / 1000, event.count, event.key[:110]))
     result["kernel_ms_by_family"] = dict(sorted(by_family.items(), key=lambda kv: -kv[1]))
     result["top_kernels"] = [
