@@ -125,6 +125,7 @@ def main() -> None:
     for _ in range(args.repeats):
         result["floor_s"].append(run([py, "-c", "import torch, transformers"])[0])
     floor = statistics.median(result["floor_s"])
+    save(args.out, result)
     print(f"floor (import torch, transformers): {floor:.2f} s", flush=True)
 
     from dycoke.tiny import build_real_shape_checkpoint
@@ -138,6 +139,7 @@ def main() -> None:
             os.sync()  # the fresh files' dirty pages written back before any timing
         size_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         entry: dict[str, Any] = {"size": size, "checkpoint_gb": size_bytes / 1e9, "write_s": time.perf_counter() - t0}
+        result["sizes"].append(entry)  # saved after every row: a run cut short keeps what it measured
         for cache in ["warm", "dropped"] if args.drop_caches else ["warm"]:
             for method in args.methods:
                 runs: dict[str, list[dict[str, Any]]] = {p: [] for p in args.prefetch}
@@ -155,6 +157,7 @@ def main() -> None:
                 for prefetch, done in runs.items():
                     if done:
                         report(entry, floor, size, cache, method, prefetch, done)
+                save(args.out, result)
         for method in args.methods:
             _, out = run(
                 [
@@ -176,9 +179,12 @@ def main() -> None:
             two["ratio"] = two["first_s"] / two["second_s"]
             entry.setdefault("in_process", {})[method] = two
             print(f"{size} {method}: first answer {two['first_s']:.2f} s, second {two['second_s']:.2f} s", flush=True)
-        result["sizes"].append(entry)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+            save(args.out, result)
+
+
+def save(out: Path, result: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def load_for_video(video: str, model_options: ModelOptions, options: RunOptions)
     from cli.render import loading, warn_random_weights
     from dycoke.reading import start_reading
 
-    reading = start_reading(video, options.video)
+    reading = start_reading(video, options.video, separate_process=True)
     with loading(f"Loading {model_options.model}"):
         import torch
 
@@ -70,9 +70,11 @@ def load_for_video(video: str, model_options: ModelOptions, options: RunOptions)
 
         if reading.done():
             reading.result()  # raises the video's error before any loading
-        if model_options.device != "cpu" and model_options.device != "mps" and torch.cuda.is_available():
+        # reads onto the GPU while transformers imports; its thread also initialises CUDA and starts
+        # the decode kernels' compile, so the main thread goes straight on to the imports
+        weights = prefetch_weights(model_options)
+        if weights is None and model_options.device not in ("cpu", "mps") and torch.cuda.is_available():
             torch.cuda.init()
-        weights = prefetch_weights(model_options)  # read onto the GPU while transformers imports
         from dycoke.pipeline import VideoQA
 
         startup = time.time() - process_start()

@@ -1,10 +1,13 @@
-"""Reading a video for a run, timed, without importing torch: ``start_reading`` decodes on a thread
-while the caller imports torch and loads the model (the command line's cold start overlaps them)."""
+"""Reading a video for a run, timed, without importing torch: ``start_reading`` decodes beside the
+caller while it imports torch and loads the model (the command line's cold start overlaps them)."""
 
 from __future__ import annotations
 
+import multiprocessing
+import sys
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +40,29 @@ def decode_video(video: str | Path, options: VideoOptions | None = None) -> Deco
     return DecodedVideo(frames=frames, path=str(video), decode_s=time.perf_counter() - t0)
 
 
-def start_reading(video: str | Path, options: VideoOptions | None = None) -> Future[DecodedVideo]:
-    """``decode_video`` on a background thread; ``result()`` returns it or raises its ``VideoError``."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dycoke-read")
+def _only_main_thread() -> bool:
+    main = threading.main_thread()
+    return all(t is main or getattr(t, "fork_safe", False) for t in threading.enumerate())
+
+
+def start_reading(
+    video: str | Path, options: VideoOptions | None = None, *, separate_process: bool = False
+) -> Future[DecodedVideo]:
+    """``decode_video`` in the background; ``result()`` returns it or raises its ``VideoError``.
+
+    On a thread by default. ``separate_process=True`` (Linux, where a fork is cheap) decodes in a
+    forked child instead, for a caller that is about to import torch and transformers: the readers'
+    Python work then takes nothing from that single-threaded import (on a thread, a 3-min 1080p read
+    slowed the model-code import by 1.6 s on the 16-core H200 machine,
+    ``benchmarks/try_import_contention.py``). The frames come back pickled (tens of MB). A process that
+    already runs other threads reads on a thread anyway: a forked child could inherit a lock one of
+    them holds (a thread with a true ``fork_safe`` attribute, such as a profiler's sampler, does not
+    count)."""
+    pool: Executor
+    if separate_process and sys.platform == "linux" and _only_main_thread():
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+    else:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dycoke-read")
     future = pool.submit(decode_video, video, options)
-    pool.shutdown(wait=False)  # the thread ends with the decode
+    pool.shutdown(wait=False)  # the worker ends with the decode
     return future

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 import threading
@@ -66,26 +67,79 @@ def weight_bytes(folder: Path, dtype: torch.dtype) -> int:
     return total
 
 
-class WeightPrefetch:
-    """Every tensor of a local safetensors checkpoint, read onto ``device`` in ``dtype`` on a thread."""
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
-    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
-        self.folder, self.device, self.dtype = folder, device, dtype
+
+def read_safetensors(file: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file on ``device``, floating-point ones cast to ``dtype``.
+
+    The file is memory-mapped and each tensor copied from the mapping by ``Tensor.to``, which releases
+    the GIL while it copies (safetensors' own reader holds it for every byte it copies): the import that
+    runs beside this thread keeps the interpreter. Raises on a damaged file (``ValueError``, ``KeyError``,
+    ``struct.error``)."""
+    with file.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        # a private mapping: torch.frombuffer wants a writable buffer, and nothing is ever written
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        stored = _TORCH_DTYPES[entry["dtype"]]
+        begin, end = (8 + length + int(offset) for offset in entry["data_offsets"])
+        count = math.prod(entry["shape"])
+        if end - begin != count * stored.itemsize or end > len(mapped):
+            raise ValueError(f"{file.name}: tensor {name}'s offsets do not match its shape or the file")
+        target = dtype if entry["dtype"] in _FLOAT_DTYPES else stored
+        if count == 0:
+            tensors[name] = torch.empty(entry["shape"], dtype=target, device=device)
+            continue
+        view = torch.frombuffer(mapped, dtype=stored, count=count, offset=begin).view(entry["shape"])
+        # a copy even where nothing changes (same device and dtype): the mapping must not outlive the read
+        tensors[name] = view.to(device, target, copy=True)
+    return tensors
+
+
+class WeightPrefetch:
+    """Every tensor of a local safetensors checkpoint, read onto ``device`` in ``dtype`` on a thread.
+
+    On CUDA the thread first initialises CUDA (off the importing main thread), starts the fused decode
+    step's kernel compile (``kernels.compile_for_checkpoint``: it too then runs during the import) and
+    checks that the GPU has room for the read copies next to the model's (``needed_bytes``); without
+    room it reads nothing and ``take`` returns None, so the plain load runs."""
+
+    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype, needed_bytes: int = 0) -> None:
+        self.folder, self.device, self.dtype, self.needed_bytes = folder, device, dtype, needed_bytes
         self._tensors: dict[str, torch.Tensor] | None = None  # set once every tensor is read
         self._thread = threading.Thread(target=self._read, name="dycoke-weights", daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
-        from safetensors import safe_open
-
         tensors: dict[str, torch.Tensor] = {}
         try:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)  # initialises CUDA here, not on the main thread
+                from dycoke.decoding.kernels import compile_for_checkpoint
+
+                compile_for_checkpoint(self.folder / "config.json", self.device, self.dtype)
+                if self.needed_bytes > free:
+                    return
             for file in checkpoint_files(self.folder):
-                with safe_open(str(file), framework="pt", device="cpu") as handle:
-                    for key in list(handle.keys()):
-                        tensor = handle.get_tensor(key)
-                        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
-                        tensors[key] = tensor.to(self.device, dtype)
+                tensors.update(read_safetensors(file, self.device, self.dtype))
         except BaseException:  # what was read is dropped; the plain load then runs and says what is wrong
             return
         self._tensors = tensors
@@ -117,9 +171,6 @@ def prefetch_weights(options: ModelOptions) -> WeightPrefetch | None:
             return None
         dtype = resolve_dtype(options.dtype, device)
         needed = 2 * weight_bytes(folder, dtype) + MARGIN_BYTES
-        free, _ = torch.cuda.mem_get_info(device)
     except Exception:  # an unusual checkpoint or device: leave it to the plain load and its errors
         return None
-    if needed > free:
-        return None
-    return WeightPrefetch(folder, device, dtype)
+    return WeightPrefetch(folder, device, dtype, needed)

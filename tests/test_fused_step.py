@@ -5,12 +5,15 @@ step; on a GPU the Triton kernels equal the torch definitions (``pytest -m gpu``
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlavaOnevisionConfig
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
 
 from dycoke.attention import language_model_of
@@ -201,6 +204,22 @@ def test_kernels_are_not_compiled_where_they_cannot_run() -> None:
     if torch.cuda.is_available():  # a model type the fused step does not implement: nothing to compile
         config.model_type = "llama"
         assert kernels.compile_in_background(config, torch.device("cuda"), torch.bfloat16) is None
+
+
+def test_the_early_compile_reads_the_checkpoints_json_and_runs_once(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    config_file = tiny_checkpoint / "config.json"
+    assert kernels.compile_for_checkpoint(config_file, torch.device("cpu"), torch.float32) is None
+    assert kernels.compile_for_checkpoint(tmp_path / "missing.json", torch.device("cuda"), torch.bfloat16) is None
+    lacking = json.loads(config_file.read_text())
+    del lacking["text_config"]["intermediate_size"]
+    (tmp_path / "config.json").write_text(json.dumps(lacking))
+    assert kernels.compile_for_checkpoint(tmp_path / "config.json", torch.device("cuda"), torch.bfloat16) is None
+    if not torch.cuda.is_available() or not kernels.triton_available(torch.device("cuda")):
+        return
+    early = kernels.compile_for_checkpoint(config_file, torch.device("cuda"), torch.bfloat16)
+    assert early is not None
+    text_config = LlavaOnevisionConfig.from_pretrained(tiny_checkpoint).text_config
+    assert kernels.compile_in_background(text_config, torch.device("cuda"), torch.bfloat16) is early
 
 
 # -- the Triton kernels in Triton's interpreter (CPU; runs wherever Triton is installed) -----------------

@@ -74,3 +74,41 @@ def test_the_files_read_are_those_from_pretrained_reads(tmp_path: Path) -> None:
     (other / "b.safetensors").write_bytes(b"")
     (other / "a.safetensors").write_bytes(b"")
     assert checkpoint_files(other) == [other / "a.safetensors", other / "b.safetensors"]
+
+
+def test_read_safetensors_equals_safetensors_own_reader(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from dycoke.weights import read_safetensors
+
+    stored = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "f32": torch.randn(7),
+        "f16": torch.randn(2, 2, 2).to(torch.float16),
+        "i64": torch.arange(6).view(2, 3),
+        "mask": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+    }
+    file = tmp_path / "model.safetensors"
+    save_file(stored, str(file))
+    theirs = load_file(str(file))
+    ours = read_safetensors(file, torch.device("cpu"), torch.float32)
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        expected = theirs[name].float() if theirs[name].is_floating_point() else theirs[name]
+        assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), name
+    as_bf16 = read_safetensors(file, torch.device("cpu"), torch.bfloat16)
+    assert as_bf16["f32"].dtype == torch.bfloat16 and as_bf16["i64"].dtype == torch.int64
+    assert torch.equal(as_bf16["bf16"], stored["bf16"])
+
+
+def test_read_safetensors_refuses_a_truncated_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from dycoke.weights import read_safetensors
+
+    file = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(64, 64)}, str(file))
+    file.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="offsets"):
+        read_safetensors(file, torch.device("cpu"), torch.float32)

@@ -22,7 +22,10 @@ token each; D the hidden size; Hq / Hkv query and key-value heads of size d; L s
 from __future__ import annotations
 
 import functools
+import json
 import threading
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -95,19 +98,24 @@ _KERNELS: dict[str, Any] = {}
 _round_to_bf16: Any = None  # Triton helpers, defined with the kernels (they find them here by name)
 _silu_times: Any = None
 _WARMING: list[threading.Thread] = []
+_STARTED: dict[tuple[Any, ...], threading.Thread] = {}  # one compile per shape, device and dtype
 
 
 def compile_in_background(text_config: Any, device: torch.device, dtype: torch.dtype) -> threading.Thread | None:
     """Compile the kernels for a language model of ``text_config``'s shape (or load them from Triton's
     disk cache) on a thread, while the weights load: a first compile takes seconds, which the first
     answer would otherwise wait for. The kernels' first real call waits for the thread. Returns it, or
-    None where the fused step's kernels do not apply."""
+    None where the fused step's kernels do not apply. A second call for the same shape, device and
+    dtype returns the first call's thread."""
     if not triton_available(device) or getattr(text_config, "model_type", None) != "qwen2":
         return None
     hidden = int(text_config.hidden_size)
     hq, hkv = int(text_config.num_attention_heads), int(text_config.num_key_value_heads)
     head = int(getattr(text_config, "head_dim", None) or hidden // hq)
     width = int(text_config.intermediate_size)
+    key = (hidden, hq, hkv, head, width, device, dtype)
+    if key in _STARTED:
+        return _STARTED[key]
 
     def compile_all() -> None:
         try:
@@ -134,8 +142,24 @@ def compile_in_background(text_config: Any, device: torch.device, dtype: torch.d
 
     thread = threading.Thread(target=compile_all, name="dycoke-kernels", daemon=True)
     _WARMING.append(thread)
+    _STARTED[key] = thread
     thread.start()
     return thread
+
+
+def compile_for_checkpoint(config_file: Path, device: torch.device, dtype: torch.dtype) -> threading.Thread | None:
+    """``compile_in_background`` from a LLaVA-OneVision checkpoint's ``config.json`` read as plain JSON,
+    so that the compile starts right after ``import torch``, before transformers' model code has
+    imported (a fresh ``dycoke ask``); ``load_model``'s own call then finds it started. None where the
+    file lacks a size the kernels need (the load then starts it) or the kernels do not apply."""
+    try:
+        text = json.loads(config_file.read_text()).get("text_config") or {}
+        fields = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+        if not all(name in text for name in fields):
+            return None
+        return compile_in_background(SimpleNamespace(**text), device, dtype)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def _wait_for_compiles() -> None:
