@@ -172,9 +172,12 @@ def load_model(options: ModelOptions, weights: WeightPrefetch | None = None) -> 
     config = _local_config(source) if one_gpu or weights is not None else None
     if one_gpu and config is not None:
         from dycoke.decoding.kernels import compile_in_background
+        from dycoke.warmup import start_warming
 
-        # the fused step's kernels compile (or load from Triton's disk cache) while the weights load
+        # the fused step's kernels compile (or load from Triton's disk cache) and the GPU libraries
+        # make their first calls while the weights load (both already started by a read-ahead)
         compile_in_background(getattr(config, "text_config", config), device, dtype)
+        start_warming(device, dtype)
     tensors = weights.take() if weights is not None else None  # the prefetch holds none of them now
     if config is None:
         tensors = None  # no configuration to build with: freed before the plain load

@@ -118,7 +118,8 @@ class WeightPrefetch:
     """Every tensor of a local safetensors checkpoint, read onto ``device`` in ``dtype`` on a thread.
 
     On CUDA the thread first initialises CUDA (off the importing main thread), starts the fused decode
-    step's kernel compile (``kernels.compile_for_checkpoint``: it too then runs during the import) and
+    step's kernel compile (``kernels.compile_for_checkpoint``) and the GPU libraries' first calls
+    (``warmup.start_warming``), both of which then run during the import too, and
     checks that the GPU has room for the read copies next to the model's (``needed_bytes``); without
     room it reads nothing and ``take`` returns None, so the plain load runs."""
 
@@ -134,8 +135,10 @@ class WeightPrefetch:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)  # initialises CUDA here, not on the main thread
                 from dycoke.decoding.kernels import compile_for_checkpoint
+                from dycoke.warmup import start_warming
 
                 compile_for_checkpoint(self.folder / "config.json", self.device, self.dtype)
+                start_warming(self.device, self.dtype)
                 if self.needed_bytes > free:
                     return
             for file in checkpoint_files(self.folder):

@@ -216,3 +216,14 @@ def test_weights_read_ahead_onto_the_gpu_give_the_plain_model(tiny_checkpoint: P
     ours, theirs = built.model.state_dict(), plain.model.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) and ours[k].device == theirs[k].device for k in ours)
+
+
+def test_the_gpu_library_warm_up_runs_once_per_device_and_dtype() -> None:
+    from dycoke import warmup
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    warmup.warm_gpu_libraries(device, torch.bfloat16)  # raises here if an op or layout is wrong
+    first = warmup.start_warming(device, torch.float16)
+    assert first is not None and warmup.start_warming(device, torch.float16) is first
+    first.join(timeout=60)
+    assert not first.is_alive()
