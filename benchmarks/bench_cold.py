@@ -26,20 +26,22 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bytecode import add_bytecode_argument, child_environment, describe  # noqa: E402
+
 QUESTION = "What is the rabbit doing?"
 
 
-BYTECODE_ENV: dict[str, str] = {}
-"""Added to every child's environment: the bytecode cache (``--bytecode``)."""
+BYTECODE = {"mode": "as-found", "cache": Path("pycache")}
+"""How every child imports (``--bytecode``, ``benchmarks/bytecode.py``)."""
 
 
 def run(command: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
     """Wall seconds of a fresh process (``env`` added to this one's environment), and its stdout
     (raises with its stderr when it fails)."""
     t0 = time.perf_counter()
-    environment = {**os.environ, **BYTECODE_ENV, **(env or {})}
-    if BYTECODE_ENV:
-        environment.pop("PYTHONDONTWRITEBYTECODE", None)
+    environment = child_environment(str(BYTECODE["mode"]), Path(BYTECODE["cache"]), env)
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False, env=environment)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
@@ -108,15 +110,7 @@ def main() -> None:
         default=["on"],
         help="weights read ahead during the model-code import (off: DYCOKE_PREFETCH_WEIGHTS=0); both alternate",
     )
-    parser.add_argument(
-        "--bytecode",
-        choices=["cached", "as-found"],
-        default="cached",
-        help="cached (default): every child imports from compiled bytecode, as after a pip install (a "
-        "PYTHONPYCACHEPREFIX under --checkpoints, filled by an untimed run first) even where the "
-        "environment forbids writing it (PYTHONDONTWRITEBYTECODE, as on the GPU machine, whose torch "
-        "ships without __pycache__: every import then compiles the sources); as-found: the environment as is",
-    )
+    add_bytecode_argument(parser)
     parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -128,12 +122,9 @@ def main() -> None:
     import transformers
 
     py = sys.executable
-    if args.bytecode == "cached":
-        BYTECODE_ENV["PYTHONPYCACHEPREFIX"] = str((args.checkpoints / "pycache").resolve())
+    BYTECODE.update(mode=args.bytecode, cache=args.checkpoints / "pycache")
     result: dict[str, Any] = {
-        "bytecode": args.bytecode,
-        "environment_writes_bytecode": not sys.dont_write_bytecode,
-        "torch_ships_bytecode": (Path(torch.__file__).parent / "__pycache__").is_dir(),
+        **describe(args.bytecode),
         "command": " ".join(["python", *sys.argv]),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
         "cpus": os.cpu_count(),

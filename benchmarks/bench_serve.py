@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import statistics
@@ -24,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bytecode import add_bytecode_argument, child_environment, describe  # noqa: E402
+
 QUESTIONS = [f"Question {i}: what happens in the video, and what colour is item {i}?" for i in range(32)]
 
 
@@ -33,9 +36,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def timed(command: list[str]) -> float:
+def timed(command: list[str], env: dict[str, str]) -> float:
     t0 = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{command} failed: {done.stderr[-1500:]}")
     return time.perf_counter() - t0
@@ -49,17 +52,27 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=4)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--bytecode-cache", type=Path, default=Path("/tmp/dycoke-pycache"))
+    add_bytecode_argument(parser)
     args = parser.parse_args()
     import httpx
 
+    env = child_environment(args.bytecode, args.bytecode_cache, {"PYTHONUNBUFFERED": "1"})
     video = str(Path(args.video).resolve())
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "cli.app", "serve", "--model", args.model, "--port", str(port)]
     command += ["--allowed-local-media-path", str(Path(video).parent), "--max-batch-size", str(args.clients)]
     t_start = time.perf_counter()
-    server = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    result: dict[str, Any] = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d")}
+    if args.bytecode == "cached":  # untimed: the server's and the client's modules compiled once
+        subprocess.run([sys.executable, "-m", "cli.app", "serve", "--help"], cwd=ROOT, env=env, capture_output=True)
+        subprocess.run([sys.executable, "-c", "import dycoke.pipeline, cli.serving"], cwd=ROOT, env=env, check=True)
+    server = subprocess.Popen(command, cwd=ROOT, env=env)
+    result: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d"),
+        **describe(args.bytecode),
+    }
     try:
         while True:
             try:
@@ -72,16 +85,17 @@ def main() -> None:
         result["server_ready_s"] = time.perf_counter() - t_start
         ask = [sys.executable, "-m", "cli.app", "ask", video, "", "--server", url, "-q"]
         ask += ["--max-new-tokens", str(args.new_tokens), "--min-new-tokens", str(args.new_tokens)]
+        timed([*ask[:5], "Warm-up question", *ask[6:], "--frames", "8"], env)  # untimed: client bytecode
         firsts, follows = [], []
         for m, method in enumerate(("dycoke", "full")):
             for i in range(2):  # a fresh video entry per round: the frame count differs, so the cache misses
                 frames = str(32 - 2 * m - i)
                 first = ask.copy()
                 first[5] = "What is the rabbit doing?"
-                firsts.append(timed([*first, "--method", method, "--frames", frames]))
+                firsts.append(timed([*first, "--method", method, "--frames", frames], env))
                 follow = ask.copy()
                 follow[5] = "And what happens next?"
-                follows.append(timed([*follow, "--method", method, "--frames", frames]))
+                follows.append(timed([*follow, "--method", method, "--frames", frames], env))
             result[f"{method}_first_question_s"], result[f"{method}_follow_up_s"] = firsts[-2:], follows[-2:]
         print(json.dumps({k: v for k, v in result.items() if k.endswith("_s")}), flush=True)
 
