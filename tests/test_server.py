@@ -695,6 +695,7 @@ def test_warm_up_answers_on_a_synthetic_clip(tiny_checkpoint: Path) -> None:
     from dycoke.config import RunOptions, VideoOptions
     from dycoke.pipeline import VideoQA
     from dycoke.server import warm_up
+    from dycoke.server.app import WARM_UP_TOKENS
 
     qa = VideoQA.load(str(tiny_checkpoint), device="cpu")
     reports = []
@@ -707,9 +708,12 @@ def test_warm_up_answers_on_a_synthetic_clip(tiny_checkpoint: Path) -> None:
     qa.answer_many = recorded  # type: ignore[method-assign]
     warm_up(qa, RunOptions(video=VideoOptions(num_frames=4)))
     assert qa.load_s is None  # the load time went into the warm-up answer's report
-    # as the engine answers: a first question prefills the shared prefix, the follow-up continues from it
-    assert len(reports) == 2
-    assert reports[0].timings_s.shared_prefix > 0 and reports[1].timings_s.shared_prefix == 0
+    # as the engine answers, per method (the default, then full): a first question prefills the shared
+    # prefix, the follow-up continues from it; every answer as long as the warm-up asks
+    assert [r.method for r in reports] == ["dycoke", "dycoke", "full", "full"]
+    assert all(r.timings_s.shared_prefix > 0 for r in reports[::2])
+    assert all(r.timings_s.shared_prefix == 0 for r in reports[1::2])
+    assert all(r.tokens.generated == WARM_UP_TOKENS for r in reports)
 
 
 def test_prepared_cache_evicts_the_least_recently_used_beyond_its_budget() -> None:
