@@ -343,7 +343,10 @@ def _run_batch(
         if todo == 0:
             return BatchSummary(total=total, already_done=total)
         with loading(f"Loading {model_options.model}", enabled=show):
-            from dycoke.pipeline import VideoQA
+            from dycoke.heap import imports_without_collection
+
+            with imports_without_collection():
+                from dycoke.pipeline import VideoQA
 
             qa = VideoQA.load(model_options)
         for m in methods:

@@ -60,22 +60,24 @@ def load_for_video(video: str, model_options: ModelOptions, options: RunOptions)
     a bad file fails before the model loads. Returns the model, the decoded video and the start-up
     seconds (process start to the model load: imports, CUDA initialisation)."""
     from cli.render import loading, warn_random_weights
+    from dycoke.heap import imports_without_collection
     from dycoke.reading import start_reading
 
     reading = start_reading(video, options.video, separate_process=True)
     with loading(f"Loading {model_options.model}"):
-        import torch
+        with imports_without_collection():
+            import torch
 
-        from dycoke.weights import prefetch_weights
+            from dycoke.weights import prefetch_weights
 
-        if reading.done():
-            reading.result()  # raises the video's error before any loading
-        # reads onto the GPU while transformers imports; its thread also initialises CUDA and starts
-        # the decode kernels' compile, so the main thread goes straight on to the imports
-        weights = prefetch_weights(model_options)
-        if weights is None and model_options.device not in ("cpu", "mps") and torch.cuda.is_available():
-            torch.cuda.init()
-        from dycoke.pipeline import VideoQA
+            if reading.done():
+                reading.result()  # raises the video's error before any loading
+            # reads onto the GPU while transformers imports; its thread also initialises CUDA and starts
+            # the decode kernels' compile, so the main thread goes straight on to the imports
+            weights = prefetch_weights(model_options)
+            if weights is None and model_options.device not in ("cpu", "mps") and torch.cuda.is_available():
+                torch.cuda.init()
+            from dycoke.pipeline import VideoQA
 
         startup = time.time() - process_start()
         qa = VideoQA.load(model_options, weights=weights)

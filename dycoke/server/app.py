@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dycoke.config import needs_vision_signals, run_options
 from dycoke.errors import DyCokeError
+from dycoke.heap import freeze_after_start, imports_without_collection
 from dycoke.server import protocol
 from dycoke.server.engine import Done, Engine, Event, Failed, Job, Text
 from dycoke.server.media import MediaStore, VideoSource
@@ -316,7 +317,8 @@ def serve(settings: ServerSettings, qa: VideoQA | None = None) -> None:
     engine: Engine | None = None
     try:
         if qa is None:
-            from dycoke.pipeline import VideoQA
+            with imports_without_collection():
+                from dycoke.pipeline import VideoQA
 
             log.info("loading %s", settings.model)
             qa = VideoQA.load(settings.model, device=settings.device, dtype=settings.dtype)
@@ -324,6 +326,7 @@ def serve(settings: ServerSettings, qa: VideoQA | None = None) -> None:
             t0 = time.perf_counter()
             warm_up(qa, settings.defaults)
             log.info("warm-up answer in %.2f s", time.perf_counter() - t0)
+        freeze_after_start()  # no request pays for a full collection over the start-up's objects
         engine = build_engine(qa, settings)
         app = create_app(engine, settings)
         config = uvicorn.Config(
