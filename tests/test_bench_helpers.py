@@ -18,3 +18,22 @@ def test_largest_fitting_batch_is_found_in_few_trials(fits_up_to: int, limit: in
     assert largest_fitting(fits, limit) == min(fits_up_to, limit)
     assert all(1 <= n <= limit for n in tried) and len(tried) == len(set(tried))  # no trial twice
     assert len(tried) <= 2 * limit.bit_length() + 1
+
+
+def test_stack_timeline_groups_runs_and_shows_gaps() -> None:
+    from benchmarks.sample_stacks import timeline, where
+
+    importing = ["<frozen importlib._bootstrap>:1 _load", "torch/__init__.py:5 <module>", "cli/common.py:70 load"]
+    loading = ["transformers/modeling_utils.py:9 from_pretrained", "dycoke/model.py:240 _from_state_dict"]
+    assert where(importing) == "cli/common.py:70 load | torch/__init__.py:5 | torch/__init__.py:5 <module>"
+    samples = [{"t": t, "thread": "MainThread", "stack": importing} for t in (0.1, 0.2, 0.3)]
+    samples += [{"t": t, "thread": "MainThread", "stack": loading} for t in (1.0, 1.1)]
+    samples += [{"t": 0.2, "thread": "dycoke-weights", "stack": loading}]
+    lines = timeline(samples, 0.1)
+    assert lines[0] == "== MainThread"
+    assert lines[1].split() == ["0.10", "+", "0.30s", *where(importing).split()]
+    assert "(no sample: the GIL was held)" in lines[2] and "+ 0.70s" in lines[2]
+    assert lines[3].split()[:3] == ["1.00", "+", "0.20s"]
+    assert lines[4] == "== dycoke-weights" and len(lines) == 6
+    coarse = timeline(samples, 0.1, coarse=True)
+    assert coarse[1].endswith("cli/common.py:70 load") and coarse[3].endswith("dycoke/model.py:240 _from_state_dict")
