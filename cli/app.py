@@ -346,9 +346,14 @@ def _run_batch(
             from dycoke.heap import imports_without_collection
 
             with imports_without_collection():
+                import torch  # noqa: F401  (the read-ahead needs torch alone)
+
+                from dycoke.weights import prefetch_weights
+
+                weights = prefetch_weights(model_options)  # onto this process's GPU while transformers imports
                 from dycoke.pipeline import VideoQA
 
-            qa = VideoQA.load(model_options)
+            qa = VideoQA.load(model_options, weights=weights)
         for m in methods:
             replace(options.method, method=m).check_against_model(qa.loaded.num_layers)
         if qa.loaded.random_weights and shard.is_main:
