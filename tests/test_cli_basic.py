@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,27 @@ def test_a_slow_exact_read_suggests_keyframe_seeking_once() -> None:
     assert seek_hint(report("exact", 0.9, 3000, 32)) is None  # fast enough
     assert seek_hint(report("exact", 2.5, 90, 32)) is None  # under 3x cheaper
     assert seek_hint(report("keyframe", 2.5, 3000, 32)) is None  # already asked for
+
+
+@pytest.mark.parametrize(
+    "code,torch_loaded,fast", [(0, True, True), (None, True, True), (1, True, False), (0, False, False)]
+)
+def test_only_a_successful_command_that_loaded_torch_skips_the_teardown(
+    monkeypatch: pytest.MonkeyPatch, code: int | None, torch_loaded: bool, fast: bool
+) -> None:
+    import cli.app as cli_app
+
+    def command(**kwargs: object) -> None:
+        raise SystemExit(code)
+
+    exits: list[int] = []
+    monkeypatch.setattr(cli_app, "app", command)
+    monkeypatch.setattr(cli_app.os, "_exit", exits.append)
+    if torch_loaded:
+        monkeypatch.setitem(sys.modules, "torch", sys.modules.get("torch", types.ModuleType("torch")))
+    else:
+        monkeypatch.delitem(sys.modules, "torch", raising=False)
+    with pytest.raises(SystemExit) as raised:  # os._exit is recorded here instead of ending pytest
+        cli_app.main()
+    assert raised.value.code == code
+    assert exits == ([0] if fast else [])
