@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks.bench_batch import largest_fitting
@@ -37,3 +39,17 @@ def test_stack_timeline_groups_runs_and_shows_gaps() -> None:
     assert lines[4] == "== dycoke-weights" and len(lines) == 6
     coarse = timeline(samples, 0.1, coarse=True)
     assert coarse[1].endswith("cli/common.py:70 load") and coarse[3].endswith("dycoke/model.py:240 _from_state_dict")
+
+
+def test_children_import_from_a_bytecode_cache_unless_told_as_found(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from benchmarks.bytecode import child_environment
+
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    cached = child_environment("cached", tmp_path / "pyc", {"EXTRA": "1"})
+    assert "PYTHONDONTWRITEBYTECODE" not in cached and cached["PYTHONPYCACHEPREFIX"] == str(tmp_path / "pyc")
+    assert cached["EXTRA"] == "1"
+    found = child_environment("as-found", tmp_path / "pyc")
+    assert found["PYTHONDONTWRITEBYTECODE"] == "1" and "PYTHONPYCACHEPREFIX" not in found
