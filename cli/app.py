@@ -6,6 +6,7 @@ are imported only inside commands that need them, so ``dycoke --help`` stays fas
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -430,8 +431,9 @@ def exit_at_once() -> None:
     the CUDA context, hundreds of thousands of objects and every module's finalisation would otherwise
     keep the user waiting after the last line is printed. Output is flushed first; every file the
     command writes is closed by then (batch results are written and flushed row by row)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader that went away (``| head``), a closed stream
+            stream.flush()
     os._exit(0)
 
 
