@@ -218,6 +218,29 @@ def test_weights_read_ahead_onto_the_gpu_give_the_plain_model(tiny_checkpoint: P
     assert all(torch.equal(ours[k], theirs[k]) and ours[k].device == theirs[k].device for k in ours)
 
 
+def test_the_model_takes_tensors_read_onto_the_gpu_without_a_copy(tiny_checkpoint: Path) -> None:
+    """On the GPU in bf16, as the read-ahead builds: every parameter is a tensor it read (no second copy
+    on the device; the read-ahead's room-for-two rule is then more than needed)."""
+    from transformers import AutoConfig, LlavaOnevisionForConditionalGeneration
+
+    from dycoke.weights import checkpoint_files, read_safetensors
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    tensors: dict[str, torch.Tensor] = {}
+    for file in checkpoint_files(tiny_checkpoint):
+        tensors.update(read_safetensors(file, device, torch.bfloat16))
+    storage = {t.data_ptr() for t in tensors.values()}
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        None,
+        config=AutoConfig.from_pretrained(tiny_checkpoint),
+        state_dict=dict(tensors),
+        dtype=torch.bfloat16,
+        device_map={"": device},
+    )
+    params = model.state_dict()
+    assert params and all(p.data_ptr() in storage for p in params.values())
+
+
 def test_the_gpu_library_warm_up_runs_once_per_device_and_dtype() -> None:
     from dycoke import warmup
 

@@ -112,3 +112,22 @@ def test_read_safetensors_refuses_a_truncated_file(tmp_path: Path) -> None:
     file.write_bytes(file.read_bytes()[:-100])
     with pytest.raises(ValueError, match="offsets"):
         read_safetensors(file, torch.device("cpu"), torch.float32)
+
+
+def test_the_model_takes_the_read_tensors_without_a_copy(tiny_checkpoint: Path) -> None:
+    """transformers' build from a state dict keeps tensors already on the right device in the right
+    dtype (``_materialize_copy`` is a ``.to`` that returns them as they are). The read-ahead still asks
+    for room for two copies; this pins the fact a lighter rule would rest on."""
+    from transformers import AutoConfig, LlavaOnevisionForConditionalGeneration
+
+    from dycoke.weights import read_safetensors
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in checkpoint_files(tiny_checkpoint):
+        tensors.update(read_safetensors(file, torch.device("cpu"), torch.float32))
+    storage = {t.data_ptr() for t in tensors.values()}
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        None, config=AutoConfig.from_pretrained(tiny_checkpoint), state_dict=dict(tensors), dtype=torch.float32
+    )
+    params = model.state_dict()
+    assert params and all(p.data_ptr() in storage for p in params.values())
