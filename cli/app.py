@@ -19,7 +19,7 @@ import typer
 
 from cli import options as o
 from cli import serving
-from cli.common import EXIT_SOME_FAILED, check_video_path, fail, load_for_video, process_start
+from cli.common import EXIT_SOME_FAILED, check_video_path, fail, load_for_video, load_model_overlapped, process_start
 from dycoke import __version__
 from dycoke.config import DEFAULT_MODEL, PAPER_SYSTEM_PROMPT, ModelOptions, RunOptions
 from dycoke.errors import ConfigError, DyCokeError
@@ -344,17 +344,7 @@ def _run_batch(
         if todo == 0:
             return BatchSummary(total=total, already_done=total)
         with loading(f"Loading {model_options.model}", enabled=show):
-            from dycoke.heap import imports_without_collection
-
-            with imports_without_collection():
-                import torch  # noqa: F401  (the read-ahead needs torch alone)
-
-                from dycoke.weights import prefetch_weights
-
-                weights = prefetch_weights(model_options)  # onto this process's GPU while transformers imports
-                from dycoke.pipeline import VideoQA
-
-            qa = VideoQA.load(model_options, weights=weights)
+            qa, _ = load_model_overlapped(model_options)  # the weights onto this process's GPU
         for m in methods:
             replace(options.method, method=m).check_against_model(qa.loaded.num_layers)
         if qa.loaded.random_weights and shard.is_main:

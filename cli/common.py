@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -54,33 +55,45 @@ def check_video_path(video: str) -> None:
         raise VideoError(f"video path is a directory, not a file: {video}")
 
 
-def load_for_video(video: str, model_options: ModelOptions, options: RunOptions) -> tuple[Any, Any, float]:
-    """Decode the video on a thread while torch is imported and the model loads, and read the weights
-    onto the GPU on another while transformers' model code imports (where that fits: ``dycoke.weights``);
-    a bad file fails before the model loads. Returns the model, the decoded video and the start-up
-    seconds (process start to the model load: imports, CUDA initialisation)."""
-    from cli.render import loading, warn_random_weights
+def load_model_overlapped(model_options: ModelOptions, *, check: Callable[[], None] | None = None) -> tuple[Any, float]:
+    """Import torch and the model code without garbage collection (``dycoke.heap``) while a thread reads
+    the weights onto the GPU where that fits (``dycoke.weights``: it also initialises CUDA and starts the
+    decode kernels' compile, so this thread goes straight on to the imports), then load the model.
+    ``check`` runs once torch is imported, before the read starts (a video error fails first). Returns
+    the model and the start-up seconds (process start to the model load: imports, CUDA initialisation)."""
     from dycoke.heap import imports_without_collection
+
+    with imports_without_collection():
+        import torch
+
+        from dycoke.weights import prefetch_weights
+
+        if check is not None:
+            check()
+        weights = prefetch_weights(model_options)
+        if weights is None and model_options.device not in ("cpu", "mps") and torch.cuda.is_available():
+            torch.cuda.init()
+        from dycoke.pipeline import VideoQA
+
+    startup = time.time() - process_start()
+    return VideoQA.load(model_options, weights=weights), startup
+
+
+def load_for_video(video: str, model_options: ModelOptions, options: RunOptions) -> tuple[Any, Any, float]:
+    """Decode the video in a forked child (``dycoke.reading``) while the model loads
+    (``load_model_overlapped``); a bad file fails before the model loads. Returns the model, the decoded
+    video and the start-up seconds."""
+    from cli.render import loading, warn_random_weights
     from dycoke.reading import start_reading
 
     reading = start_reading(video, options.video, separate_process=True)
+
+    def video_error_first() -> None:
+        if reading.done():
+            reading.result()  # raises the video's error before any loading
+
     with loading(f"Loading {model_options.model}"):
-        with imports_without_collection():
-            import torch
-
-            from dycoke.weights import prefetch_weights
-
-            if reading.done():
-                reading.result()  # raises the video's error before any loading
-            # reads onto the GPU while transformers imports; its thread also initialises CUDA and starts
-            # the decode kernels' compile, so the main thread goes straight on to the imports
-            weights = prefetch_weights(model_options)
-            if weights is None and model_options.device not in ("cpu", "mps") and torch.cuda.is_available():
-                torch.cuda.init()
-            from dycoke.pipeline import VideoQA
-
-        startup = time.time() - process_start()
-        qa = VideoQA.load(model_options, weights=weights)
+        qa, startup = load_model_overlapped(model_options, check=video_error_first)
     with loading(f"Reading {video}"):
         decoded = reading.result()
     options.method.check_against_model(qa.loaded.num_layers)

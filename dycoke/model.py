@@ -239,7 +239,8 @@ def _from_state_dict(
     source: str, config: Any, tensors: dict[str, torch.Tensor], kwargs: dict[str, Any]
 ) -> tuple[Any, Any]:
     """Model built from the already-read ``tensors`` of the local checkpoint ``source`` (``config``), and
-    its tokenizer; the read copies are freed afterwards (the model holds its own)."""
+    its tokenizer. The model keeps the tensors it can use as they are; any the build copied are freed
+    afterwards."""
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
     files_free = {k: v for k, v in kwargs.items() if k != "use_safetensors"}  # no files to choose from

@@ -9,9 +9,10 @@ state_dict=...)``: transformers' own key conversions and tying apply, and the re
 load, tested). Measured with ``benchmarks/try_overlapped_load.py``: 11.8 s instead of 13.7 s from the
 process start to a loaded 7B model (H200).
 
-The read tensors and the model's own exist side by side for a moment (twice the weights' memory), so
-the prefetch runs only where the GPU has room for both (and a margin); otherwise, and for hub ids,
-device maps and the CPU, the plain load runs as before. Nothing here imports transformers.
+The prefetch runs only where the GPU has room for two copies of the weights (and a margin), in case
+the build copies them; on the CPU transformers 5 keeps the read tensors as the parameters, no copy
+(tested; the GPU twin of that test has not run yet). Otherwise, and for hub ids, device maps and the
+CPU, the plain load runs as before. Nothing here imports transformers.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import struct
 import threading
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 
@@ -34,9 +36,6 @@ PREFETCH_ENV = "DYCOKE_PREFETCH_WEIGHTS"
 MARGIN_BYTES = 2 * 2**30
 """Free GPU memory kept beyond twice the weights before a prefetch starts."""
 
-_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-"""safetensors dtype names of the floating-point tensors, which the load casts to the model's dtype."""
-
 
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors files ``from_pretrained`` would read: those of ``model.safetensors.index.json``'s
@@ -47,24 +46,6 @@ def checkpoint_files(folder: Path) -> list[Path]:
         return [folder / name for name in names]
     single = folder / "model.safetensors"
     return [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
-
-
-def weight_bytes(folder: Path, dtype: torch.dtype) -> int:
-    """Bytes the folder's safetensors tensors take once floating-point ones are cast to ``dtype``
-    (read from the files' headers: nothing is loaded)."""
-    total = 0
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    for file in checkpoint_files(folder):
-        with file.open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = entry["data_offsets"]
-            cast = entry["dtype"] in _FLOAT_DTYPES
-            total += math.prod(entry["shape"]) * itemsize if cast else int(end) - int(begin)
-    return total
 
 
 _TORCH_DTYPES = {
@@ -81,6 +62,31 @@ _TORCH_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+"""safetensors dtype names and their torch dtypes; floating-point tensors are cast to the model's dtype."""
+
+
+def _header(handle: BinaryIO) -> tuple[int, dict[str, Any]]:
+    """An open safetensors file's (offset of its data, {name: entry}) from its header (``__metadata__`` left out)."""
+    (length,) = struct.unpack("<Q", handle.read(8))
+    header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
+def weight_bytes(folder: Path, dtype: torch.dtype) -> int:
+    """Bytes the folder's safetensors tensors take once floating-point ones are cast to ``dtype``
+    (read from the files' headers: nothing is loaded)."""
+    total = 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for file in checkpoint_files(folder):
+        with file.open("rb") as handle:
+            _, header = _header(handle)
+        for entry in header.values():
+            stored = _TORCH_DTYPES.get(entry["dtype"])
+            begin, end = entry["data_offsets"]
+            cast = stored is not None and stored.is_floating_point
+            total += math.prod(entry["shape"]) * itemsize if cast else int(end) - int(begin)
+    return total
 
 
 def read_safetensors(file: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -91,20 +97,17 @@ def read_safetensors(file: Path, device: torch.device, dtype: torch.dtype) -> di
     runs beside this thread keeps the interpreter. Raises on a damaged file (``ValueError``, ``KeyError``,
     ``struct.error``)."""
     with file.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
+        data_start, header = _header(handle)
         # a private mapping: torch.frombuffer wants a writable buffer, and nothing is ever written
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     tensors: dict[str, torch.Tensor] = {}
     for name, entry in header.items():
-        if name == "__metadata__":
-            continue
         stored = _TORCH_DTYPES[entry["dtype"]]
-        begin, end = (8 + length + int(offset) for offset in entry["data_offsets"])
+        begin, end = (data_start + int(offset) for offset in entry["data_offsets"])
         count = math.prod(entry["shape"])
         if end - begin != count * stored.itemsize or end > len(mapped):
             raise ValueError(f"{file.name}: tensor {name}'s offsets do not match its shape or the file")
-        target = dtype if entry["dtype"] in _FLOAT_DTYPES else stored
+        target = dtype if stored.is_floating_point else stored
         if count == 0:
             tensors[name] = torch.empty(entry["shape"], dtype=target, device=device)
             continue
