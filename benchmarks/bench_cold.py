@@ -33,15 +33,16 @@ from benchmarks.bytecode import add_bytecode_argument, child_environment, descri
 QUESTION = "What is the rabbit doing?"
 
 
-BYTECODE = {"mode": "as-found", "cache": Path("pycache")}
-"""How every child imports (``--bytecode``, ``benchmarks/bytecode.py``)."""
+CHILD_ENVIRONMENT: dict[str, str] = {}
+"""Every child's environment, set once from ``--bytecode`` (``benchmarks/bytecode.py``); this process's
+while empty."""
 
 
 def run(command: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
     """Wall seconds of a fresh process (``env`` added to this one's environment), and its stdout
     (raises with its stderr when it fails)."""
     t0 = time.perf_counter()
-    environment = child_environment(str(BYTECODE["mode"]), Path(BYTECODE["cache"]), env)
+    environment = {**(CHILD_ENVIRONMENT or os.environ), **(env or {})}
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False, env=environment)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
@@ -122,7 +123,7 @@ def main() -> None:
     import transformers
 
     py = sys.executable
-    BYTECODE.update(mode=args.bytecode, cache=args.checkpoints / "pycache")
+    CHILD_ENVIRONMENT.update(child_environment(args.bytecode, args.checkpoints / "pycache"))
     result: dict[str, Any] = {
         **describe(args.bytecode),
         "command": " ".join(["python", *sys.argv]),
