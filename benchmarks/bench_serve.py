@@ -36,12 +36,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def timed(command: list[str], env: dict[str, str]) -> float:
+def timed(command: list[str], env: dict[str, str], stages: list[dict[str, Any]] | None = None) -> float:
+    """Wall seconds of ``command`` (a ``dycoke ask --server ... --json``); its report's per-stage
+    timings (the server's view of the same answer, with ``video_cache``) are appended to ``stages``."""
     t0 = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
+    elapsed = time.perf_counter() - t0
     if done.returncode != 0:
         raise RuntimeError(f"{command} failed: {done.stderr[-1500:]}")
-    return time.perf_counter() - t0
+    if stages is not None:
+        report = json.loads(done.stdout)
+        stages.append({"video_cache": report.get("video_cache"), **report.get("timings_s", {})})
+    return elapsed
 
 
 def main() -> None:
@@ -83,20 +89,22 @@ def main() -> None:
             if server.poll() is not None or time.perf_counter() - t_start > 300:
                 raise RuntimeError("the server did not start")
         result["server_ready_s"] = time.perf_counter() - t_start
-        ask = [sys.executable, "-m", "cli.app", "ask", video, "", "--server", url, "-q"]
+        ask = [sys.executable, "-m", "cli.app", "ask", video, "", "--server", url, "--json"]
         ask += ["--max-new-tokens", str(args.new_tokens), "--min-new-tokens", str(args.new_tokens)]
         timed([*ask[:5], "Warm-up question", *ask[6:], "--frames", "8"], env)  # untimed: client bytecode
         firsts, follows = [], []
+        stages: list[dict[str, Any]] = []
         for m, method in enumerate(("dycoke", "full")):
             for i in range(2):  # a fresh video entry per round: the frame count differs, so the cache misses
                 frames = str(32 - 2 * m - i)
                 first = ask.copy()
                 first[5] = "What is the rabbit doing?"
-                firsts.append(timed([*first, "--method", method, "--frames", frames], env))
+                firsts.append(timed([*first, "--method", method, "--frames", frames], env, stages))
                 follow = ask.copy()
                 follow[5] = "And what happens next?"
-                follows.append(timed([*follow, "--method", method, "--frames", frames], env))
+                follows.append(timed([*follow, "--method", method, "--frames", frames], env, stages))
             result[f"{method}_first_question_s"], result[f"{method}_follow_up_s"] = firsts[-2:], follows[-2:]
+        result["stages_in_order"] = stages  # per question, in the order asked: first, follow-up, first, ...
         print(json.dumps({k: v for k, v in result.items() if k.endswith("_s")}), flush=True)
 
         body = {

@@ -127,9 +127,10 @@ def main() -> None:
     sys.argv = ["dycoke", *argv[split + 1 :]]
     code: Any = 0
     try:
-        from cli.app import main as cli_main
+        import cli.app
 
-        cli_main()
+        cli.app.exit_at_once = lambda: None  # the CLI's fast exit would skip writing the samples
+        cli.app.main()
     except SystemExit as exc:
         code = exc.code
     finally:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +19,9 @@ from dycoke.config import ModelOptions
 from dycoke.errors import DeviceError, ModelLoadError, OutOfMemoryError
 from dycoke.preprocess import PreprocessConfig
 from dycoke.weights import WeightPrefetch
+
+if TYPE_CHECKING:
+    from dycoke.warm_answer import WarmAnswer
 
 MODEL_TYPE = "llava_onevision"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -170,6 +174,7 @@ def load_model(options: ModelOptions, weights: WeightPrefetch | None = None) -> 
     )
     one_gpu = device.type == "cuda" and options.device_map != "auto"
     config = _local_config(source) if one_gpu or weights is not None else None
+    warm: WarmAnswer | None = None
     if one_gpu and config is not None:
         from dycoke.decoding.kernels import compile_in_background
         from dycoke.warmup import start_warming
@@ -178,7 +183,10 @@ def load_model(options: ModelOptions, weights: WeightPrefetch | None = None) -> 
         # make their first calls while the weights load (both already started by a read-ahead)
         compile_in_background(getattr(config, "text_config", config), device, dtype)
         start_warming(device, dtype)
+        warm = _start_warm_answer(config, local, device, dtype, weights) if local is not None else None
     tensors = weights.take() if weights is not None else None  # the prefetch holds none of them now
+    if warm is not None:
+        warm.wait_built()  # two model builds never run at once (dycoke.warm_answer)
     if config is None:
         tensors = None  # no configuration to build with: freed before the plain load
     try:
@@ -215,6 +223,47 @@ def load_model(options: ModelOptions, weights: WeightPrefetch | None = None) -> 
     )
 
 
+def _start_warm_answer(
+    config: Any, local: Path, device: torch.device, dtype: torch.dtype, weights: WeightPrefetch | None
+) -> WarmAnswer | None:
+    """A shallow copy of the model answers once on a thread while this one builds the model
+    (``dycoke.warm_answer``); it shares the tokenizer with the load."""
+    from dycoke.warm_answer import start_warm_answer
+    from dycoke.weights import weight_bytes
+
+    try:
+        to_load = 0 if weights is not None else weight_bytes(local, dtype)  # read ahead: already on the GPU
+        preprocess = PreprocessConfig.from_pretrained_dir(local)
+    except Exception:  # unreadable files: the load reports them
+        return None
+    return start_warm_answer(
+        config,
+        device=device,
+        dtype=dtype,
+        tokenizer=lambda: tokenizer_of(str(local)),
+        preprocess=preprocess,
+        source=str(local),
+        bytes_to_load=to_load,
+    )
+
+
+_TOKENIZERS: dict[tuple[Any, ...], Any] = {}
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def tokenizer_of(source: str, *, local_only: bool = True) -> Any:
+    """The tokenizer of local checkpoint ``source``, loaded once per process while its files are
+    unchanged (the warm answer's thread and the load share it)."""
+    from transformers import AutoTokenizer
+
+    files = sorted(Path(source).glob("tokenizer*"))
+    key = (source, tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    with _TOKENIZER_LOCK:
+        if key not in _TOKENIZERS:
+            _TOKENIZERS[key] = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        return _TOKENIZERS[key]
+
+
 def _local_config(source: str) -> Any:
     """The checkpoint's configuration when it is on this machine, else None (never fetched: an offline
     hub id costs no network retries for it)."""
@@ -241,7 +290,7 @@ def _from_state_dict(
     """Model built from the already-read ``tensors`` of the local checkpoint ``source`` (``config``), and
     its tokenizer. The model keeps the tensors it can use as they are; any the build copied are freed
     afterwards."""
-    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+    from transformers import LlavaOnevisionForConditionalGeneration
 
     files_free = {k: v for k, v in kwargs.items() if k != "use_safetensors"}  # no files to choose from
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(
@@ -250,7 +299,7 @@ def _from_state_dict(
     tensors.clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the read copies' memory back to the GPU, not kept in torch's cache
-    return model, AutoTokenizer.from_pretrained(source, local_files_only=True)
+    return model, tokenizer_of(source)
 
 
 def _from_pretrained(source: str, kwargs: dict[str, Any], *, hub: bool) -> tuple[Any, Any]:

@@ -250,3 +250,35 @@ def test_the_gpu_library_warm_up_runs_once_per_device_and_dtype() -> None:
     assert first is not None and warmup.start_warming(device, torch.float16) is first
     first.join(timeout=60)
     assert not first.is_alive()
+
+
+def test_a_shallow_model_answers_on_the_gpu_while_the_model_loads(
+    tiny_checkpoint: Path, clip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The warm answer runs on the GPU (called directly, it raises on any error), a load starts it, the
+    first answer waits for it, and the answers are those of a load without it."""
+    from transformers import AutoConfig
+
+    from dycoke import warm_answer
+    from dycoke.model import tokenizer_of
+    from dycoke.preprocess import PreprocessConfig
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    config = warm_answer.shallow_config(AutoConfig.from_pretrained(tiny_checkpoint), 4)
+    warm_answer.answer_once(
+        warm_answer.build_shallow_model(config, device, torch.bfloat16),
+        device=device,
+        dtype=torch.bfloat16,
+        tokenizer=tokenizer_of(str(tiny_checkpoint)),
+        preprocess=PreprocessConfig.from_pretrained_dir(tiny_checkpoint),
+        source=str(tiny_checkpoint),
+    )
+    started: list[Any] = []
+    start = warm_answer.start_warm_answer
+    monkeypatch.setattr(warm_answer, "start_warm_answer", lambda *a, **k: started.append(start(*a, **k)) or started[-1])
+    run = _eight_frames(8, method="dycoke", prune_layer=2)
+    warmed = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda")).ask(clip, "What moves?", run)
+    assert len(started) == 1 and started[0] is not None and not started[0].thread.is_alive()
+    monkeypatch.setenv(warm_answer.WARM_ANSWER_ENV, "0")
+    plain = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda")).ask(clip, "What moves?", run)
+    assert warmed.answer == plain.answer and warmed.tokens == plain.tokens
