@@ -365,30 +365,14 @@ def warm_up(qa: VideoQA, defaults: RunOptions) -> None:
     first ``full`` question took 1.51 s against 1.03 s for its second, and DyCoke's first question and
     follow-up 1.62 and 1.19 s against 1.00 and 0.64 s
     (``benchmarks/results/serve-h200-before-warmup-change.json``)."""
-    import numpy as np
-
-    from dycoke.reading import DecodedVideo
-    from dycoke.video import VideoFrames
     from dycoke.video.native import _import_av, _import_decord
+    from dycoke.warm_answer import synthetic_clip
 
     _import_decord()
     _import_av()
     video = defaults.video
     count = min(video.max_frames, 32) if video.fps is not None else video.num_frames
-    # smooth gradients that drift a little each frame: compressible like a real clip, unlike noise
-    ramp = np.linspace(0, 255, 64, dtype=np.float32)
-    pixels = np.stack([np.add.outer(ramp, ramp + 2 * i) / 2 for i in range(count)]).astype(np.uint8)
-    frames = VideoFrames(
-        frames=np.repeat(pixels[..., None], 3, axis=-1),
-        indices=list(range(count)),
-        timestamps_s=[float(i) for i in range(count)],
-        source_fps=1.0,
-        source_num_frames=count,
-        duration_s=float(count),
-        source_size=(64, 64),
-        decoded_size=(64, 64),
-    )
-    decoded = DecodedVideo(frames=frames, path="warm-up", decode_s=0.0)
+    decoded = synthetic_clip(count)
     for method in dict.fromkeys([defaults.method.method, "full"]):
         options = run_options(defaults, method=method, max_new_tokens=WARM_UP_TOKENS, min_new_tokens=WARM_UP_TOKENS)
         prepared = qa.prepare(decoded, video, with_signals=needs_vision_signals([method]))
