@@ -1,10 +1,11 @@
 """What a user waits for: `dycoke ask` as a fresh process, from the command to the answer.
 
 Writes random-weight checkpoints with the real 0.5B/7B shapes to disk (the on-disk format of a real
-one), then, per size and method, runs `dycoke ask ... --json` as fresh processes several times and
-records the wall clock measured from outside next to the report's own breakdown (start-up, load,
-video decode, vision encoder, prefill, decode, wall). In the same run: the floor, a bare
-`python -c "import torch, transformers"`, and the first vs second answer inside one process.
+one), then, per size, runs `dycoke ask ... --json` as fresh processes several times, every method in
+turn within each repeat, and records the wall clock measured from outside next to the report's own
+breakdown (start-up, load, video decode, vision encoder, prefill, decode, wall). In the same run: the
+floor, a bare `python -c "import torch, transformers"` (before the rows and once per repeat among
+them), and the first vs second answer inside one process.
 Page cache warm by default; `--drop-caches` also runs with the page cache dropped where allowed;
 `--prefetch on off` alternates runs with and without the weights read ahead (DYCOKE_PREFETCH_WEIGHTS).
 Imports come from compiled bytecode, as after a pip install, unless `--bytecode as-found` (see --help).
@@ -69,6 +70,16 @@ def report(
         f"load {row['median_load']:.2f}, answer {row['median_total']:.2f}",
         flush=True,
     )
+
+
+def run_order(repeats: int, methods: list[str], prefetch: list[str]) -> list[tuple[str, str] | None]:
+    """The timed runs in order: per repeat, a floor run (None), then every (method, prefetch) in turn,
+    so that a drift of the machine during the run hits every configuration alike."""
+    order: list[tuple[str, str] | None] = []
+    for _ in range(repeats):
+        order.append(None)
+        order += [(method, setting) for method in methods for setting in prefetch]
+    return order
 
 
 def drop_caches() -> bool:
@@ -151,30 +162,36 @@ def main() -> None:
         if not (folder / "config.json").exists():
             build_real_shape_checkpoint(folder, size)  # type: ignore[arg-type]
             torch.cuda.empty_cache()
-            os.sync()  # the fresh files' dirty pages written back before any timing
+        # dirty pages written back before any timing, also for a checkpoint written just before this
+        # script (their writeback slowed the first timed runs' imports)
+        os.sync()
         if args.bytecode == "cached":  # untimed: compiles every module the timed runs import
             run([py, "-m", "cli.app", "ask", args.video, QUESTION, "--model", str(folder), "--max-new-tokens", "4"])
         size_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         entry: dict[str, Any] = {"size": size, "checkpoint_gb": size_bytes / 1e9, "write_s": time.perf_counter() - t0}
         result["sizes"].append(entry)  # saved after every row: a run cut short keeps what it measured
         for cache in ["warm", "dropped"] if args.drop_caches else ["warm"]:
-            for method in args.methods:
-                runs: dict[str, list[dict[str, Any]]] = {p: [] for p in args.prefetch}
-                for _ in range(args.repeats):
-                    for prefetch in args.prefetch:  # alternating, so drifts hit both alike
-                        if cache == "dropped" and not drop_caches():
-                            entry["drop_caches"] = "not allowed on this machine"
-                            break
-                        command = [py, "-m", "cli.app", "ask", args.video, QUESTION, "--model", str(folder)]
-                        command += ["--method", method, "--json", "--max-new-tokens", str(args.new_tokens)]
-                        command += ["--min-new-tokens", str(args.new_tokens)]
-                        wall, out = run(command, {"DYCOKE_PREFETCH_WEIGHTS": "1" if prefetch == "on" else "0"})
-                        t = json.loads(out)["timings_s"]
-                        runs[prefetch].append({"process_wall_s": wall, **t})
-                for prefetch, done in runs.items():
-                    if done:
-                        report(entry, floor, size, cache, method, prefetch, done)
-                save(args.out, result)
+            # every repeat runs every method and prefetch setting in turn, so that a drift of the machine
+            # (the floor moved by 1.7 s between runs on the H200) hits them alike
+            runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+            for step in run_order(args.repeats, args.methods, args.prefetch):
+                if step is None:  # the floor drifts too
+                    result["floor_s"].append(run([py, "-c", "import torch, transformers"])[0])
+                    continue
+                method, prefetch = step
+                if cache == "dropped" and not drop_caches():
+                    entry["drop_caches"] = "not allowed on this machine"
+                    break
+                command = [py, "-m", "cli.app", "ask", args.video, QUESTION, "--model", str(folder)]
+                command += ["--method", method, "--json", "--max-new-tokens", str(args.new_tokens)]
+                command += ["--min-new-tokens", str(args.new_tokens)]
+                wall, out = run(command, {"DYCOKE_PREFETCH_WEIGHTS": "1" if prefetch == "on" else "0"})
+                t = json.loads(out)["timings_s"]
+                runs.setdefault((method, prefetch), []).append({"process_wall_s": wall, **t})
+            floor = statistics.median(result["floor_s"])
+            for (method, prefetch), done in runs.items():
+                report(entry, floor, size, cache, method, prefetch, done)
+            save(args.out, result)
         for method in args.methods:
             _, out = run(
                 [

@@ -53,3 +53,11 @@ def test_children_import_from_a_bytecode_cache_unless_told_as_found(
     assert cached["EXTRA"] == "1"
     found = child_environment("as-found", tmp_path / "pyc")
     assert found["PYTHONDONTWRITEBYTECODE"] == "1" and "PYTHONPYCACHEPREFIX" not in found
+
+
+def test_cold_runs_take_every_configuration_in_turn_within_each_repeat() -> None:
+    from benchmarks.bench_cold import run_order
+
+    order = run_order(2, ["full", "dycoke"], ["on", "off"])
+    one = [None, ("full", "on"), ("full", "off"), ("dycoke", "on"), ("dycoke", "off")]
+    assert order == one + one
