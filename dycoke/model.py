@@ -183,7 +183,7 @@ def load_model(options: ModelOptions, weights: WeightPrefetch | None = None) -> 
         # make their first calls while the weights load (both already started by a read-ahead)
         compile_in_background(getattr(config, "text_config", config), device, dtype)
         start_warming(device, dtype)
-        warm = _start_warm_answer(config, local, device, dtype, weights) if local is not None else None
+        warm = _start_warm_answer(config, local, device, dtype) if local is not None else None
     tensors = weights.take() if weights is not None else None  # the prefetch holds none of them now
     if warm is not None:
         warm.wait_built()  # two model builds never run at once (dycoke.warm_answer)
@@ -223,16 +223,16 @@ def load_model(options: ModelOptions, weights: WeightPrefetch | None = None) -> 
     )
 
 
-def _start_warm_answer(
-    config: Any, local: Path, device: torch.device, dtype: torch.dtype, weights: WeightPrefetch | None
-) -> WarmAnswer | None:
+def _start_warm_answer(config: Any, local: Path, device: torch.device, dtype: torch.dtype) -> WarmAnswer | None:
     """A shallow copy of the model answers once on a thread while this one builds the model
     (``dycoke.warm_answer``); it shares the tokenizer with the load."""
     from dycoke.warm_answer import start_warm_answer
     from dycoke.weights import weight_bytes
 
     try:
-        to_load = 0 if weights is not None else weight_bytes(local, dtype)  # read ahead: already on the GPU
+        # all of the weights, even when read ahead: the read may still be under way, and counting what is
+        # already on the GPU twice only errs on the side of room
+        to_load = weight_bytes(local, dtype)
         preprocess = PreprocessConfig.from_pretrained_dir(local)
     except Exception:  # unreadable files: the load reports them
         return None
