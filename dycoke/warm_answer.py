@@ -1,9 +1,9 @@
 """A first answer's per-process GPU costs paid while the model loads, by a shallow copy of it.
 
-The first answer in a fresh process took 1.47 s against 0.68 s for the second (7B, H200, DyCoke,
-``benchmarks/bench_cold.py``). Its compression ran 0.17 s against 2 ms warm and its prefill 0.60 s
-against 0.11 s: CUDA loads each kernel of torch, cuBLAS and the attention libraries at its first
-launch (``CUDA_MODULE_LOADING=LAZY``), and cuBLAS picks its kernels per shape. With every module
+The first answer in a fresh process took 1.34 s against 0.65 s for the second (7B, H200, DyCoke,
+``benchmarks/bench_cold.py``). Its compression ran 0.14-0.15 s against 2 ms warm and its prefill
+0.54-0.63 s against 0.1-0.2 s: CUDA loads each kernel of torch, cuBLAS and the attention libraries at
+its first launch (``CUDA_MODULE_LOADING=LAZY``), and cuBLAS picks its kernels per shape. With every module
 loaded at start (``EAGER``) the compression took 4 ms and the prefill 0.34-0.40 s, but the vision
 encoder 0.7 s (every cuDNN kernel loaded at its first convolution). The tiny-tensor warm-up
 (``dycoke.warmup``) loads only what tiny shapes use.
@@ -12,14 +12,15 @@ So while the weights load, ``start_warm_answer`` builds a *shallow* model on the
 checkpoint's configuration with a few language-model layers and one or two vision layers (random
 weights, every size as in the checkpoint), and answers one question with it on a synthetic clip the
 size of a phone video, the way ``ask`` answers: the same preprocessing, vision encoder, compression,
-prompt, prefill at the real prompt length and the fused decode step (without the CUDA graph, whose
-capture would block other threads' allocations). Every kernel and cuBLAS plan the real answer will
-use is then loaded. The torch calls release the interpreter lock, so this overlaps the main thread's
-model build. Two things are never run side by side with the main thread: building a model (torch's
-default dtype and default device, and transformers' build-time patches, are process-wide: the real
-build waits for the shallow one, ``WarmAnswer.wait_built``) and an answer's graph capture (the real
-answer waits for the warm one to end, ``wait_for_warm_answer``). Any failure here is silent: the
-answer then pays the costs.
+prompt, a prefill of about the real prompt's length and the fused decode step (without the CUDA
+graph, whose capture would block other threads' allocations). The kernels and cuBLAS plans the real
+answer will use are then loaded: with it, the first answer took 0.99 s against 0.62 s for the second
+(``benchmarks/results/cold-h200-warm-answer-ab-{on,off}.json``). The torch calls release the
+interpreter lock, so this overlaps the main thread's model build. Two things are never run side by
+side with the main thread: building a model (torch's default dtype and default device, and
+transformers' build-time patches, are process-wide: the real build waits for the shallow one,
+``WarmAnswer.wait_built``) and an answer's graph capture (the real answer waits for the warm one to
+end, ``wait_for_warm_answer``). Any failure here is silent: the answer then pays the costs.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ WARM_ANSWER_ENV = "DYCOKE_WARM_ANSWER"
 
 TEXT_LAYERS = 4
 """Language-model layers of the shallow model: DyCoke's default pruning layer (3) and FastV's (2)
-need a layer after them. A method configured deeper gets ``layer + 1``."""
+need a layer after them (a method whose default layer is deeper gets ``layer + 1``)."""
 
 MARGIN_BYTES = 4 << 30
 """Free GPU memory kept beyond the shallow model and the real weights still to load: the warm
