@@ -115,7 +115,7 @@ class VideoQA:
         device, run the vision encoder (``with_signals``: also record what PruMerge selects by; a method
         that needs it and finds it missing runs the encoder again)."""
         decoded = video if isinstance(video, DecodedVideo) else decode_video(video, options)
-        wait_for_warm_answer()  # a shallow model's first answer may still run (dycoke.warm_answer)
+        wait_for_warm_answer()  # a shallow model's first answer may still run: not beside this one's stages
         frames = decoded.frames
         loaded = self.loaded
         t1 = time.perf_counter()
@@ -212,7 +212,6 @@ class VideoQA:
         the batch's generation early. ``record`` keeps what the method kept in ``Report.trace``.
         """
         options = options or RunOptions()
-        wait_for_warm_answer()  # never beside this answer's graph capture
         if batch_size < 1:
             raise ConfigError(f"batch size must be a positive integer, got {batch_size}")
         if on_text is not None and len(questions) != 1:

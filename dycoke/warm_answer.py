@@ -37,8 +37,8 @@ WARM_ANSWER_ENV = "DYCOKE_WARM_ANSWER"
 """Set to 0 to turn the warm answer off (for measurements)."""
 
 TEXT_LAYERS = 4
-"""Language-model layers of the shallow model: DyCoke's default pruning layer (3) and FastV's (2)
-need a layer after them (a method whose default layer is deeper gets ``layer + 1``)."""
+"""Language-model layers of the shallow model at least: the default method's layer options (DyCoke's
+pruning layer 3, FastV's 2) need a layer after them (``_text_layers``)."""
 
 MARGIN_BYTES = 4 << 30
 """Free GPU memory kept beyond the shallow model and the real weights still to load: the warm
@@ -110,17 +110,16 @@ def start_warm_answer(
     preprocess: Any,
     source: str,
     bytes_to_load: int,
-    method: str | None = None,
 ) -> WarmAnswer | None:
     """Answer one question on a shallow copy of the model of ``config`` on a thread (see the module's
-    docstring), with ``method`` (None: the default). ``tokenizer``: a callable returning the
+    docstring), with the default options. ``tokenizer``: a callable returning the
     checkpoint's tokenizer (shared with the load). None where it does not apply: not CUDA, turned off
     by ``DYCOKE_WARM_ANSWER=0``, or too little free memory next to the ``bytes_to_load`` the real
     model still needs. The caller builds no model until ``wait_built`` returns."""
     if device.type != "cuda" or os.environ.get(WARM_ANSWER_ENV, "1").strip() in ("0", "false", "no", "off"):
         return None
     try:
-        shallow = shallow_config(config, _text_layers(config, method))
+        shallow = shallow_config(config, _text_layers())
         free, _ = torch.cuda.mem_get_info(device)
         if free < shallow_bytes(shallow, dtype) + bytes_to_load + MARGIN_BYTES:
             return None
@@ -128,23 +127,19 @@ def start_warm_answer(
         return None
     built = threading.Event()
 
+    def build_and_answer() -> None:
+        try:
+            model = build_shallow_model(shallow, device, dtype)
+        finally:
+            built.set()
+        answer_once(model, device=device, dtype=dtype, tokenizer=tokenizer(), preprocess=preprocess, source=source)
+
     def run() -> None:
         with contextlib.suppress(Exception):
-            try:
-                model = build_shallow_model(shallow, device, dtype)
-            finally:
-                built.set()
-            answer_once(
-                model,
-                device=device,
-                dtype=dtype,
-                tokenizer=tokenizer(),
-                preprocess=preprocess,
-                source=source,
-                method=method,
-            )
+            build_and_answer()
+        # the shallow model is out of scope now: its memory goes back to the GPU, not into torch's cache
         with contextlib.suppress(Exception):
-            torch.cuda.empty_cache()  # the shallow model's memory back to the GPU, not kept in the cache
+            torch.cuda.empty_cache()
 
     thread = threading.Thread(target=run, name="dycoke-warm-answer", daemon=True)
     with _LOCK:
@@ -154,7 +149,8 @@ def start_warm_answer(
 
 
 def wait_for_warm_answer() -> None:
-    """Wait for a running warm answer (not from inside it): before an answer's graph capture."""
+    """Wait for a running warm answer (not from inside it): before a video's stages and before any CUDA
+    graph capture (``StaticGreedyDecoder``), which another thread's allocations would break."""
     with _LOCK:
         pending = [t for t in _THREADS if t is not threading.current_thread()]
         for thread in pending:
@@ -189,20 +185,16 @@ def answer_once(
     tokenizer: Any,
     preprocess: Any,
     source: str,
-    method: str | None = None,
 ) -> None:
-    """Answer one question about ``synthetic_clip()`` with ``model``, ``method`` (None: the default),
-    four tokens, without a CUDA graph."""
+    """Answer one question about ``synthetic_clip()`` with ``model``, the default method, four tokens,
+    without a CUDA graph."""
     from dycoke.config import needs_vision_signals, run_options
     from dycoke.model import LoadedModel
     from dycoke.pipeline import VideoQA
 
     loaded = LoadedModel(model, tokenizer, preprocess, source, device, dtype, random_weights=True)
     qa = VideoQA(loaded)
-    overrides: dict[str, Any] = {"max_new_tokens": 4, "min_new_tokens": 4, "decoder": "static"}
-    if method is not None:
-        overrides["method"] = method
-    options = run_options(None, **overrides)
+    options = run_options(None, max_new_tokens=4, min_new_tokens=4, decoder="static")
     prepared = qa.prepare(synthetic_clip(), options.video, with_signals=needs_vision_signals([options.method.method]))
     qa.answer(prepared, "Describe the video.", options)
     if device.type == "cuda":
@@ -238,10 +230,9 @@ def synthetic_clip(count: int = CLIP_FRAMES, height: int = CLIP_HEIGHT, width: i
     return DecodedVideo(frames=frames, path="warm-up", decode_s=0.0)
 
 
-def _text_layers(config: Any, method: str | None) -> int:
-    """Layers the shallow model needs for ``method``'s layer options at their defaults."""
-    from dycoke.config import run_options
+def _text_layers() -> int:
+    """Layers the shallow model needs for the default method options' layers."""
+    from dycoke.config import MethodOptions
 
-    options = run_options(None, **({"method": method} if method else {})).method
-    deepest = max(int(getattr(options, name, 0) or 0) for name in ("prune_layer", "fastv_layer", "layer"))
-    return max(TEXT_LAYERS, deepest + 1)
+    options = MethodOptions()
+    return max(TEXT_LAYERS, options.prune_layer + 1, options.fastv_layer + 1)

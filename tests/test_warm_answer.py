@@ -40,9 +40,11 @@ def test_the_shallow_size_estimate_is_within_two_percent(size: str) -> None:
     assert abs(warm_answer.shallow_bytes(shallow, torch.bfloat16) - actual) < 0.02 * actual
 
 
-def test_a_method_set_deeper_gets_the_layers_it_needs() -> None:
-    assert warm_answer._text_layers(real_shape_config("7b"), None) == 4
-    assert warm_answer._text_layers(real_shape_config("7b"), "fastv") == 4
+def test_the_shallow_model_has_a_layer_after_every_default_method_layer() -> None:
+    from dycoke.config import MethodOptions
+
+    layers = warm_answer._text_layers()
+    assert layers == 4 and layers > MethodOptions().prune_layer and layers > MethodOptions().fastv_layer
 
 
 def _answer_on_the_cpu(checkpoint: Path, config_dtype: torch.dtype | None = None) -> None:

@@ -38,6 +38,7 @@ from dycoke.attention import DecodeSession, compacted_key_slots, static_decoding
 from dycoke.decoding.fused import fused_decoder_for
 from dycoke.decoding.prefix import CACHE_ARGUMENT
 from dycoke.methods.base import Compaction
+from dycoke.warm_answer import wait_for_warm_answer
 
 
 @dataclass
@@ -278,6 +279,8 @@ class StaticGreedyDecoder:
             self._forward_step()  # lets a method compact its layers before the capture
             return
         if self.graph is None:
+            # no other thread may allocate during a capture: a warm answer (dycoke.warm_answer) ends first
+            wait_for_warm_answer()
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # records the step's kernels without running them
                 self._forward_step()
