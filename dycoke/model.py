@@ -183,7 +183,7 @@ def load_model(options: ModelOptions, weights: WeightPrefetch | None = None) -> 
         # make their first calls while the weights load (both already started by a read-ahead)
         compile_in_background(getattr(config, "text_config", config), device, dtype)
         start_warming(device, dtype)
-        warm = _start_warm_answer(config, local, device, dtype) if local is not None else None
+        warm = _start_warm_answer(config, local, device, dtype, weights) if local is not None else None
     tensors = weights.take() if weights is not None else None  # the prefetch holds none of them now
     if warm is not None:
         warm.wait_built()  # two model builds never run at once (dycoke.warm_answer)
@@ -223,7 +223,9 @@ def load_model(options: ModelOptions, weights: WeightPrefetch | None = None) -> 
     )
 
 
-def _start_warm_answer(config: Any, local: Path, device: torch.device, dtype: torch.dtype) -> WarmAnswer | None:
+def _start_warm_answer(
+    config: Any, local: Path, device: torch.device, dtype: torch.dtype, weights: WeightPrefetch | None
+) -> WarmAnswer | None:
     """A shallow copy of the model answers once on a thread while this one builds the model
     (``dycoke.warm_answer``); it shares the tokenizer with the load."""
     from dycoke.warm_answer import start_warm_answer
@@ -231,8 +233,8 @@ def _start_warm_answer(config: Any, local: Path, device: torch.device, dtype: to
 
     try:
         # all of the weights, even when read ahead: the read may still be under way, and counting what is
-        # already on the GPU twice only errs on the side of room
-        to_load = weight_bytes(local, dtype)
+        # already on the GPU twice only errs on the side of room (the read-ahead measured them already)
+        to_load = weights.weight_bytes if weights is not None else weight_bytes(local, dtype)
         preprocess = PreprocessConfig.from_pretrained_dir(local)
     except Exception:  # unreadable files: the load reports them
         return None
@@ -251,7 +253,7 @@ _TOKENIZERS: dict[tuple[Any, ...], Any] = {}
 _TOKENIZER_LOCK = threading.Lock()
 
 
-def tokenizer_of(source: str, *, local_only: bool = True) -> Any:
+def tokenizer_of(source: str) -> Any:
     """The tokenizer of local checkpoint ``source``, loaded once per process while its files are
     unchanged (the warm answer's thread and the load share it)."""
     from transformers import AutoTokenizer
@@ -260,7 +262,7 @@ def tokenizer_of(source: str, *, local_only: bool = True) -> Any:
     key = (source, tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
     with _TOKENIZER_LOCK:
         if key not in _TOKENIZERS:
-            _TOKENIZERS[key] = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+            _TOKENIZERS[key] = AutoTokenizer.from_pretrained(source, local_files_only=True)
         return _TOKENIZERS[key]
 
 

@@ -10,9 +10,9 @@ load, tested). Measured with ``benchmarks/try_overlapped_load.py``: 11.8 s inste
 process start to a loaded 7B model (H200).
 
 The prefetch runs only where the GPU has room for two copies of the weights (and a margin), in case
-the build copies them; on the CPU transformers 5 keeps the read tensors as the parameters, no copy
-(tested; the GPU twin of that test has not run yet). Otherwise, and for hub ids, device maps and the
-CPU, the plain load runs as before. Nothing here imports transformers.
+the build copies them; transformers 5 keeps the read tensors as the parameters, no copy (tested on the
+CPU, and in bf16 on the H200), so the rule is stricter than the tested path needs. Otherwise, and for
+hub ids, device maps and the CPU, the plain load runs as before. Nothing here imports transformers.
 """
 
 from __future__ import annotations
@@ -126,8 +126,11 @@ class WeightPrefetch:
     checks that the GPU has room for the read copies next to the model's (``needed_bytes``); without
     room it reads nothing and ``take`` returns None, so the plain load runs."""
 
-    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype, needed_bytes: int = 0) -> None:
+    def __init__(
+        self, folder: Path, device: torch.device, dtype: torch.dtype, needed_bytes: int = 0, weight_bytes: int = 0
+    ) -> None:
         self.folder, self.device, self.dtype, self.needed_bytes = folder, device, dtype, needed_bytes
+        self.weight_bytes = weight_bytes  # the model's weights in ``dtype`` (``weight_bytes``), for later checks
         self._tensors: dict[str, torch.Tensor] | None = None  # set once every tensor is read
         self._thread = threading.Thread(target=self._read, name="dycoke-weights", daemon=True)
         self._thread.start()
@@ -176,7 +179,7 @@ def prefetch_weights(options: ModelOptions) -> WeightPrefetch | None:
         if device.type != "cuda":
             return None
         dtype = resolve_dtype(options.dtype, device)
-        needed = 2 * weight_bytes(folder, dtype) + MARGIN_BYTES
+        size = weight_bytes(folder, dtype)
     except Exception:  # an unusual checkpoint or device: leave it to the plain load and its errors
         return None
-    return WeightPrefetch(folder, device, dtype, needed)
+    return WeightPrefetch(folder, device, dtype, 2 * size + MARGIN_BYTES, size)
