@@ -6,6 +6,8 @@ clients against the library's batch mode (`answer_many`, the path of `dycoke bat
         --out benchmarks/results/serve-h200.json
 
 DIR: a checkpoint (bench_cold.py writes real-shape random ones). The server runs as its own process.
+The questions stream their answers, as `dycoke ask --server` does by default; `--stages` asks them with
+`--json` instead (one reply, not streamed) to record the server's per-stage timings of each.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ def free_port() -> int:
 
 
 def timed(command: list[str], env: dict[str, str], stages: list[dict[str, Any]] | None = None) -> float:
-    """Wall seconds of ``command`` (a ``dycoke ask --server ... --json``); its report's per-stage
-    timings (the server's view of the same answer, with ``video_cache``) are appended to ``stages``."""
+    """Wall seconds of ``command``; with ``stages``, ``command`` is a ``dycoke ask --server ... --json``
+    and its report's per-stage timings (the server's view of the same answer) are appended to it."""
     t0 = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
     elapsed = time.perf_counter() - t0
@@ -46,7 +48,7 @@ def timed(command: list[str], env: dict[str, str], stages: list[dict[str, Any]] 
         raise RuntimeError(f"{command} failed: {done.stderr[-1500:]}")
     if stages is not None:
         report = json.loads(done.stdout)
-        stages.append({"video_cache": report.get("video_cache"), **report.get("timings_s", {})})
+        stages.append(report.get("timings_s", {}))
     return elapsed
 
 
@@ -59,6 +61,9 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=4)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--bytecode-cache", type=Path, default=Path("/tmp/dycoke-pycache"))
+    parser.add_argument(
+        "--stages", action="store_true", help="ask with --json (not streamed) and record each answer's stages"
+    )
     add_bytecode_argument(parser)
     args = parser.parse_args()
     import httpx
@@ -89,11 +94,11 @@ def main() -> None:
             if server.poll() is not None or time.perf_counter() - t_start > 300:
                 raise RuntimeError("the server did not start")
         result["server_ready_s"] = time.perf_counter() - t_start
-        ask = [sys.executable, "-m", "cli.app", "ask", video, "", "--server", url, "--json"]
+        ask = [sys.executable, "-m", "cli.app", "ask", video, "", "--server", url, "--json" if args.stages else "-q"]
         ask += ["--max-new-tokens", str(args.new_tokens), "--min-new-tokens", str(args.new_tokens)]
         timed([*ask[:5], "Warm-up question", *ask[6:], "--frames", "8"], env)  # untimed: client bytecode
         firsts, follows = [], []
-        stages: list[dict[str, Any]] = []
+        stages: list[dict[str, Any]] | None = [] if args.stages else None
         for m, method in enumerate(("dycoke", "full")):
             for i in range(2):  # a fresh video entry per round: the frame count differs, so the cache misses
                 frames = str(32 - 2 * m - i)
@@ -104,7 +109,8 @@ def main() -> None:
                 follow[5] = "And what happens next?"
                 follows.append(timed([*follow, "--method", method, "--frames", frames], env, stages))
             result[f"{method}_first_question_s"], result[f"{method}_follow_up_s"] = firsts[-2:], follows[-2:]
-        result["stages_in_order"] = stages  # per question, in the order asked: first, follow-up, first, ...
+        if stages is not None:
+            result["stages_in_order"] = stages  # per question, in the order asked: first, follow-up, first, ...
         print(json.dumps({k: v for k, v in result.items() if k.endswith("_s")}), flush=True)
 
         body = {
