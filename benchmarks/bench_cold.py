@@ -5,10 +5,12 @@ one), then, per size, runs `dycoke ask ... --json` as fresh processes several ti
 turn within each repeat, and records the wall clock measured from outside next to the report's own
 breakdown (start-up, load, video decode, vision encoder, prefill, decode, wall). In the same run: the
 floor, a bare `python -c "import torch, transformers"` (before the rows and once per repeat among
-them), and the first vs second answer inside one process.
+them), and the first vs second answer inside one process (then a question of another length).
 Page cache warm by default; `--drop-caches` also runs with the page cache dropped where allowed;
 `--prefetch on off` alternates runs with and without the weights read ahead (DYCOKE_PREFETCH_WEIGHTS).
 Imports come from compiled bytecode, as after a pip install, unless `--bytecode as-found` (see --help).
+`--environment declared` runs the children as a fresh install of dycoke would: packages installed here
+that dycoke's dependencies do not pull in count as absent (`benchmarks/installed.py`).
 
     python benchmarks/bench_cold.py --sizes 7b 0.5b --methods full dycoke --repeats 3 \\
         --checkpoints /tmp/dycoke-ckpt --out benchmarks/results/cold-h200.json
@@ -30,8 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bytecode import add_bytecode_argument, child_environment, describe  # noqa: E402
+from benchmarks.installed import declared_closure, hiding_environment, undeclared_modules  # noqa: E402
 
 QUESTION = "What is the rabbit doing?"
+OTHER_QUESTION = "Describe everything the rabbit does, in order, and say what the other animals do."
 
 
 CHILD_ENVIRONMENT: dict[str, str] = {}
@@ -93,17 +97,23 @@ def drop_caches() -> bool:
 
 
 def child_two_answers(model: str, video: str, method: str, new_tokens: int) -> None:
-    """In one process: load, answer twice; print both answers' seconds (from the file) as JSON."""
+    """In one process: load, answer the same question twice, then another question (another prompt
+    length: shapes the first two did not use); print the answers' seconds (from the file) and each
+    one's stages as JSON."""
+    import dataclasses
+
     sys.path.insert(0, str(ROOT))
     from dycoke import VideoQA
 
     qa = VideoQA.load(model)
-    times = []
-    for _ in range(2):
+    times, stages = [], []
+    for question in (QUESTION, QUESTION, OTHER_QUESTION):
         t0 = time.perf_counter()
-        qa.ask(video, QUESTION, method=method, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        report = qa.ask(video, question, method=method, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"first_s": times[0], "second_s": times[1]}))
+        timings = dataclasses.asdict(report.timings_s)
+        stages.append({k: v for k, v in timings.items() if isinstance(v, float) and k != "load"})
+    print(json.dumps({"first_s": times[0], "second_s": times[1], "other_question_s": times[2], "stages": stages}))
 
 
 def main() -> None:
@@ -122,6 +132,14 @@ def main() -> None:
         default=["on"],
         help="weights read ahead during the model-code import (off: DYCOKE_PREFETCH_WEIGHTS=0); both alternate",
     )
+    parser.add_argument(
+        "--environment",
+        choices=["as-found", "declared"],
+        default="as-found",
+        help="declared: children see only the distributions pip install of this project pulls in "
+        "(benchmarks/installed.py); as-found: everything installed here",
+    )
+    parser.add_argument("--hide", nargs="*", default=[], help="modules the children see as not installed")
     add_bytecode_argument(parser)
     parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, required=True)
@@ -135,6 +153,11 @@ def main() -> None:
 
     py = sys.executable
     CHILD_ENVIRONMENT.update(child_environment(args.bytecode, args.checkpoints / "pycache"))
+    hidden = list(args.hide)
+    if args.environment == "declared":
+        hidden += undeclared_modules(declared_closure())
+    if hidden:
+        CHILD_ENVIRONMENT.update(hiding_environment(hidden, args.checkpoints / "hidden-modules"))
     result: dict[str, Any] = {
         **describe(args.bytecode),
         "command": " ".join(["python", *sys.argv]),
@@ -143,6 +166,8 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "date": time.strftime("%Y-%m-%d"),
+        "environment": args.environment,
+        "hidden_modules": sorted(set(hidden)),
         "floor_s": [],
         "sizes": [],
     }
@@ -212,7 +237,11 @@ def main() -> None:
             two = json.loads(out.strip().splitlines()[-1])
             two["ratio"] = two["first_s"] / two["second_s"]
             entry.setdefault("in_process", {})[method] = two
-            print(f"{size} {method}: first answer {two['first_s']:.2f} s, second {two['second_s']:.2f} s", flush=True)
+            print(
+                f"{size} {method}: first answer {two['first_s']:.2f} s, second {two['second_s']:.2f} s, "
+                f"another question {two['other_question_s']:.2f} s",
+                flush=True,
+            )
             save(args.out, result)
 
 

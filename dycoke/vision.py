@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from dycoke.attention import without_cudnn_attention
 from dycoke.methods.base import VisionSignals
 
 
@@ -60,7 +61,7 @@ def encode_frames(
     inner = model.model
     vision_config = model.config.vision_config
     grid = vision_config.image_size // vision_config.patch_size
-    with vision_probe(model) if with_signals else nullcontext() as probe:
+    with vision_probe(model) if with_signals else nullcontext() as probe, without_cudnn_attention():
         selected = _tower_features(model, pixels)
     projected = inner.multi_modal_projector(selected)  # (F, grid*grid, D)
     tokens = pool_frame_grid(projected, grid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,24 @@ def test_cold_runs_take_every_configuration_in_turn_within_each_repeat() -> None
     order = run_order(2, ["full", "dycoke"], ["on", "off"])
     one = [None, ("full", "on"), ("full", "off"), ("dycoke", "on"), ("dycoke", "off")]
     assert order == one + one
+
+
+def test_a_child_under_the_hiding_environment_sees_only_the_declared_distributions(tmp_path: Path) -> None:
+    """The closure holds the project's dependencies and theirs, not its test extras; a child under
+    the hiding environment cannot import an undeclared module and still imports a declared one."""
+    import subprocess
+    import sys
+
+    from benchmarks.installed import declared_closure, hiding_environment, undeclared_modules
+
+    closure = declared_closure()
+    assert {"torch", "transformers", "typer", "decord", "av"} <= closure
+    assert "pytest" not in closure and "mypy" not in closure
+    hidden = undeclared_modules(closure)
+    assert "pytest" in hidden and not {"torch", "typer", "dycoke", "cli"} & set(hidden)
+    env = {**os.environ, **hiding_environment(hidden, tmp_path / "hide")}
+    script = "import importlib.util, typer; print(importlib.util.find_spec('pytest'))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip() == "None"
+    failed = subprocess.run([sys.executable, "-c", "import pytest"], capture_output=True, text=True, env=env)
+    assert failed.returncode != 0 and "ModuleNotFoundError" in failed.stderr

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from dycoke.attention import without_cudnn_attention
 from dycoke.decoding.prefix import CACHE_ARGUMENT
 
 
@@ -43,6 +44,7 @@ class GenerateDecoder:
             kwargs[CACHE_ARGUMENT] = cache
         if stop is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop(stop)])
-        return self.model.generate(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, streamer=streamer, **kwargs
-        )
+        with without_cudnn_attention():  # every step a new key length
+            return self.model.generate(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, streamer=streamer, **kwargs
+            )

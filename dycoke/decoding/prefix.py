@@ -17,6 +17,8 @@ import transformers
 from packaging.version import Version
 from transformers import DynamicCache
 
+from dycoke.attention import without_cudnn_attention
+
 # ``generate`` takes a ready cache as ``cache`` from transformers 5.24 on (``past_key_values`` before,
 # deprecated since).
 CACHE_ARGUMENT = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
@@ -36,7 +38,8 @@ class PrefixKV:
 def prefill_prefix(model: Any, embeds: torch.Tensor) -> PrefixKV:
     """Run the language model over (1, P, D) prefix embeddings once and keep its KV cache."""
     mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-    out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    with without_cudnn_attention():
+        out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
     cache = getattr(out, CACHE_ARGUMENT)  # the output field has the same name as the argument
     layers = [(layer.keys, layer.values) for layer in cache.layers]
     return PrefixKV(layers=layers, length=int(embeds.shape[1]))

@@ -34,7 +34,13 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-from dycoke.attention import DecodeSession, compacted_key_slots, static_decoding, take_slots
+from dycoke.attention import (
+    DecodeSession,
+    compacted_key_slots,
+    static_decoding,
+    take_slots,
+    without_cudnn_attention,
+)
 from dycoke.decoding.fused import fused_decoder_for
 from dycoke.decoding.prefix import CACHE_ARGUMENT
 from dycoke.methods.base import Compaction
@@ -163,15 +169,16 @@ class StaticGreedyDecoder:
         # then move the keys and values into the static cache.
         done = prefix.get_seq_length() if prefix is not None else 0
         extra = {CACHE_ARGUMENT: prefix} if prefix is not None else {}
-        out = model(
-            inputs_embeds=inputs_embeds[:, done:],
-            attention_mask=attention_mask,
-            position_ids=positions[:, done:],
-            cache_position=torch.arange(done, s, device=device),
-            use_cache=True,
-            logits_to_keep=1,
-            **extra,
-        )
+        with without_cudnn_attention():  # a new prompt length each question: no per-shape plans
+            out = model(
+                inputs_embeds=inputs_embeds[:, done:],
+                attention_mask=attention_mask,
+                position_ids=positions[:, done:],
+                cache_position=torch.arange(done, s, device=device),
+                use_cache=True,
+                logits_to_keep=1,
+                **extra,
+            )
         cache = StaticCache(config=model.config, max_cache_len=length)
         prefilled = getattr(out, CACHE_ARGUMENT)
         for index, layer in enumerate(prefilled.layers):

@@ -1,0 +1,102 @@
+"""Answers to questions of other lengths in one process: what a new prompt length costs.
+
+A benchmark that repeats one question measures shapes already seen; a user asks questions of every
+length. Per setting, a fresh process loads the model (``--model``: a checkpoint, e.g. the random
+7B-shape one ``bench_cold.py`` writes) and answers five questions in turn: one, the same again, then
+three of other lengths; each answer's wall clock and stages are recorded. The settings alternate
+``DYCOKE_CUDNN_PREFILL`` (1: torch may take cuDNN attention for the prefill and the vision encoder,
+as before; 0: flash or memory-efficient attention there, ``dycoke.attention.without_cudnn_attention``),
+per method and decoder (``graph``, or ``hf`` for transformers' ``generate``).
+
+    python benchmarks/bench_question_lengths.py --model DIR --methods dycoke full --decoders graph hf \\
+        --out benchmarks/results/question-lengths-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = [
+    "What is the rabbit doing?",
+    "What is the rabbit doing?",
+    "Describe everything the rabbit does, in order, and say what the other animals do.",
+    "Why?",
+    "What colour is the sky, and how many trees can you see behind the rabbit at the start?",
+]
+STAGES = ("video_decode", "vision_encoder", "prefill", "decode", "ms_per_token")
+
+
+def child(model: str, video: str, method: str, decoder: str, new_tokens: int) -> None:
+    """Load once, answer ``QUESTIONS`` in turn; print one JSON line."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from dycoke import VideoQA
+
+    qa = VideoQA.load(model)
+    answers = []
+    for question in QUESTIONS:
+        t0 = time.perf_counter()
+        report = qa.ask(
+            video, question, method=method, max_new_tokens=new_tokens, min_new_tokens=new_tokens, decoder=decoder
+        )
+        torch.cuda.synchronize()
+        timings = dataclasses.asdict(report.timings_s)
+        answers.append({"wall_s": time.perf_counter() - t0, **{k: timings[k] for k in STAGES}})
+    print(json.dumps(answers))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--video", default="samples/bigbuckbunny.mp4")
+    parser.add_argument("--methods", nargs="+", default=["dycoke", "full"])
+    parser.add_argument("--decoders", nargs="+", default=["graph"])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if args.child:
+        child(args.model, args.video, args.child[0], args.child[1], int(args.child[2]))
+        return
+
+    import torch
+    import transformers
+
+    result: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "questions": QUESTIONS,
+        "runs": [],
+    }
+    for decoder in args.decoders:
+        for method in args.methods:
+            for cudnn in ("1", "0"):
+                command = [sys.executable, __file__, "--model", args.model, "--video", args.video, "--out", "-"]
+                command += ["--child", method, decoder, str(args.new_tokens)]
+                env = {**os.environ, "DYCOKE_CUDNN_PREFILL": cudnn}
+                done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
+                if done.returncode != 0:
+                    raise RuntimeError(f"{method} {decoder} failed: {done.stderr[-2000:]}")
+                answers = json.loads(done.stdout.strip().splitlines()[-1])
+                result["runs"].append({"method": method, "decoder": decoder, "cudnn_prefill": cudnn, "answers": answers})
+                walls = " ".join(f"{a['wall_s']:.2f}" for a in answers)
+                print(f"{method} {decoder} DYCOKE_CUDNN_PREFILL={cudnn}: answers {walls} s", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
