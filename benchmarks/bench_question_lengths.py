@@ -91,7 +91,8 @@ def main() -> None:
                 if done.returncode != 0:
                     raise RuntimeError(f"{method} {decoder} failed: {done.stderr[-2000:]}")
                 answers = json.loads(done.stdout.strip().splitlines()[-1])
-                result["runs"].append({"method": method, "decoder": decoder, "cudnn_prefill": cudnn, "answers": answers})
+                run = {"method": method, "decoder": decoder, "cudnn_prefill": cudnn, "answers": answers}
+                result["runs"].append(run)
                 walls = " ".join(f"{a['wall_s']:.2f}" for a in answers)
                 print(f"{method} {decoder} DYCOKE_CUDNN_PREFILL={cudnn}: answers {walls} s", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from dycoke.transformers_index import seed_model_index
+
+seed_model_index()  # before transformers' model code first imports (this module is where our imports of it start)
+
+from transformers import AttentionInterface  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402, F401 (for dycoke.decoding.fused)
 
 AttentionFunction = Callable[..., tuple[torch.Tensor, Any]]
 

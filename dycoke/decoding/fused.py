@@ -36,9 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from dycoke.attention import language_model_of
+from dycoke.attention import ALL_ATTENTION_FUNCTIONS, language_model_of
 from dycoke.decoding.kernels import GEMV_CONFIG, add_rms_norm, gemv, rotary_to_cache, silu_mul, triton_available
 
 GEMV_ENV = "DYCOKE_GEMV"
