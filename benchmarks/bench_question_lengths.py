@@ -5,7 +5,7 @@ length. Per setting, a fresh process loads the model (``--model``: a checkpoint,
 7B-shape one ``bench_cold.py`` writes) and answers five questions in turn: one, the same again, then
 three of other lengths; each answer's wall clock and stages are recorded. The settings alternate
 ``DYCOKE_CUDNN_PREFILL`` (1: torch may take cuDNN attention for the prefill and the vision encoder,
-as before; 0: flash or memory-efficient attention there, ``dycoke.attention.without_cudnn_attention``),
+as before; 0: flash or memory-efficient attention there, ``dycoke.sdpa_choice.without_cudnn_attention``),
 per method and decoder (``graph``, or ``hf`` for transformers' ``generate``).
 
     python benchmarks/bench_question_lengths.py --model DIR --methods dycoke full --decoders graph hf \\

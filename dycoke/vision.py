@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from dycoke.attention import without_cudnn_attention
 from dycoke.methods.base import VisionSignals
+from dycoke.sdpa_choice import without_cudnn_attention
 
 
 def pool_frame_grid(features: torch.Tensor, grid: int) -> torch.Tensor:

@@ -8,7 +8,8 @@ fused attention kernels load at the first ``scaled_dot_product_attention``. ``wa
 those first calls on tiny tensors, on a thread that runs while the model code imports or the model
 builds (the GPU is idle then), in the ops and layouts the answer uses: a strided convolution on a
 channels-last input (SigLIP's patch embedding), matmuls with and without bias, attention without a
-mask, causal, and grouped-query with an additive mask, layer norm, tanh-GELU, SiLU, softmax, top-k
+mask and causal (without cuDNN, as the prefill and the vision encoder run them), and grouped-query with
+an additive mask (the decode step's), layer norm, tanh-GELU, SiLU, softmax, top-k
 and a channels-last bilinear resize. Nothing it computes is kept.
 """
 
@@ -19,6 +20,8 @@ import threading
 
 import torch
 import torch.nn.functional as F
+
+from dycoke.sdpa_choice import without_cudnn_attention
 
 _STARTED: dict[tuple[torch.device, torch.dtype], threading.Thread] = {}
 _LOCK = threading.Lock()
@@ -36,8 +39,9 @@ def warm_gpu_libraries(device: torch.device, dtype: torch.dtype) -> None:
         a @ a
         q = torch.randn(1, 4, 32, 64, device=device, dtype=dtype)
         kv = torch.randn(1, 2, 32, 64, device=device, dtype=dtype)
-        F.scaled_dot_product_attention(q, q, q)
-        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        with without_cudnn_attention():  # as the prefill and the vision encoder run
+            F.scaled_dot_product_attention(q, q, q)
+            F.scaled_dot_product_attention(q, q, q, is_causal=True)
         mask = torch.zeros(1, 1, 32, 32, device=device, dtype=dtype)
         F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, enable_gqa=True)
         F.gelu(F.layer_norm(a, (64,)), approximate="tanh")

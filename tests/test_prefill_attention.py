@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-from dycoke.attention import CUDNN_PREFILL_ENV, without_cudnn_attention
 from dycoke.config import ModelOptions
 from dycoke.pipeline import VideoQA
+from dycoke.sdpa_choice import CUDNN_PREFILL_ENV, without_cudnn_attention
 from tests.videos import textured_frames, write_video
 
 

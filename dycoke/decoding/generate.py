@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from dycoke.attention import without_cudnn_attention
 from dycoke.decoding.prefix import CACHE_ARGUMENT
+from dycoke.sdpa_choice import without_cudnn_attention
 
 
 class _Stop(StoppingCriteria):

@@ -17,7 +17,7 @@ import transformers
 from packaging.version import Version
 from transformers import DynamicCache
 
-from dycoke.attention import without_cudnn_attention
+from dycoke.sdpa_choice import without_cudnn_attention
 
 # ``generate`` takes a ready cache as ``cache`` from transformers 5.24 on (``past_key_values`` before,
 # deprecated since).

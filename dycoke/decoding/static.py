@@ -34,16 +34,11 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-from dycoke.attention import (
-    DecodeSession,
-    compacted_key_slots,
-    static_decoding,
-    take_slots,
-    without_cudnn_attention,
-)
+from dycoke.attention import DecodeSession, compacted_key_slots, static_decoding, take_slots
 from dycoke.decoding.fused import fused_decoder_for
 from dycoke.decoding.prefix import CACHE_ARGUMENT
 from dycoke.methods.base import Compaction
+from dycoke.sdpa_choice import without_cudnn_attention
 from dycoke.warm_answer import wait_for_warm_answer
 
 
