@@ -258,8 +258,8 @@ def tokenizer_of(source: str) -> Any:
     unchanged (the warm answer's thread and the load share it)."""
     from transformers import AutoTokenizer
 
-    files = sorted(Path(source).glob("tokenizer*"))
-    key = (source, tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    stats = [(f.name, f.stat()) for f in sorted(Path(source).glob("tokenizer*"))]
+    key = (source, tuple((name, st.st_mtime_ns, st.st_size) for name, st in stats))
     with _TOKENIZER_LOCK:
         if key not in _TOKENIZERS:
             _TOKENIZERS[key] = AutoTokenizer.from_pretrained(source, local_files_only=True)

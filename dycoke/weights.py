@@ -123,13 +123,12 @@ class WeightPrefetch:
     On CUDA the thread first initialises CUDA (off the importing main thread), starts the fused decode
     step's kernel compile (``kernels.compile_for_checkpoint``) and the GPU libraries' first calls
     (``warmup.start_warming``), both of which then run during the import too, and
-    checks that the GPU has room for the read copies next to the model's (``needed_bytes``); without
-    room it reads nothing and ``take`` returns None, so the plain load runs."""
+    checks that the GPU has room for the read copies next to the model's (twice ``weight_bytes``, the
+    weights in ``dtype``, plus ``MARGIN_BYTES``); without room it reads nothing and ``take`` returns None,
+    so the plain load runs."""
 
-    def __init__(
-        self, folder: Path, device: torch.device, dtype: torch.dtype, needed_bytes: int = 0, weight_bytes: int = 0
-    ) -> None:
-        self.folder, self.device, self.dtype, self.needed_bytes = folder, device, dtype, needed_bytes
+    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype, weight_bytes: int = 0) -> None:
+        self.folder, self.device, self.dtype = folder, device, dtype
         self.weight_bytes = weight_bytes  # the model's weights in ``dtype`` (``weight_bytes``), for later checks
         self._tensors: dict[str, torch.Tensor] | None = None  # set once every tensor is read
         self._thread = threading.Thread(target=self._read, name="dycoke-weights", daemon=True)
@@ -145,7 +144,7 @@ class WeightPrefetch:
 
                 compile_for_checkpoint(self.folder / "config.json", self.device, self.dtype)
                 start_warming(self.device, self.dtype)
-                if self.needed_bytes > free:
+                if 2 * self.weight_bytes + MARGIN_BYTES > free:
                     return
             for file in checkpoint_files(self.folder):
                 tensors.update(read_safetensors(file, self.device, self.dtype))
@@ -182,4 +181,4 @@ def prefetch_weights(options: ModelOptions) -> WeightPrefetch | None:
         size = weight_bytes(folder, dtype)
     except Exception:  # an unusual checkpoint or device: leave it to the plain load and its errors
         return None
-    return WeightPrefetch(folder, device, dtype, 2 * size + MARGIN_BYTES, size)
+    return WeightPrefetch(folder, device, dtype, size)
