@@ -31,6 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_question_lengths import answers_in_turn  # noqa: E402
 from benchmarks.bytecode import add_bytecode_argument, child_environment, describe  # noqa: E402
 from benchmarks.installed import declared_closure, hiding_environment, undeclared_modules  # noqa: E402
 
@@ -100,20 +101,9 @@ def child_two_answers(model: str, video: str, method: str, new_tokens: int) -> N
     """In one process: load, answer the same question twice, then another question (another prompt
     length: shapes the first two did not use); print the answers' seconds (from the file) and each
     one's stages as JSON."""
-    import dataclasses
-
-    sys.path.insert(0, str(ROOT))
-    from dycoke import VideoQA
-
-    qa = VideoQA.load(model)
-    times, stages = [], []
-    for question in (QUESTION, QUESTION, OTHER_QUESTION):
-        t0 = time.perf_counter()
-        report = qa.ask(video, question, method=method, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-        times.append(time.perf_counter() - t0)
-        timings = dataclasses.asdict(report.timings_s)
-        stages.append({k: v for k, v in timings.items() if isinstance(v, float) and k != "load"})
-    print(json.dumps({"first_s": times[0], "second_s": times[1], "other_question_s": times[2], "stages": stages}))
+    answers = answers_in_turn(model, video, [QUESTION, QUESTION, OTHER_QUESTION], method, new_tokens)
+    times = [answer.pop("wall_s") for answer in answers]
+    print(json.dumps({"first_s": times[0], "second_s": times[1], "other_question_s": times[2], "stages": answers}))
 
 
 def main() -> None:

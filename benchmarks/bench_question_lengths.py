@@ -32,11 +32,13 @@ QUESTIONS = [
     "Why?",
     "What colour is the sky, and how many trees can you see behind the rabbit at the start?",
 ]
-STAGES = ("video_decode", "vision_encoder", "prefill", "decode", "ms_per_token")
 
 
-def child(model: str, video: str, method: str, decoder: str, new_tokens: int) -> None:
-    """Load once, answer ``QUESTIONS`` in turn; print one JSON line."""
+def answers_in_turn(
+    model: str, video: str, questions: list[str], method: str, new_tokens: int, decoder: str = "auto"
+) -> list[dict[str, float]]:
+    """Load ``model`` once, answer ``questions`` in turn; per answer its wall clock from the file
+    (``wall_s``) and the report's timings (every stage, the load left out). ``bench_cold.py`` uses it too."""
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -44,15 +46,17 @@ def child(model: str, video: str, method: str, decoder: str, new_tokens: int) ->
 
     qa = VideoQA.load(model)
     answers = []
-    for question in QUESTIONS:
+    for question in questions:
         t0 = time.perf_counter()
         report = qa.ask(
             video, question, method=method, max_new_tokens=new_tokens, min_new_tokens=new_tokens, decoder=decoder
         )
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         timings = dataclasses.asdict(report.timings_s)
-        answers.append({"wall_s": time.perf_counter() - t0, **{k: timings[k] for k in STAGES}})
-    print(json.dumps(answers))
+        stages = {k: v for k, v in timings.items() if isinstance(v, float) and k != "load"}
+        answers.append({"wall_s": time.perf_counter() - t0, **stages})
+    return answers
 
 
 def main() -> None:
@@ -66,7 +70,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.child:
-        child(args.model, args.video, args.child[0], args.child[1], int(args.child[2]))
+        method, decoder, tokens = args.child
+        print(json.dumps(answers_in_turn(args.model, args.video, QUESTIONS, method, int(tokens), decoder)))
         return
 
     import torch
