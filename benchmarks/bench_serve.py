@@ -66,6 +66,13 @@ def main() -> None:
     parser.add_argument(
         "--stages", action="store_true", help="ask with --json (not streamed) and record each answer's stages"
     )
+    parser.add_argument(
+        "--serve-option",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for `dycoke serve` (repeat it: --serve-option=--batch-wait-ms --serve-option=50)",
+    )
     add_bytecode_argument(parser)
     args = parser.parse_args()
     import httpx
@@ -76,6 +83,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "cli.app", "serve", "--model", args.model, "--port", str(port)]
     command += ["--allowed-local-media-path", str(Path(video).parent), "--max-batch-size", str(args.clients)]
+    command += args.serve_option
     t_start = time.perf_counter()
     if args.bytecode == "cached":  # untimed: the server's and the client's modules compiled once
         subprocess.run([sys.executable, "-m", "cli.app", "serve", "--help"], cwd=ROOT, env=env, capture_output=True)

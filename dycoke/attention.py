@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from dycoke.decoding.kernels import split_attention, split_attention_applies
 from dycoke.transformers_index import seed_model_index
 
 seed_model_index()  # before transformers' model code first imports (this module is where our imports of it start)
@@ -89,6 +90,8 @@ def masked_decode_attention(
     Shapes: query (B, Hq, 1, d); key/value (B, Hkv, S, d); mask (B, 1, 1, S), additive or boolean.
     Returns (B, 1, Hq, d), the layout transformers' attention functions return.
     """
+    if mask.is_floating_point() and split_attention_applies(query, key, value, mask):
+        return split_attention(query, key, value, mask, scaling or query.shape[-1] ** -0.5), None
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
     )

@@ -61,14 +61,62 @@ def check_gemv(defined: dict) -> None:
         assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5), (n, k, bias, silu)
 
 
+def check_split_attention(defined: dict) -> None:
+    """Float32 against the definition: grouped heads (one padded up to 16 rows), chunks ending mid-block,
+    a last block past the cache's end, masked slots, and a chunk whose every slot is masked."""
+    torch.manual_seed(5)
+    cases = ((2, 6, 2, 16, 150, 3, 64, 64), (1, 4, 4, 32, 70, 2, 64, 64), (2, 6, 2, 16, 150, 2, 96, 32))
+    for b, hq, hkv, d, length, splits, chunk, block in cases:  # the last: three iterations per chunk
+        query = torch.randn(b, hq, 1, d)
+        key, value = torch.randn(b, hkv, length, d), torch.randn(b, hkv, length, d)
+        allowed = torch.rand(b, length) < 0.6
+        allowed[:, -1] = True
+        allowed[0, :64] = False  # row 0's first chunk sees nothing
+        bias = torch.zeros(b, 1, 1, length).masked_fill_(~allowed.view(b, 1, 1, length), float("-inf"))
+        config = {**kernels.SPLIT_ATTENTION_CONFIG, "block": block}
+        got = kernels.launch_split_attention(defined, query, key, value, bias, d**-0.5, splits, chunk, config)
+        expected = kernels.split_attention_torch(query, key, value, bias, d**-0.5)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (b, hq, hkv, d, float((got - expected).abs().max()))
+
+
+CANNOT_LOOP = 3
+"""Exit status when this Triton's interpreter cannot run a loop whose bounds are kernel arguments (3.6
+with numpy 2 turns scalar arguments into one-element arrays, which ``range`` refuses)."""
+
+
+def interpreter_runs_loops() -> bool:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count(out, n):  # type: ignore[no-untyped-def]
+        total = 0
+        for _ in range(0, n, 1):
+            total += 1
+        tl.store(out, total)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        count[(1,)](out, 3)
+    except Exception as exc:  # the interpreter's InterpreterError wraps numpy's TypeError
+        if "0-dimensional" in repr(exc):
+            return False
+        raise
+    return int(out) == 3
+
+
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    if not interpreter_runs_loops():
+        print("this Triton's interpreter cannot run loops with argument bounds")
+        raise SystemExit(CANNOT_LOOP)
     defined = kernels.define_kernels()
     for dtype in (torch.bfloat16, torch.float32):
         for shape in ((1, 1, 1, 8), (3, 28, 4, 128)):
             check_rotary(defined, dtype, *shape)
     check_norm_and_activation(defined)
     check_gemv(defined)
+    check_split_attention(defined)
     print("all kernels agree")
 
 

@@ -20,6 +20,7 @@ from dycoke.attention import language_model_of
 from dycoke.decoding import kernels
 from dycoke.decoding.fused import FusedStep, fused_decoder_for
 from dycoke.tiny import build_tiny_model
+from tests import interpreted_kernels
 
 
 def _rotary(b: int, d: int, dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,6 +199,100 @@ def test_one_row_projections_take_gemv_unless_told(monkeypatch: pytest.MonkeyPat
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize(
+    ("programs", "length"), [(4, 1), (4, 64), (4, 65), (4, 3200), (4, 25_000), (128, 3200), (1, 10**6)]
+)
+def test_split_attention_cuts_the_cache_into_nonempty_whole_block_chunks(programs: int, length: int) -> None:
+    splits, chunk = kernels.attention_splits(programs, length, sms=132)
+    assert chunk % 64 == 0
+    assert (splits - 1) * chunk < length <= splits * chunk  # every slot in one chunk, no chunk empty
+    assert programs * splits <= max(2 * 132 + programs, programs)  # about two programs per multiprocessor
+    if length >= 2 * 132 * 64:
+        assert programs * splits >= 132  # a long cache fills the GPU
+
+
+def test_split_attention_definition_is_grouped_sdpa() -> None:
+    torch.manual_seed(4)
+    query, key, value = torch.randn(2, 6, 1, 16), torch.randn(2, 2, 30, 16), torch.randn(2, 2, 30, 16)
+    bias = torch.zeros(2, 1, 1, 30).masked_fill_(torch.rand(2, 1, 1, 30) < 0.5, float("-inf"))
+    bias[..., -1] = 0.0
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, enable_gqa=True)
+    got = kernels.split_attention_torch(query, key, value, bias, 16**-0.5)
+    assert got.shape == (2, 1, 6, 16)
+    torch.testing.assert_close(got, expected.transpose(1, 2))
+
+
+def _decode_case(b: int, hq: int, hkv: int, d: int, length: int) -> tuple[torch.Tensor, ...]:
+    query = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+    key = torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16)
+    value = torch.randn_like(key)
+    allowed = torch.rand(b, length, device="cuda") < 0.3
+    allowed[:, -1] = True
+    storage = torch.zeros(b, 1, 1, length + (-length) % 16, device="cuda", dtype=torch.bfloat16)
+    bias = storage[..., :length].masked_fill_(~allowed.view(b, 1, 1, length), float("-inf"))
+    return query, key, value, bias
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize(
+    ("b", "hq", "hkv", "d", "length"),
+    [(1, 28, 4, 128, 1), (1, 28, 4, 128, 3203), (1, 28, 4, 128, 25_001), (3, 14, 2, 64, 1000), (32, 28, 4, 128, 700)],
+)
+def test_triton_split_attention_is_as_close_to_exact_as_sdpa(b: int, hq: int, hkv: int, d: int, length: int) -> None:
+    """7B (28/4 heads of 128) and 0.5B (14/2 of 64) shapes, one row to 32, one slot to 25k: no further from
+    the float32 definition than torch's SDPA (cuDNN on Hopper) is, give or take one bf16 step."""
+    torch.manual_seed(length)
+    query, key, value, bias = _decode_case(b, hq, hkv, d, length)
+    exact = kernels.split_attention_torch(query.double(), key.double(), value.double(), bias.double(), d**-0.5)
+    got = kernels.split_attention(query, key, value, bias, d**-0.5)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, enable_gqa=True)
+    ours, theirs = (got.double() - exact).abs().max(), (sdpa.transpose(1, 2).double() - exact).abs().max()
+    print(f"largest error: split {float(ours):.2e}, sdpa {float(theirs):.2e}")  # shown with -s
+    assert got.shape == (b, 1, hq, d)
+    assert ours <= theirs + exact.abs().max() * 2**-8
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_triton_split_attention_replays_in_a_cuda_graph_and_compiles_once() -> None:
+    torch.manual_seed(9)
+    query, key, value, bias = _decode_case(1, 28, 4, 128, 3000)
+    eager = kernels.split_attention(query, key, value, bias, 0.1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kernels.split_attention(query, key, value, bias, 0.1)
+    query.copy_(torch.randn_like(query))
+    graph.replay()
+    assert torch.equal(captured, kernels.split_attention(query, key, value, bias, 0.1))
+    assert not torch.equal(captured, eager)
+    partial = kernels._build()["decode_attention_partial"]
+    caches = getattr(partial, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton does not expose its compiled-kernel cache")
+    compiled = sum(len(entry[0]) for entry in caches.values())
+    for length in (3001, 3017, 4099, 12_345):  # other lengths, sizes that do and do not divide by 16
+        kernels.split_attention(*_decode_case(1, 28, 4, 128, length), 0.1)
+    assert sum(len(entry[0]) for entry in caches.values()) == compiled
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_masked_decode_attention_takes_the_split_kernel_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dycoke import attention
+
+    query, key, value, bias = _decode_case(1, 28, 4, 128, 100)
+    calls = []
+    monkeypatch.setattr(attention, "split_attention", lambda *a: calls.append(a) or kernels.split_attention(*a))
+    attention.masked_decode_attention(query, key, value, bias, None)
+    attention.masked_decode_attention(query.float(), key.float(), value.float(), bias.float(), None)  # SDPA
+    attention.masked_decode_attention(query, key, value, bias == 0, None)  # a boolean mask: SDPA
+    assert len(calls) == 1
+    monkeypatch.setenv(kernels.DECODE_ATTENTION_ENV, "sdpa")
+    attention.masked_decode_attention(query, key, value, bias, None)
+    assert len(calls) == 1
+
+
 def test_kernels_are_not_compiled_where_they_cannot_run() -> None:
     config = build_tiny_model(seed=6).config.text_config
     assert kernels.compile_in_background(config, torch.device("cpu"), torch.float32) is None
@@ -234,5 +329,7 @@ def test_kernels_in_tritons_interpreter() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "tests.interpreted_kernels"], capture_output=True, text=True, env=env, timeout=300
     )
+    if done.returncode == interpreted_kernels.CANNOT_LOOP:
+        pytest.skip(done.stdout.strip())
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "all kernels agree"

@@ -115,6 +115,7 @@ def decode(
                 pad_id=kwargs["pad_token_id"],
                 use_graph=decoder == "graph",
                 fused=fused_step,
+                eager_first_step=method.compacts_in_decode,
             )
             streamer.put(None)  # the prompt, which the streamer skips
             output = static.generate(

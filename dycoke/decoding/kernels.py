@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -136,6 +137,11 @@ def compile_in_background(text_config: Any, device: torch.device, dtype: torch.d
                     for bias in (None, weight[0]):
                         config = {**GEMV_CONFIG, "block_n": rows}
                         gemv(h, weight, bias, config=config, wait=False)
+                query = torch.zeros(1, hq, 1, head, dtype=dtype, device=device)
+                cache = torch.zeros(1, hkv, 16, head, dtype=dtype, device=device)
+                bias = torch.zeros(1, 1, 1, 16, dtype=dtype, device=device)
+                if split_attention_applies(query, cache, cache, bias):
+                    split_attention(query, cache, cache, bias, 1.0, wait=False)
                 torch.cuda.synchronize(device)
         except Exception:  # the step then compiles on first use, as without this thread
             pass
@@ -323,7 +329,100 @@ def define_kernels() -> dict[str, Any]:
             y += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(out + rows, y.to(out.dtype.element_ty), mask=row_ok)
 
+    @triton.jit(do_not_specialize=["length", "chunk", "splits"])
+    def decode_attention_partial_kernel(  # type: ignore[no-untyped-def]
+        q,
+        k,
+        v,
+        bias,
+        part_out,
+        part_stats,
+        q_row,
+        q_head,
+        k_row,
+        k_head,
+        k_slot,
+        v_row,
+        v_head,
+        v_slot,
+        bias_row,
+        length,
+        chunk,
+        splits,
+        scale,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # one program: the GROUP query heads of one key-value head of one row, over one chunk of the
+        # slots; an online softmax in base 2, its running max, sum and weighted values stored per chunk
+        row = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        split = tl.program_id(2)
+        log2e: tl.constexpr = 1.4426950408889634
+        rows = tl.arange(0, GROUP_PAD)
+        dims = tl.arange(0, D)
+        row_ok = rows < GROUP
+        q_at = q + row * q_row + (head * GROUP + rows)[:, None].to(tl.int64) * q_head + dims[None, :]
+        query = tl.load(q_at, mask=row_ok[:, None], other=0.0)
+        k_base = k + row * k_row + head.to(tl.int64) * k_head
+        v_base = v + row * v_row + head.to(tl.int64) * v_head
+        start = split * chunk
+        end = tl.minimum(start + chunk, length)
+        best = tl.full((GROUP_PAD,), -1.0e30, tl.float32)
+        total = tl.zeros((GROUP_PAD,), tl.float32)
+        acc = tl.zeros((GROUP_PAD, D), tl.float32)
+        for first in range(start, end, BLOCK):
+            slots = first + tl.arange(0, BLOCK)
+            inside = slots < end
+            at_slots = slots[:, None].to(tl.int64)
+            keys = tl.load(k_base + at_slots * k_slot + dims[None, :], mask=inside[:, None], other=0.0)
+            add = tl.load(bias + row * bias_row + slots, mask=inside, other=float("-inf")).to(tl.float32)
+            scores = tl.dot(query, tl.trans(keys)) * (scale * log2e) + add[None, :] * log2e  # (GROUP_PAD, BLOCK)
+            new_best = tl.maximum(best, tl.max(scores, axis=1))
+            rescale = tl.exp2(best - new_best)
+            weights = tl.exp2(scores - new_best[:, None])
+            total = total * rescale + tl.sum(weights, axis=1)
+            values = tl.load(v_base + at_slots * v_slot + dims[None, :], mask=inside[:, None], other=0.0)
+            acc = acc * rescale[:, None] + tl.dot(weights.to(values.dtype), values)
+            best = new_best
+        at = ((row * tl.num_programs(1) + head) * splits + split) * GROUP + rows
+        tl.store(part_out + at[:, None] * D + dims[None, :], acc, mask=row_ok[:, None])
+        tl.store(part_stats + at * 2, best, mask=row_ok)
+        tl.store(part_stats + at * 2 + 1, total, mask=row_ok)
+
+    @triton.jit(do_not_specialize=["splits"])
+    def decode_attention_combine_kernel(  # type: ignore[no-untyped-def]
+        part_out, part_stats, out, splits, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr
+    ):
+        # one program: one query head of one row; the chunks' partial sums rescaled to a running maximum
+        row = tl.program_id(0).to(tl.int64)
+        query_head = tl.program_id(1)
+        heads = tl.num_programs(1)
+        dims = tl.arange(0, D)
+        first = (row * (heads // GROUP) + query_head // GROUP) * splits
+        best = tl.max(tl.full((BLOCK_S,), -1.0e30, tl.float32), axis=0)
+        norm = tl.sum(tl.zeros((BLOCK_S,), tl.float32), axis=0)
+        weighted = tl.zeros((D,), tl.float32)
+        for s0 in range(0, splits, BLOCK_S):
+            index = s0 + tl.arange(0, BLOCK_S)
+            inside = index < splits
+            at = (first + index) * GROUP + query_head % GROUP
+            maxima = tl.load(part_stats + at * 2, mask=inside, other=-1.0e30)
+            sums = tl.load(part_stats + at * 2 + 1, mask=inside, other=0.0)
+            parts = tl.load(part_out + at[:, None] * D + dims[None, :], mask=inside[:, None], other=0.0)
+            new_best = tl.maximum(best, tl.max(maxima, axis=0))
+            rescale = tl.exp2(best - new_best)
+            scale = tl.exp2(maxima - new_best)
+            norm = norm * rescale + tl.sum(scale * sums, axis=0)
+            weighted = weighted * rescale + tl.sum(scale[:, None] * parts, axis=0)
+            best = new_best
+        tl.store(out + (row * heads + query_head) * D + dims, (weighted / norm).to(out.dtype.element_ty))
+
     return {
+        "decode_attention_partial": decode_attention_partial_kernel,
+        "decode_attention_combine": decode_attention_combine_kernel,
         "gemv": gemv_kernel,
         "add_rms_norm": add_rms_norm_kernel,
         "rotary_to_cache": rotary_to_cache_kernel,
@@ -456,3 +555,127 @@ def gemv(
         num_stages=settings["num_stages"],
     )
     return out
+
+
+# -- decode attention: one query per row over a static cache, split over the slots ---------------------
+
+DECODE_ATTENTION_ENV = "DYCOKE_DECODE_ATTENTION"
+"""``DYCOKE_DECODE_ATTENTION=sdpa`` keeps torch's SDPA for the decode step's attention (default: the
+Triton kernels of ``split_attention``)."""
+
+SPLIT_ATTENTION_CONFIG = {"block": 64, "per_sm": 2, "num_warps": 4, "num_stages": 2}
+"""``split_attention``'s defaults: slots per iteration of the inner loop, programs per multiprocessor
+(how finely the slots are cut), and Triton's launch settings."""
+
+_COMBINE_BLOCK = 32
+
+
+def attention_splits(programs: int, length: int, sms: int, block: int = 64, per_sm: int = 2) -> tuple[int, int]:
+    """How ``split_attention`` cuts ``length`` slots when ``programs`` (rows x key-value heads) programs
+    cover each chunk, on a GPU of ``sms`` multiprocessors: (chunks, slots per chunk). About ``per_sm``
+    programs per multiprocessor; a chunk is a whole number of ``block`` slots, and no chunk is empty."""
+    blocks = max(1, -(-length // block))
+    wanted = max(1, -(-per_sm * sms // max(programs, 1)))
+    per_chunk = -(-blocks // wanted)
+    return -(-blocks // per_chunk), per_chunk * block
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def split_attention_torch(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The definition ``split_attention`` computes, in float32: (B, Hq, 1, d) queries over (B, Hkv, L, d)
+    keys and values (each key-value head shared by Hq / Hkv query heads), plus the additive (B, 1, 1, L)
+    ``bias``, softmax scaled by ``scale`` -> (B, 1, Hq, d) in the query's dtype."""
+    b, hq, _, d = query.shape
+    hkv = key.shape[1]
+    q = query.float().reshape(b, hkv, hq // hkv, d)
+    scores = (q @ key.float().transpose(-1, -2)) * scale + bias.float().reshape(b, 1, 1, -1)
+    return (scores.softmax(-1) @ value.float()).reshape(b, 1, hq, d).to(query.dtype)
+
+
+def split_attention_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Whether ``split_attention`` takes these tensors: one bf16/fp16 query per row on a CUDA device with
+    Triton, a head size of 16-256 (a power of two), grouped heads, rows of keys, values and bias contiguous
+    in their last dimension, an additive (B, 1, 1, L) bias, and ``DYCOKE_DECODE_ATTENTION`` not ``sdpa``."""
+    b, hq, q_len, d = query.shape
+    return (
+        q_len == 1
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and key.dtype == query.dtype
+        and value.dtype == query.dtype
+        and bias.is_floating_point()
+        and d in (16, 32, 64, 128, 256)
+        and key.shape[0] == b
+        and hq % key.shape[1] == 0
+        and hq // key.shape[1] <= 64
+        and value.shape == key.shape
+        and bias.shape == (b, 1, 1, key.shape[2])
+        and query.stride(-1) == key.stride(-1) == value.stride(-1) == bias.stride(-1) == 1
+        and triton_available(query.device)
+        and os.environ.get(DECODE_ATTENTION_ENV, "triton") != "sdpa"
+    )
+
+
+def launch_split_attention(
+    defined: dict[str, Any],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    splits: int,
+    chunk: int,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """Run ``defined``'s two attention kernels (``define_kernels()``) over ``splits`` chunks of ``chunk``
+    slots: the partial softmax of every chunk, then their combination -> (B, 1, Hq, d)."""
+    settings = config or SPLIT_ATTENTION_CONFIG
+    b, hq, _, d = query.shape
+    hkv, length = key.shape[1], key.shape[2]
+    group = hq // hkv
+    device = query.device
+    part_out = torch.empty(b * hkv * splits * group * d, dtype=torch.float32, device=device)
+    part_stats = torch.empty(b * hkv * splits * group * 2, dtype=torch.float32, device=device)
+    defined["decode_attention_partial"][(b, hkv, splits)](
+        query, key, value, bias, part_out, part_stats,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), bias.stride(0),
+        length, chunk, splits, scale,
+        GROUP=group, GROUP_PAD=max(16, defined["next_power_of_2"](group)), D=d, BLOCK=settings["block"],
+        num_warps=settings["num_warps"], num_stages=settings["num_stages"],
+    )  # fmt: skip
+    out = torch.empty(b, 1, hq, d, dtype=query.dtype, device=device)
+    defined["decode_attention_combine"][(b, hq)](
+        part_out, part_stats, out, splits, GROUP=group, D=d, BLOCK_S=_COMBINE_BLOCK, num_warps=4
+    )
+    return out
+
+
+def split_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    *,
+    config: dict[str, int] | None = None,
+    wait: bool = True,
+) -> torch.Tensor:
+    """(B, Hq, 1, d) queries over a (B, Hkv, L, d) static cache with an additive (B, 1, 1, L) ``bias``
+    -> (B, 1, Hq, d) (``split_attention_torch`` defines it; ``split_attention_applies`` says when it
+    runs). Split over the slots in chunks (flash decoding), so that one row's few heads fill the GPU, and
+    one compiled kernel pair serves every cache length: torch's SDPA on Hopper takes cuDNN, which plans
+    anew for each length, 40 ms and more (``benchmarks/results/split-attention-h200.json``)."""
+    if wait:
+        _wait_for_compiles()
+    settings = config or SPLIT_ATTENTION_CONFIG
+    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    splits, chunk = attention_splits(
+        query.shape[0] * key.shape[1], key.shape[2], _multiprocessors(index), settings["block"], settings["per_sm"]
+    )
+    return launch_split_attention(_build(), query, key, value, bias, scale, splits, chunk, settings)

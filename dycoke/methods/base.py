@@ -67,6 +67,11 @@ class CompressionMethod(Protocol):
     record: bool  # keep what a drawing needs (set by the pipeline when asked)
     warnings: list[str]  # what the user should know about the last ``compress`` (one line each)
 
+    @property
+    def compacts_in_decode(self) -> bool:
+        """Whether ``compaction`` may first answer after a decode step (not at prefill)."""
+        ...
+
     def compaction(self) -> Compaction | None:
         """During or after generation: which later layers store fewer prompt entries, once known."""
         ...
@@ -98,6 +103,7 @@ class TokensOnly:
 
     name = ""
     shares_prefix = True
+    compacts_in_decode = False
     needs_vision_signals = False
     record = False
 

@@ -284,6 +284,11 @@ class DyCoke:
         with dynamic_pruning(self.model, self.state, o.prune_layer, self.eviction):
             yield EvictingCache(self.eviction, o.prune_layer)
 
+    @property
+    def compacts_in_decode(self) -> bool:
+        """Eviction (``dp_evict``) drops entries once the first decode step chose them."""
+        return self.options.dp_evict
+
     def compaction(self) -> Compaction | None:
         ev = self.eviction
         if ev is None or ev.slots is None:

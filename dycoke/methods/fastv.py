@@ -146,6 +146,7 @@ class FastV:
 
     name = "fastv"
     shares_prefix = False
+    compacts_in_decode = False  # at prefill
     needs_vision_signals = False
     record = False
 
