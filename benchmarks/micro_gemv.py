@@ -1,11 +1,11 @@
 """One-token projections (GEMV) of the decode step: cuBLAS vs a Triton kernel, per configuration (CUDA).
 
-    python benchmarks/micro_gemv.py --size 7b [--out FILE]
+    python benchmarks/micro_gemv.py --size 7b [--shapes down_silu ...] [--out FILE]
 
 For each projection of the decode step at batch 1 (QKV, output, gate/up, down with SiLU*up folded into
-its input, the LM head), 28 (the layer count) distinct weights are read in turn inside a CUDA graph
-(as the decode step reads them: no weight stays in L2), and the graph's replay time per call gives
-microseconds and GB/s, for ``torch.nn.functional.linear`` (cuBLAS) and for ``gemv`` in
+its input, also cut into column slices, the LM head), 28 (the layer count) distinct weights are read
+in turn inside a CUDA graph (as the decode step reads them: no weight stays in L2), and the graph's
+replay time per call gives microseconds and GB/s, for ``torch.nn.functional.linear`` (cuBLAS) and for ``gemv`` in
 ``dycoke/decoding/kernels.py`` at each block configuration of the sweep. Every Triton result is checked
 against a float32 reference first.
 """
@@ -55,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="7b")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--shapes", nargs="+", help="only these (qkv, o, gate_up, down_silu, lm_head)")
     args = parser.parse_args()
     text = real_shape_config(args.size).text_config
     d, f, v = text.hidden_size, text.intermediate_size, text.vocab_size
@@ -71,6 +72,8 @@ def main() -> None:
     results: dict[str, Any] = {"size": args.size, "gpu": torch.cuda.get_device_name(), "shapes": {}}
     sweep = list(itertools.product((4, 8, 16), (256, 512), (4, 8), (2, 4)))
     for name, (n, k, with_bias, silu_input) in shapes.items():
+        if args.shapes and name not in args.shapes:
+            continue
         layers = 1 if name == "lm_head" else LAYERS
         weights = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(layers)]
         biases = [torch.randn(n, device="cuda", dtype=dtype) * 0.02 if with_bias else None for _ in range(layers)]
@@ -84,18 +87,28 @@ def main() -> None:
             return lambda: torch.nn.functional.linear(kernels.silu_mul(x) if silu else x, w, b)
 
         def triton_way(w: torch.Tensor, b: torch.Tensor | None, config: dict[str, int], x: torch.Tensor = x) -> Any:
-            return lambda: kernels.gemv(x, w, b, out=out, silu_input=silu_input, config=config)  # noqa: B023
+            target = None if config.get("split_k", 1) > 1 else out  # noqa: B023 (a split one returns its slices)
+            return lambda: kernels.gemv(x, w, b, out=target, silu_input=silu_input, config=config)  # noqa: B023
 
         cublas = graph_us([module_way(w, b) for w, b in zip(weights, biases, strict=True)])
         bytes_per_call = n * k * 2
         row: dict[str, Any] = {"n": n, "k": k, "cublas_us": cublas, "cublas_tb_s": bytes_per_call / cublas / 1e6}
         row["triton"] = []
-        for block_n, block_k, warps, stages in sweep:
-            config = {"block_n": block_n, "block_k": block_k, "num_warps": warps, "num_stages": stages}
+        configs = [
+            {"block_n": block_n, "block_k": block_k, "num_warps": warps, "num_stages": stages}
+            for block_n, block_k, warps, stages in sweep
+        ]
+        if name == "down_silu":  # its long rows cut into slices (the decode step's default: DOWN_GEMV_CONFIG)
+            configs += [
+                {"block_n": block_n, "block_k": 512, "num_warps": warps, "num_stages": 4, "split_k": split}
+                for block_n, warps, split in itertools.product((4, 8, 16), (4, 8), (2, 4, 8))
+            ]
+        for config in configs:
             try:
-                kernels.gemv(x, weights[0], biases[0], out=out, silu_input=silu_input, config=config)
+                got = triton_way(weights[0], biases[0], config)()
                 torch.cuda.synchronize()
-                error = (out.float() - reference).abs().max().item()
+                product = got.sum(dim=0) if got.dim() == 3 else got.float()
+                error = (product - reference).abs().max().item()
                 us = graph_us([triton_way(w, b, config) for w, b in zip(weights, biases, strict=True)])
             except Exception as failure:  # a configuration Triton cannot build (e.g. out of resources)
                 row["triton"].append({**config, "error": str(failure).splitlines()[0][:160]})

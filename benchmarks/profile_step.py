@@ -3,7 +3,8 @@
     python benchmarks/profile_step.py --size 7b --prompt 3200 [--batch 1]
 
 Random-weight model at the real shape, random prompt embeddings of ``--prompt`` tokens. Per variant
-(fused with the Triton GEMV / fused with cuBLAS projections / module-by-module): the CUDA-graph
+(fused with the Triton GEMV / the same with the down projection on cuBLAS / fused with cuBLAS
+projections / module-by-module): the CUDA-graph
 decoder's ms/token (median of 5 runs of 64 tokens less one of 2 tokens), and the GPU time per step
 by kernel family from two eager profiled runs (34 and 2 tokens; their difference over 32 steps:
 prefill and the first steps cancel). The gap between a step's kernel time and its graph time is what
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=3200)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--out")
+    parser.add_argument("--skip-modules", action="store_true", help="leave the module-by-module step out")
     args = parser.parse_args()
     qa = build(args.size)
     model = qa.loaded.model
@@ -86,7 +88,8 @@ def main() -> None:
     embeds = torch.randn(args.batch, args.prompt, dim, device="cuda", dtype=torch.bfloat16) * 0.02
     mask = torch.ones(args.batch, args.prompt, dtype=torch.long, device="cuda")
     result: dict[str, Any] = {"size": args.size, "prompt": args.prompt, "batch": args.batch}
-    for label, fused, gemv in (("fused", True, "triton"), ("fused-cublas", True, "cublas"), ("modules", False, "")):
+    variants = (("fused", True, "triton"), ("fused-cublas-down", True, "cublas-down"), ("fused-cublas", True, "cublas"))
+    for label, fused, gemv in (*variants, *(() if args.skip_modules else (("modules", False, ""),))):
         os.environ[GEMV_ENV] = gemv
         decode(model, embeds, mask, 4, graph=False, fused=fused)
         graph_ms = step_ms(model, embeds, mask, fused)

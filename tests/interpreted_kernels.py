@@ -37,10 +37,17 @@ def check_norm_and_activation(defined: dict) -> None:
     hidden, delta, weight = torch.randn(2, 100), torch.randn(2, 100), torch.randn(100)
     for has_delta in (True, False):
         out_h, out_x = torch.empty_like(hidden), torch.empty_like(hidden)
-        defined["add_rms_norm"][(2,)](hidden, delta, weight, out_h, out_x, 100, 1e-6, HAS_DELTA=has_delta, BLOCK=128)
+        defined["add_rms_norm"][(2,)](
+            hidden, delta, weight, out_h, out_x, 100, 1e-6, HAS_DELTA=has_delta, PARTS=0, BLOCK=128
+        )
         h_ref, x_ref = kernels.add_rms_norm_torch(hidden, delta if has_delta else None, weight, 1e-6)
         assert torch.allclose(out_x, x_ref, rtol=1e-5, atol=1e-6)
         assert not has_delta or torch.equal(out_h, h_ref)
+    parts = torch.randn(3, 2, 100)  # a split projection's float32 slices, added in order
+    out_h, out_x = torch.empty_like(hidden), torch.empty_like(hidden)
+    defined["add_rms_norm"][(2,)](hidden, parts, weight, out_h, out_x, 100, 1e-6, HAS_DELTA=True, PARTS=3, BLOCK=128)
+    h_ref, x_ref = kernels.add_rms_norm_torch(hidden, parts, weight, 1e-6)
+    assert torch.equal(out_h, h_ref) and torch.allclose(out_x, x_ref, rtol=1e-5, atol=1e-6)
     gate_up = torch.randn(2, 2 * 1500)
     out = torch.empty(2, 1500)
     defined["silu_mul"][(2, 2)](gate_up, out, 1500, BLOCK=1024)
@@ -49,16 +56,21 @@ def check_norm_and_activation(defined: dict) -> None:
 
 def check_gemv(defined: dict) -> None:
     torch.manual_seed(3)
-    cases = ((37, 96, True, False, 32), (20, 100, False, True, 32), (16, 64, False, False, 64))
-    for n, k, bias, silu, block_k in cases:
+    cases = ((37, 96, True, False, 32, 1), (20, 100, False, True, 32, 1), (16, 64, False, False, 64, 1))
+    cases += ((20, 100, False, True, 32, 2), (19, 256, False, True, 32, 3))  # split: ragged, then even slices
+    for n, k, bias, silu, block_k, split in cases:
         x = torch.randn(1, 2 * k if silu else k)
         weight, b = torch.randn(n, k), torch.randn(n)
-        out = torch.empty(1, n)
-        defined["gemv"][((n + 7) // 8,)](
-            x, weight, b, out, n, k, HAS_BIAS=bias, SILU_INPUT=silu, EVEN_K=k % block_k == 0, BLOCK_N=8, BLOCK_K=block_k
-        )
+        blocks = -(-k // block_k)
+        k_per_split = -(-blocks // split) * block_k
+        parts = -(-k // k_per_split)
+        out = torch.empty(parts, 1, n)
+        defined["gemv"][((n + 7) // 8, parts)](
+            x, weight, b, out, n, k, k_per_split, HAS_BIAS=bias, SILU_INPUT=silu, EVEN_K=k % block_k == 0,
+            SPLIT=split > 1, BLOCK_N=8, BLOCK_K=block_k,
+        )  # fmt: skip
         expected = torch.nn.functional.linear(kernels.silu_mul_torch(x) if silu else x, weight, b if bias else None)
-        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5), (n, k, bias, silu)
+        assert torch.allclose(out.sum(dim=0), expected, rtol=1e-5, atol=1e-4), (n, k, bias, silu, split)
 
 
 def check_split_attention(defined: dict) -> None:

@@ -39,6 +39,19 @@ def test_add_rms_norm_is_the_residual_add_and_qwen2_rmsnorm(dtype: torch.dtype) 
     assert torch.equal(h, hidden + delta) and torch.equal(x, norm(hidden + delta))
     same, x0 = kernels.add_rms_norm_torch(hidden, None, norm.weight, 1e-6)
     assert same is hidden and torch.equal(x0, norm(hidden))
+    parts = torch.randn(4, 3, 48)  # a split projection's float32 slices: their sum, rounded, is the delta
+    summed = (((parts[0] + parts[1]) + parts[2]) + parts[3]).to(dtype)
+    h, x = kernels.add_rms_norm_torch(hidden, parts, norm.weight, 1e-6)
+    assert torch.equal(h, hidden + summed) and torch.equal(x, norm(hidden + summed))
+
+
+def test_a_split_gemv_off_the_gpu_is_one_slice_of_the_product() -> None:
+    x, weight = torch.randn(1, 64), torch.randn(16, 32)
+    parts = kernels.gemv(x, weight, silu_input=True, config=kernels.DOWN_GEMV_CONFIG)
+    assert parts.shape == (1, 1, 16) and parts.dtype == torch.float32
+    torch.testing.assert_close(parts[0], torch.nn.functional.linear(kernels.silu_mul_torch(x), weight))
+    with pytest.raises(ValueError, match="no bias"):
+        kernels.gemv(x[:, :32], weight, weight[:, 0], config=kernels.DOWN_GEMV_CONFIG)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -183,6 +196,30 @@ def test_triton_gemv(n: int, k: int, bias: bool, silu: bool) -> None:
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize(("n", "k"), [(3584, 18944), (896, 4864)])
+def test_triton_split_down_projection_and_the_norm_that_adds_its_slices(n: int, k: int) -> None:
+    """7B's and 0.5B's down projections (0.5B's 4864 is not a multiple of the 512 block), SiLU * up read
+    in, four float32 slices: their sum, rounded once, is the product as closely as the unsplit kernel's;
+    the RMSNorm kernel adds the slices in order exactly as the torch definition does."""
+    torch.manual_seed(k)
+    gate_up = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    parts = kernels.gemv(gate_up, weight, silu_input=True, config=kernels.DOWN_GEMV_CONFIG)
+    assert parts.shape == (4, 1, n) and parts.dtype == torch.float32
+    x_in = kernels.silu_mul(gate_up)
+    exact = torch.nn.functional.linear(x_in.double(), weight.double())
+    drift = k * 2**-24 * (weight.double().abs() @ x_in.double().abs().T).T
+    product = parts.sum(dim=0).to(torch.bfloat16)
+    assert bool(((product.double() - exact).abs() <= (exact.abs() + drift) * 2**-8 + drift).all())
+    hidden, norm = torch.randn(1, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, device="cuda").bfloat16()
+    h, x = kernels.add_rms_norm(hidden, parts, norm, 1e-6)
+    h_ref, x_ref = kernels.add_rms_norm_torch(hidden, parts, norm, 1e-6)
+    assert torch.equal(h, h_ref)
+    assert _one_ulp_apart(x, x_ref)[0]
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_one_row_projections_take_gemv_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
     from dycoke.decoding import fused
 
@@ -197,6 +234,12 @@ def test_one_row_projections_take_gemv_unless_told(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv(fused.GEMV_ENV, "cublas")
     fused._linear(one, weight)
     assert len(calls) == 1
+    gate_up = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    assert fused._down(gate_up, weight).shape == (1, 256)  # cuBLAS: the (B, D) product
+    monkeypatch.setenv(fused.GEMV_ENV, "cublas-down")
+    assert fused._down(gate_up, weight).shape == (1, 256) and len(calls) == 1
+    monkeypatch.delenv(fused.GEMV_ENV)
+    assert fused._down(gate_up, weight).shape == (4, 1, 256) and len(calls) == 2  # the split gemv's slices
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,10 @@ weights' reading. This step computes the same thing with about 12 kernels per la
   CUDA, the same arithmetic in torch elsewhere);
 - attention through the attention function installed on the model (``decode_attention``, or a
   method's, e.g. DyCoke's dynamic pruning), called exactly as transformers' Qwen2 attention calls it;
-- at batch 1 in bf16/fp16 on CUDA, the QKV, output, gate/up and LM-head projections as ``kernels.gemv``
-  (a Triton matrix-vector kernel: 2.8-4.4 TB/s where cuBLAS's one-row kernels reach 2.2-3.8 on an
-  H200); ``DYCOKE_GEMV=cublas`` keeps cuBLAS.
+- at batch 1 in bf16/fp16 on CUDA, the QKV, output, gate/up, down and LM-head projections as
+  ``kernels.gemv`` (a Triton matrix-vector kernel: 2.8-4.4 TB/s where cuBLAS's one-row kernels reach
+  2.2-3.8 on an H200; the down projection split over its long rows, SiLU * up read into it, its slices
+  added by the next RMSNorm kernel); ``DYCOKE_GEMV=cublas`` keeps cuBLAS.
 
 Numerically: on the CPU (torch arithmetic) it gives the module path's tokens (tested for every
 method); on a GPU the RMSNorm and SiLU kernels matched transformers' bf16 results bit for bit (H200),
@@ -38,10 +39,19 @@ from typing import Any
 import torch
 
 from dycoke.attention import ALL_ATTENTION_FUNCTIONS, language_model_of
-from dycoke.decoding.kernels import GEMV_CONFIG, add_rms_norm, gemv, rotary_to_cache, silu_mul, triton_available
+from dycoke.decoding.kernels import (
+    DOWN_GEMV_CONFIG,
+    GEMV_CONFIG,
+    add_rms_norm,
+    gemv,
+    rotary_to_cache,
+    silu_mul,
+    triton_available,
+)
 
 GEMV_ENV = "DYCOKE_GEMV"
-"""``DYCOKE_GEMV=cublas`` keeps cuBLAS for the one-row projections (default: ``kernels.gemv``)."""
+"""``DYCOKE_GEMV=cublas`` keeps cuBLAS for the one-row projections (default: ``kernels.gemv``);
+``DYCOKE_GEMV=cublas-down`` keeps it for the down projection only (SiLU * up, then cuBLAS)."""
 
 
 def _gemv_config(weight: torch.Tensor) -> dict[str, int]:
@@ -54,15 +64,30 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     """(B, K) @ (N, K).T (+ bias) -> (B, N): ``kernels.gemv`` for one bf16/fp16 row on CUDA (it streams the
     weight at 2.8-4.4 TB/s on an H200 where cuBLAS's one-row kernels reach 2.2-3.8: micro_gemv.py),
     cuBLAS otherwise (more rows, float32, the CPU, or ``DYCOKE_GEMV=cublas``)."""
-    if (
+    if _gemv_applies(x, weight):
+        return gemv(x, weight, bias, config=_gemv_config(weight))
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def _gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
         x.shape[0] == 1
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.is_contiguous()
         and triton_available(x.device)
         and os.environ.get(GEMV_ENV, "triton") != "cublas"
-    ):
-        return gemv(x, weight, bias, config=_gemv_config(weight))
-    return torch.nn.functional.linear(x, weight, bias)
+    )
+
+
+def _down(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The MLP's output from its (B, 2F) gate/up projection: ``silu(gate) * up`` through the (D, F) down
+    weight. At batch 1 on CUDA one split ``kernels.gemv`` (SiLU * up folded into its input) whose
+    (P, 1, D) float32 slices the next ``add_rms_norm`` adds: one kernel where SiLU, cuBLAS's split-K GEMM
+    and its reduction were three, and 3584 x 18944 read at a higher rate (``micro_gemv.py``). Otherwise
+    (or ``DYCOKE_GEMV=cublas-down``) ``silu_mul`` and cuBLAS: (B, D)."""
+    if _gemv_applies(gate_up, weight) and os.environ.get(GEMV_ENV) != "cublas-down":
+        return gemv(gate_up, weight, silu_input=True, config=DOWN_GEMV_CONFIG)
+    return torch.nn.functional.linear(silu_mul(gate_up), weight)
 
 
 @dataclass
@@ -194,8 +219,7 @@ class FusedStep:
             )
             attended = _linear(out.reshape(b, -1), layer.o_weight)
             hidden, x = add_rms_norm(hidden, attended, layer.post_norm, self.eps)
-            # down stays on cuBLAS: its 18944-long rows favour cuBLAS's kernel (micro_gemv.py)
-            delta = torch.nn.functional.linear(silu_mul(_linear(x, layer.gate_up_weight)), layer.down_weight)
+            delta = _down(_linear(x, layer.gate_up_weight), layer.down_weight)  # (B, D), or (P, 1, D) slices
         _, x = add_rms_norm(hidden, delta, self.norm, self.eps)
         return _linear(x, self.lm_head)
 

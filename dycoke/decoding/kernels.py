@@ -52,6 +52,11 @@ def _triton_importable() -> bool:
 def add_rms_norm_torch(
     hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if delta is not None and delta.dim() == 3:  # (P, B, D) float32 slices of a split projection
+        total = delta[0].clone()
+        for part in delta[1:]:
+            total += part
+        delta = total.to(hidden.dtype)
     h = hidden if delta is None else hidden + delta
     x = h.to(torch.float32)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
@@ -95,6 +100,9 @@ def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
 GEMV_CONFIG = {"block_n": 8, "block_k": 512, "num_warps": 8, "num_stages": 4}
 """``gemv``'s default blocks: the best of ``benchmarks/micro_gemv.py``'s sweep at most 7B shapes (H200)."""
 
+DOWN_GEMV_CONFIG = {"block_n": 8, "block_k": 512, "num_warps": 8, "num_stages": 4, "split_k": 4}
+"""The down projection's (K = the MLP's width, 18944 for 7B): its columns in four slices."""
+
 _KERNELS: dict[str, Any] = {}
 _round_to_bf16: Any = None  # Triton helpers, defined with the kernels (they find them here by name)
 _silu_times: Any = None
@@ -137,6 +145,10 @@ def compile_in_background(text_config: Any, device: torch.device, dtype: torch.d
                     for bias in (None, weight[0]):
                         config = {**GEMV_CONFIG, "block_n": rows}
                         gemv(h, weight, bias, config=config, wait=False)
+                down = torch.zeros(16, width, dtype=dtype, device=device)
+                gate_up = torch.zeros(1, 2 * width, dtype=dtype, device=device)
+                parts = gemv(gate_up, down, silu_input=True, config=DOWN_GEMV_CONFIG, wait=False)
+                add_rms_norm(h, torch.zeros(parts.shape[0], 1, hidden, device=device), h[0], 1e-6, wait=False)
                 query = torch.zeros(1, hq, 1, head, dtype=dtype, device=device)
                 cache = torch.zeros(1, hkv, 16, head, dtype=dtype, device=device)
                 bias = torch.zeros(1, 1, 1, 16, dtype=dtype, device=device)
@@ -206,14 +218,29 @@ def define_kernels() -> dict[str, Any]:
 
     @triton.jit
     def add_rms_norm_kernel(  # type: ignore[no-untyped-def]
-        hidden, delta, weight, out_h, out_x, n, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr
+        hidden,
+        delta,
+        weight,
+        out_h,
+        out_x,
+        n,
+        eps,
+        HAS_DELTA: tl.constexpr,
+        PARTS: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         inside = cols < n
         h = tl.load(hidden + row * n + cols, mask=inside, other=0.0)
         if HAS_DELTA:
-            dl = tl.load(delta + row * n + cols, mask=inside, other=0.0)
+            if PARTS > 0:  # float32 slices of a split projection: summed in order, rounded as its output
+                total = tl.zeros((BLOCK,), tl.float32)
+                for part in tl.static_range(PARTS):
+                    total += tl.load(delta + (part * tl.num_programs(0) + row) * n + cols, mask=inside, other=0.0)
+                dl = total.to(h.dtype, fp_downcast_rounding="rtne")
+            else:
+                dl = tl.load(delta + row * n + cols, mask=inside, other=0.0)
             h = (h.to(tl.float32) + dl.to(tl.float32)).to(h.dtype, fp_downcast_rounding="rtne")
             tl.store(out_h + row * n + cols, h, mask=inside)
         x = h.to(tl.float32)
@@ -294,16 +321,20 @@ def define_kernels() -> dict[str, Any]:
         out,
         n,
         k,
+        k_per_split,
         HAS_BIAS: tl.constexpr,
         SILU_INPUT: tl.constexpr,
         EVEN_K: tl.constexpr,
+        SPLIT: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
+        # program (i, j): rows i * BLOCK_N.. over the j-th k_per_split columns (all of them unless SPLIT)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for start in range(0, k, BLOCK_K):
+        k_start = tl.program_id(1) * k_per_split
+        for start in range(k_start, tl.minimum(k_start + k_per_split, k), BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
             col_ok = cols < k
             if SILU_INPUT:  # x holds (gate, up): the input is silu(gate) * up, rounded as silu_mul rounds
@@ -325,9 +356,12 @@ def define_kernels() -> dict[str, Any]:
                 w = tl.load(weight + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             acc += w.to(tl.float32) * xv[None, :]
         y = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            y += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(out + rows, y.to(out.dtype.element_ty), mask=row_ok)
+        if SPLIT:  # this slice's float32 sum: the consumer adds the slices (no bias here)
+            tl.store(out + tl.program_id(1) * n + rows, y, mask=row_ok)
+        else:
+            if HAS_BIAS:
+                y += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)
+            tl.store(out + rows, y.to(out.dtype.element_ty), mask=row_ok)
 
     @triton.jit(do_not_specialize=["length", "chunk", "splits"])
     def decode_attention_partial_kernel(  # type: ignore[no-untyped-def]
@@ -434,7 +468,8 @@ def define_kernels() -> dict[str, Any]:
 def add_rms_norm(
     hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, *, wait: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, D) ``hidden`` (+ ``delta``) -> (the sum, its RMSNorm times ``weight``)."""
+    """(B, D) ``hidden`` (+ ``delta``) -> (the sum, its RMSNorm times ``weight``). ``delta`` is (B, D), or
+    (P, B, D) float32: the slices of a split ``gemv``, summed in order and rounded to ``hidden``'s dtype."""
     if not triton_available(hidden.device):
         return add_rms_norm_torch(hidden, delta, weight, eps)
     if wait:
@@ -452,6 +487,7 @@ def add_rms_norm(
         n,
         eps,
         HAS_DELTA=delta is not None,
+        PARTS=delta.shape[0] if delta is not None and delta.dim() == 3 else 0,
         BLOCK=k["next_power_of_2"](n),
     )
     return out_h, out_x
@@ -526,29 +562,43 @@ def gemv(
 ) -> torch.Tensor:
     """(1, K) ``x`` (with ``silu_input``: (1, 2K) gate and up, the input being ``silu_mul(x)``) times the
     (N, K) row-major ``weight`` (+ (N,) ``bias``) -> (1, N), summed in float32, one row of the weight
-    per lane group: a matrix-vector product that streams the weight once. One row only (batch 1)."""
+    per lane group: a matrix-vector product that streams the weight once. One row only (batch 1).
+
+    ``config["split_k"]`` > 1 (no bias): the columns are cut into that many slices, each summed by its
+    own programs (more of them for a long K), and the result is the (P, 1, N) float32 slice sums, which
+    ``add_rms_norm`` adds in order (the sum, rounded to ``x``'s dtype, is the product)."""
     if x.shape[0] != 1 or not weight.is_contiguous():
         raise ValueError(f"gemv takes one contiguous row and a contiguous weight, got x {tuple(x.shape)}")
+    settings = config or GEMV_CONFIG
+    split = settings.get("split_k", 1) > 1
+    if split and bias is not None:
+        raise ValueError("a split gemv takes no bias")
     if not triton_available(x.device):
-        return torch.nn.functional.linear(silu_mul_torch(x) if silu_input else x, weight, bias)
+        product = torch.nn.functional.linear(silu_mul_torch(x) if silu_input else x, weight, bias)
+        return product.float().unsqueeze(0) if split else product
     if wait:
         _wait_for_compiles()
     k_ = _build()
     n, k = weight.shape
-    settings = config or GEMV_CONFIG
-    if out is None:
-        out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     block_n, block_k = settings["block_n"], settings["block_k"]
-    k_["gemv"][((n + block_n - 1) // block_n,)](
+    blocks = -(-k // block_k)
+    k_per_split = -(-blocks // settings["split_k"]) * block_k if split else k
+    parts = -(-k // k_per_split)
+    if out is None:
+        shape, dtype = ((parts, 1, n), torch.float32) if split else ((1, n), x.dtype)
+        out = torch.empty(shape, dtype=dtype, device=x.device)
+    k_["gemv"][((n + block_n - 1) // block_n, parts)](
         x,
         weight,
         bias if bias is not None else weight,
         out,
         n,
         k,
+        k_per_split,
         HAS_BIAS=bias is not None,
         SILU_INPUT=silu_input,
         EVEN_K=k % block_k == 0,
+        SPLIT=split,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=settings["num_warps"],
@@ -563,9 +613,11 @@ DECODE_ATTENTION_ENV = "DYCOKE_DECODE_ATTENTION"
 """``DYCOKE_DECODE_ATTENTION=sdpa`` keeps torch's SDPA for the decode step's attention (default: the
 Triton kernels of ``split_attention``)."""
 
-SPLIT_ATTENTION_CONFIG = {"block": 64, "per_sm": 2, "num_warps": 4, "num_stages": 2}
+SPLIT_ATTENTION_CONFIG = {"block": 128, "per_sm": 2, "num_warps": 4, "num_stages": 2}
 """``split_attention``'s defaults: slots per iteration of the inner loop, programs per multiprocessor
-(how finely the slots are cut), and Triton's launch settings."""
+(how finely the slots are cut), and Triton's launch settings; the fastest of 36 on four shapes (7B
+heads, one row at 3.2k, 12.8k and 25.6k slots, eight rows at 3.2k: ``micro_split_attention.py --sweep``,
+H200, ``benchmarks/results/split-attention-h200.json``)."""
 
 _COMBINE_BLOCK = 32
 
