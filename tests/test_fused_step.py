@@ -200,12 +200,15 @@ def test_triton_gemv(n: int, k: int, bias: bool, silu: bool) -> None:
 def test_triton_split_down_projection_and_the_norm_that_adds_its_slices(n: int, k: int) -> None:
     """7B's and 0.5B's down projections (0.5B's 4864 is not a multiple of the 512 block), SiLU * up read
     in, four float32 slices: their sum, rounded once, is the product as closely as the unsplit kernel's;
-    the RMSNorm kernel adds the slices in order exactly as the torch definition does."""
+    the RMSNorm kernel adds the slices in order exactly as the torch definition does (0.5B's 4864 columns,
+    10 blocks, make 5 slices of 2 blocks)."""
     torch.manual_seed(k)
     gate_up = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     parts = kernels.gemv(gate_up, weight, silu_input=True, config=kernels.DOWN_GEMV_CONFIG)
-    assert parts.shape == (4, 1, n) and parts.dtype == torch.float32
+    blocks = -(-k // 512)
+    slice_columns = -(-blocks // kernels.DOWN_GEMV_CONFIG["split_k"]) * 512
+    assert parts.shape == (-(-k // slice_columns), 1, n) and parts.dtype == torch.float32  # 8 (7B), 5 (0.5B)
     x_in = kernels.silu_mul(gate_up)
     exact = torch.nn.functional.linear(x_in.double(), weight.double())
     drift = k * 2**-24 * (weight.double().abs() @ x_in.double().abs().T).T
@@ -234,12 +237,13 @@ def test_one_row_projections_take_gemv_unless_told(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv(fused.GEMV_ENV, "cublas")
     fused._linear(one, weight)
     assert len(calls) == 1
-    gate_up = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
-    assert fused._down(gate_up, weight).shape == (1, 256)  # cuBLAS: the (B, D) product
+    gate_up, down = torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16), weight.repeat(1, 8)  # K = 4096
+    assert fused._down(gate_up, down).shape == (1, 256)  # cuBLAS: the (B, D) product
     monkeypatch.setenv(fused.GEMV_ENV, "cublas-down")
-    assert fused._down(gate_up, weight).shape == (1, 256) and len(calls) == 1
+    assert fused._down(gate_up, down).shape == (1, 256) and len(calls) == 1
     monkeypatch.delenv(fused.GEMV_ENV)
-    assert fused._down(gate_up, weight).shape == (4, 1, 256) and len(calls) == 2  # the split gemv's slices
+    slices = fused._down(gate_up, down)  # the split gemv's float32 slices, one per 512 columns here
+    assert slices.shape == (8, 1, 256) and slices.dtype == torch.float32 and len(calls) == 2
 
 
 @pytest.mark.parametrize(
