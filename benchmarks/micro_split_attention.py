@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.micro_gemv import graph_us
 from dycoke.decoding import kernels
 
 
@@ -49,20 +50,8 @@ def split(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: tor
 
 
 def steady_us(fn: Any, tensors: tuple[torch.Tensor, ...], layers: int = 28, replays: int = 200) -> float:
-    for _ in range(3):
-        fn(*tensors)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(layers):
-            fn(*tensors)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1000 * start.elapsed_time(end) / (replays * layers)
+    """Microseconds per call of ``fn(*tensors)``, ``layers`` calls replayed from one CUDA graph."""
+    return graph_us([lambda: fn(*tensors)] * layers, repeats=replays)
 
 
 def first_call_ms(fn: Any, tensors: tuple[torch.Tensor, ...]) -> float:

@@ -161,3 +161,87 @@ def test_the_prefilled_dynamic_copy_is_freed_as_the_static_cache_fills(tiny_chec
     assert len(prefilled.layers) == model.config.text_config.num_hidden_layers
     assert all(layer.keys.numel() == 0 and layer.values.numel() == 0 for layer in prefilled.layers)
     assert all(layer.keys.shape[2] == mask.shape[1] + 4 for layer in decoder.cache.layers)
+
+
+class _RecordingGraph:
+    """Stands in for ``torch.cuda.CUDAGraph`` on the CPU: each replay runs the captured step; counts
+    captures and replays."""
+
+    captures = 0
+    replays = 0
+
+    def __init__(self) -> None:
+        self.step: Any = None
+
+    def replay(self) -> None:
+        type(self).replays += 1
+        self.step()
+
+
+@pytest.mark.parametrize("eager_first_step", [True, False])
+def test_the_graph_is_captured_at_the_first_step_unless_the_method_compacts_after_it(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, eager_first_step: bool
+) -> None:
+    """Without a method that compacts after the first step, that step is captured and replayed (no eager
+    step); with one (``--dp-evict``), it runs eagerly and the second is captured. Same tokens either way."""
+    from contextlib import contextmanager
+
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from dycoke.decoding import static
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    embeds, mask, _ = make_batch(model, [0, 2])
+    eager_steps: list[int] = []
+    capturing_now = [False]
+    forward = StaticGreedyDecoder._forward_step
+
+    def counted(self: StaticGreedyDecoder) -> None:
+        if capturing_now[0]:  # a capture records the step's kernels; it does not run them
+            return
+        eager_steps.append(1)
+        forward(self)
+
+    @contextmanager
+    def capturing(graph: _RecordingGraph) -> Any:
+        _RecordingGraph.captures += 1
+        capturing_now[0] = True
+        try:
+            yield
+        finally:
+            capturing_now[0] = False
+        graph.step = lambda: forward(decoder)
+
+    _RecordingGraph.captures = _RecordingGraph.replays = 0
+    monkeypatch.setattr(static.torch.cuda, "CUDAGraph", _RecordingGraph)
+    monkeypatch.setattr(static.torch.cuda, "graph", capturing)
+    monkeypatch.setattr(StaticGreedyDecoder, "_forward_step", counted)
+    with torch.inference_mode():
+        decoder = StaticGreedyDecoder(
+            model, max_new_tokens=6, min_new_tokens=6, eos_ids=[0], pad_id=0, use_graph=True,
+            eager_first_step=eager_first_step,
+        )  # fmt: skip
+        got = decoder.generate(embeds, mask)
+        plain = StaticGreedyDecoder(model, max_new_tokens=6, min_new_tokens=6, eos_ids=[0], pad_id=0, use_graph=False)
+        monkeypatch.setattr(StaticGreedyDecoder, "_forward_step", forward)
+        expected = plain.generate(embeds, mask)
+    assert got.tolist() == expected.tolist()
+    assert _RecordingGraph.captures == 1
+    # steps 1-5 (the prompt's logits chose token 0): the first eager or replayed, the rest replayed
+    assert len(eager_steps) == (1 if eager_first_step else 0)
+    assert _RecordingGraph.replays == (4 if eager_first_step else 5)
+
+
+def test_only_eviction_compacts_after_the_first_decode_step(qa: VideoQA) -> None:
+    from dycoke.methods.base import build_method
+
+    model, layers = qa.loaded.model, qa.loaded.num_layers
+    for method, kwargs, expected in [
+        ("full", {}, False),
+        ("dycoke", {}, False),
+        ("dycoke", {"dp_evict": True}, True),
+        ("fastv", {}, False),
+        ("random", {}, False),
+    ]:
+        built = build_method(MethodOptions(method=method, **kwargs), model, layers)  # type: ignore[arg-type]
+        assert built.compacts_in_decode is expected, (method, kwargs)

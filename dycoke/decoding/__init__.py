@@ -115,7 +115,8 @@ def decode(
                 pad_id=kwargs["pad_token_id"],
                 use_graph=decoder == "graph",
                 fused=fused_step,
-                eager_first_step=method.compacts_in_decode,
+                # a method registered elsewhere that does not say: the first step eager, as before
+                eager_first_step=getattr(method, "compacts_in_decode", True),
             )
             streamer.put(None)  # the prompt, which the streamer skips
             output = static.generate(
