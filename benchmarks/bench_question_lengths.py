@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import subprocess
@@ -38,15 +39,20 @@ def answers_in_turn(
     model: str, video: str, questions: list[str], method: str, new_tokens: int, decoder: str = "auto"
 ) -> list[dict[str, float]]:
     """Load ``model`` once, answer ``questions`` in turn; per answer its wall clock from the file
-    (``wall_s``) and the report's timings (every stage, the load left out). ``bench_cold.py`` uses it too."""
+    (``wall_s``), the report's timings (every stage, the load left out) and the garbage collections that
+    ran during it (``gc_full``: how many of the oldest generation, ``gc_s``: the seconds all of them
+    took). ``bench_cold.py`` uses it too."""
     sys.path.insert(0, str(ROOT))
     import torch
 
     from dycoke import VideoQA
 
+    collections = CollectionClock()
+    gc.callbacks.append(collections)
     qa = VideoQA.load(model)
     answers = []
     for question in questions:
+        collections.reset()
         t0 = time.perf_counter()
         report = qa.ask(
             video, question, method=method, max_new_tokens=new_tokens, min_new_tokens=new_tokens, decoder=decoder
@@ -55,8 +61,29 @@ def answers_in_turn(
             torch.cuda.synchronize()
         timings = dataclasses.asdict(report.timings_s)
         stages = {k: v for k, v in timings.items() if isinstance(v, float) and k != "load"}
-        answers.append({"wall_s": time.perf_counter() - t0, **stages})
+        answers.append({"wall_s": time.perf_counter() - t0, **stages, **collections.seen()})
+    gc.callbacks.remove(collections)
     return answers
+
+
+class CollectionClock:
+    """A ``gc.callbacks`` entry: counts full (oldest-generation) collections and times every collection."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.full, self.seconds, self.started = 0, 0.0, 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+            return
+        self.seconds += time.perf_counter() - self.started
+        self.full += info.get("generation") == 2
+
+    def seen(self) -> dict[str, float]:
+        return {"gc_full": self.full, "gc_s": self.seconds}
 
 
 def main() -> None:

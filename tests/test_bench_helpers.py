@@ -83,3 +83,22 @@ def test_a_child_under_the_hiding_environment_sees_only_the_declared_distributio
     assert done.stdout.strip() == "None"
     failed = subprocess.run([sys.executable, "-c", "import pytest"], capture_output=True, text=True, env=env)
     assert failed.returncode != 0 and "ModuleNotFoundError" in failed.stderr
+
+
+def test_the_collection_clock_counts_full_collections_and_times_them() -> None:
+    import gc
+
+    from benchmarks.bench_question_lengths import CollectionClock
+
+    clock = CollectionClock()
+    gc.callbacks.append(clock)
+    try:
+        gc.collect(0)
+        gc.collect()
+        gc.collect()
+    finally:
+        gc.callbacks.remove(clock)
+    seen = clock.seen()
+    assert seen["gc_full"] == 2 and seen["gc_s"] > 0
+    clock.reset()
+    assert clock.seen() == {"gc_full": 0, "gc_s": 0.0}
