@@ -83,8 +83,12 @@ def masked_decode_attention(
 ) -> tuple[torch.Tensor, None]:
     """One new query per sample attending through a mask; grouped K/V heads are never repeated.
 
-    ``enable_gqa`` with an additive, 16-aligned bias runs in one fused kernel about as fast as the
-    unmasked call (H100, 7B shape, 3162 keys: 25.9 us vs 23.3 us; a boolean mask takes 53.5 us and
+    An additive bias in bf16/fp16 on CUDA goes to ``kernels.split_attention`` (split over the slots, one
+    compiled kernel pair for every cache length; ``DYCOKE_DECODE_ATTENTION=sdpa`` keeps SDPA), whose
+    steady time is SDPA's or better at one row (H200: ``split-attention-h200.json``) and which builds no
+    per-length plan, where SDPA on Hopper takes cuDNN and plans anew for each length (42-48 ms). Elsewhere,
+    SDPA with ``enable_gqa`` and an additive, 16-aligned bias runs in one fused kernel about as fast as
+    the unmasked call (H100, 7B shape, 3162 keys: 25.9 us vs 23.3 us; a boolean mask takes 53.5 us and
     laying query groups out as rows 68 us: benchmarks/results/micro-decode-attention-h100.txt).
 
     Shapes: query (B, Hq, 1, d); key/value (B, Hkv, S, d); mask (B, 1, 1, S), additive or boolean.

@@ -1,4 +1,4 @@
-"""The fused decode step's elementwise work: Triton kernels on CUDA, the same arithmetic in torch elsewhere.
+"""The fused decode step's kernels: Triton on CUDA, the same arithmetic in torch elsewhere.
 
 Each kernel rounds where transformers' Qwen2 modules round (bf16 after every elementwise op of a
 bf16 model). Measured on an H200: ``add_rms_norm``, ``silu_mul`` and ``rotary_to_cache`` equal the
@@ -16,7 +16,12 @@ token each; D the hidden size; Hq / Hkv query and key-value heads of size d; L s
 - ``silu_mul(gate_up)``: (B, 2F) -> (B, F), ``silu(gate) * up``. One kernel instead of two.
 - ``gemv(x, weight, bias)``: (1, K) x (N, K) -> (1, N), the one-row projection, float32 sums; streams
   the weight faster than cuBLAS's one-row kernels at most of the decode step's shapes (H200:
-  ``benchmarks/micro_gemv.py``).
+  ``benchmarks/micro_gemv.py``). With ``split_k`` it returns (P, 1, N) float32 column-slice sums, which
+  ``add_rms_norm`` adds (the down projection), and with ``silu_input`` it reads ``silu_mul``'s input.
+- ``split_attention(query, key, value, bias, scale)``: (B, Hq, 1, d) queries over the (B, Hkv, L, d)
+  static cache with an additive (B, 1, 1, L) bias -> (B, 1, Hq, d); split over the slots (flash
+  decoding), two kernels, no per-length plan. Its float32 sums run in another order than SDPA's: as
+  close to the exact result (tested on an H200), not the same bits.
 """
 
 from __future__ import annotations
