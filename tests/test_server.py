@@ -770,6 +770,40 @@ def test_settings_are_checked(tmp_path: Path) -> None:
             ServerSettings(**kwargs)  # type: ignore[arg-type]
 
 
+def test_the_server_loads_with_the_weights_read_ahead(monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path) -> None:
+    """``dycoke serve`` starts the weight read (``dycoke.weights.prefetch_weights``) before the model code
+    imports and hands it to the load, as a fresh ``ask`` does (on the CPU the read returns None)."""
+    import socket
+
+    from dycoke import pipeline, weights
+    from dycoke.server import ServerSettings
+    from dycoke.server.app import serve
+
+    seen: dict[str, Any] = {}
+
+    class Stop(Exception):
+        pass
+
+    def read_ahead(options: Any) -> str:
+        seen["read"] = options
+        return "the tensors being read"
+
+    def load(cls: Any, model: Any, **kwargs: Any) -> None:
+        seen["load"] = (model, kwargs)
+        raise Stop
+
+    monkeypatch.setattr(weights, "prefetch_weights", read_ahead)
+    monkeypatch.setattr(pipeline.VideoQA, "load", classmethod(load))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(Stop):
+        serve(ServerSettings(model=str(tiny_checkpoint), device="cpu", dtype="float32", port=port))
+    options, kwargs = seen["load"]
+    assert options is seen["read"] and kwargs == {"weights": "the tensors being read"}
+    assert (options.model, options.device, options.dtype) == (str(tiny_checkpoint), "cpu", "float32")
+
+
 def test_importing_the_server_does_not_import_torch() -> None:
     import subprocess
     import sys

@@ -304,7 +304,8 @@ def serve(settings: ServerSettings, qa: VideoQA | None = None) -> None:
     """Serve until SIGTERM or Ctrl-C, then return normally.
 
     Binds the address first (a taken port fails before the model loads), loads the model unless
-    ``qa`` is given, warms it up with one short answer on a synthetic clip (not on CPU), and runs
+    ``qa`` is given (a local checkpoint's weights read ahead onto the GPU during the imports, as
+    ``ask`` reads them), warms it up with one short answer on a synthetic clip (not on CPU), and runs
     uvicorn. On a signal: new requests get 503, running ones have ``settings.shutdown_timeout_s`` to
     finish before they are cancelled, and the function returns.
 
@@ -318,10 +319,17 @@ def serve(settings: ServerSettings, qa: VideoQA | None = None) -> None:
     try:
         if qa is None:
             with imports_without_collection():
+                from dycoke.config import ModelOptions
+                from dycoke.weights import prefetch_weights
+
+                options = ModelOptions(model=settings.model, device=settings.device, dtype=settings.dtype)
+                # a local checkpoint's tensors read onto the GPU while transformers' model code imports,
+                # as a fresh `dycoke ask` does (dycoke.weights; None: the plain load)
+                weights = prefetch_weights(options)
                 from dycoke.pipeline import VideoQA
 
             log.info("loading %s", settings.model)
-            qa = VideoQA.load(settings.model, device=settings.device, dtype=settings.dtype)
+            qa = VideoQA.load(options, weights=weights)
         if settings.warmup and qa.loaded.device.type != "cpu":
             t0 = time.perf_counter()
             warm_up(qa, settings.defaults)
