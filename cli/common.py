@@ -56,26 +56,16 @@ def check_video_path(video: str) -> None:
 
 
 def load_model_overlapped(model_options: ModelOptions, *, check: Callable[[], None] | None = None) -> tuple[Any, float]:
-    """Import torch and the model code without garbage collection (``dycoke.heap``) while a thread reads
-    the weights onto the GPU where that fits (``dycoke.weights``: it also initialises CUDA and starts the
-    decode kernels' compile, so this thread goes straight on to the imports), then load the model.
-    ``check`` runs once torch is imported, before the read starts (a video error fails first). Returns
-    the model and the start-up seconds (process start to the model load: imports, CUDA initialisation)."""
-    from dycoke.heap import imports_without_collection
+    """The imports with the weights read meanwhile (``dycoke.startup.import_while_reading_weights``), then
+    the model load. ``check`` runs once torch is imported, before the read starts (a video error fails
+    first). Returns the model and the start-up seconds (process start to the model load: imports, CUDA
+    initialisation)."""
+    from dycoke.startup import import_while_reading_weights
 
-    with imports_without_collection():
-        import torch
-
-        from dycoke.weights import prefetch_weights
-
-        if check is not None:
-            check()
-        weights = prefetch_weights(model_options)
-        if weights is None and model_options.device not in ("cpu", "mps") and torch.cuda.is_available():
-            torch.cuda.init()
-        from dycoke.pipeline import VideoQA
-
+    weights = import_while_reading_weights(model_options, check)
     startup = time.time() - process_start()
+    from dycoke.pipeline import VideoQA
+
     return VideoQA.load(model_options, weights=weights), startup
 
 

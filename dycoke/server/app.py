@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dycoke.config import needs_vision_signals, run_options
 from dycoke.errors import DyCokeError
-from dycoke.heap import freeze_after_start, imports_without_collection
+from dycoke.heap import freeze_after_start
 from dycoke.server import protocol
 from dycoke.server.engine import Done, Engine, Event, Failed, Job, Text
 from dycoke.server.media import MediaStore, VideoSource
@@ -318,15 +318,12 @@ def serve(settings: ServerSettings, qa: VideoQA | None = None) -> None:
     engine: Engine | None = None
     try:
         if qa is None:
-            with imports_without_collection():
-                from dycoke.config import ModelOptions
-                from dycoke.weights import prefetch_weights
+            from dycoke.config import ModelOptions
+            from dycoke.startup import import_while_reading_weights
 
-                options = ModelOptions(model=settings.model, device=settings.device, dtype=settings.dtype)
-                # a local checkpoint's tensors read onto the GPU while transformers' model code imports,
-                # as a fresh `dycoke ask` does (dycoke.weights; None: the plain load)
-                weights = prefetch_weights(options)
-                from dycoke.pipeline import VideoQA
+            options = ModelOptions(model=settings.model, device=settings.device, dtype=settings.dtype)
+            weights = import_while_reading_weights(options)  # as a fresh `dycoke ask` does
+            from dycoke.pipeline import VideoQA
 
             log.info("loading %s", settings.model)
             qa = VideoQA.load(options, weights=weights)
