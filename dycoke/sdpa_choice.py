@@ -6,12 +6,13 @@ transformers' model code imports.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+from dycoke.switches import switch
 
 CUDNN_PREFILL_ENV = "DYCOKE_CUDNN_PREFILL"
 """Set to 1 to let the prefill and the vision encoder use cuDNN attention again (see
@@ -38,7 +39,7 @@ def without_cudnn_attention() -> Iterator[None]:
     torch's flag is process-wide: it stays off while any thread is inside such a block and is then
     restored to what it was before the first one.
     """
-    if os.environ.get(CUDNN_PREFILL_ENV, "0").strip().lower() in ("1", "true", "yes", "on"):
+    if switch(CUDNN_PREFILL_ENV, default=False):
         yield
         return
     with _CUDNN_OFF_LOCK:

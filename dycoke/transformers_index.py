@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dycoke.switches import switch
+
 INDEX_ENV = "DYCOKE_MODEL_INDEX"
 CACHE_ENV = "DYCOKE_CACHE_DIR"
 PACKAGE = "transformers.models"
@@ -60,7 +62,7 @@ def seed_model_index() -> bool:
     """Put ``transformers.models`` into ``sys.modules`` from the index on disk (written here first if
     missing), before anything imports it. True when seeded; False when it was imported already, is
     turned off, or anything failed (transformers then imports it as usual)."""
-    if PACKAGE in sys.modules or os.environ.get(INDEX_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if PACKAGE in sys.modules or not switch(INDEX_ENV, default=True):
         return False
     try:
         return _seed()

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import threading
 from typing import Any
 
 import torch
+
+from dycoke.switches import switch
 
 WARM_ANSWER_ENV = "DYCOKE_WARM_ANSWER"
 """Set to 0 to turn the warm answer off (for measurements)."""
@@ -116,7 +117,7 @@ def start_warm_answer(
     checkpoint's tokenizer (shared with the load). None where it does not apply: not CUDA, turned off
     by ``DYCOKE_WARM_ANSWER=0``, or too little free memory next to the ``bytes_to_load`` the real
     model still needs. The caller builds no model until ``wait_built`` returns."""
-    if device.type != "cuda" or os.environ.get(WARM_ANSWER_ENV, "1").strip() in ("0", "false", "no", "off"):
+    if device.type != "cuda" or not switch(WARM_ANSWER_ENV, default=True):
         return None
     try:
         shallow = shallow_config(config, _text_layers())

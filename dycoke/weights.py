@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import os
 import struct
 import threading
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, BinaryIO
 import torch
 
 from dycoke.config import ModelOptions
+from dycoke.switches import switch
 
 PREFETCH_ENV = "DYCOKE_PREFETCH_WEIGHTS"
 """``DYCOKE_PREFETCH_WEIGHTS=0`` turns the read-ahead off (e.g. on a GPU shared with other processes)."""
@@ -166,7 +166,7 @@ def prefetch_weights(options: ModelOptions) -> WeightPrefetch | None:
     any doubt): the plain load then runs."""
     from dycoke.model import resolve_device, resolve_dtype
 
-    if os.environ.get(PREFETCH_ENV, "1").strip() in ("0", "false", "no", "off"):
+    if not switch(PREFETCH_ENV, default=True):
         return None
     folder = Path(options.model).expanduser()
     if options.device_map == "auto" or not (folder / "config.json").is_file():
