@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from dycoke.decoding.kernels import split_attention, split_attention_applies
 from dycoke.transformers_index import seed_model_index
 
 seed_model_index()  # before transformers' model code first imports (this module is where our imports of it start)
@@ -27,6 +26,9 @@ from transformers import AttentionInterface  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402, F401 (for dycoke.decoding.fused)
+
+# after the seed too: importing the kernels imports dycoke.decoding, which imports transformers
+from dycoke.decoding.kernels import split_attention, split_attention_applies  # noqa: E402
 
 AttentionFunction = Callable[..., tuple[torch.Tensor, Any]]
 
