@@ -19,7 +19,6 @@ import json
 import statistics
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -28,36 +27,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_methods import build
-from benchmarks.kernel_families import kernel_family
-from benchmarks.profile_step import FAMILIES
+from benchmarks.profile_step import kernel_times, per_step
 from dycoke.config import run_options
 from dycoke.decoding import static
 
 
 def kernel_families(qa: Any, prepared: Any, frames: int, method: str) -> dict[str, Any]:
     """GPU milliseconds per decode step, by family and by kernel (top 16), of the eager static decoder."""
-    profiles = {}
+    profiles = []
     for tokens in (34, 2):
         options = run_options(
             num_frames=frames, method=method, max_new_tokens=tokens, min_new_tokens=tokens, decoder="static"
         )
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             qa.answer(prepared, "What is the rabbit doing now?", options)
-        families: dict[str, float] = defaultdict(float)
-        names = {}
-        for event in prof.key_averages():
-            if event.device_time_total > 0:
-                families[kernel_family(event.key, FAMILIES)] += event.device_time_total / 1000
-                names[event.key[:90]] = (event.device_time_total / 1000, event.count)
-        profiles[tokens] = (families, names)
-    (long, long_names), (short, short_names) = profiles[34], profiles[2]
-    top = [
-        (round((ms - short_names.get(k, (0, 0))[0]) / 32, 4), (count - short_names.get(k, (0, 0))[1]) // 32, k)
-        for k, (ms, count) in long_names.items()
-    ]
+        profiles.append(kernel_times(prof))
+    families, top = per_step(profiles[0], profiles[1], most=16)
     return {
-        "families_ms_per_step": {k: round((v - short.get(k, 0)) / 32, 4) for k, v in long.items()},
-        "top": sorted(top, reverse=True)[:16],
+        "families_ms_per_step": {k: round(v, 4) for k, v in families.items()},
+        "top": [(round(ms, 4), calls, name) for ms, calls, name in top],
     }
 
 

@@ -61,9 +61,8 @@ def step_ms(model: Any, embeds: torch.Tensor, mask: torch.Tensor, fused: bool) -
     return statistics.median(runs[1:])
 
 
-def kernel_ms(model: Any, embeds: torch.Tensor, mask: torch.Tensor, tokens: int, fused: bool) -> dict[str, Any]:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        decode(model, embeds, mask, tokens, graph=False, fused=fused)
+def kernel_times(prof: Any) -> dict[str, Any]:
+    """GPU milliseconds of a finished profile by kernel family, and (milliseconds, calls) by kernel."""
     totals: dict[str, float] = defaultdict(float)
     names: dict[str, tuple[float, int]] = {}
     for event in prof.key_averages():
@@ -72,6 +71,32 @@ def kernel_ms(model: Any, embeds: torch.Tensor, mask: torch.Tensor, tokens: int,
         totals[kernel_family(event.key, FAMILIES)] += event.device_time_total / 1000
         names[event.key[:100]] = (event.device_time_total / 1000, event.count)
     return {"families": totals, "names": names}
+
+
+def per_step(
+    long: dict[str, Any], short: dict[str, Any], steps: int = 32, most: int = 14
+) -> tuple[dict[str, float], list[tuple[float, int, str]]]:
+    """Two runs' ``kernel_times`` that differ by ``steps`` decode steps -> milliseconds per step by
+    family, and the ``most`` costliest kernels per step as (ms, calls, name): the rest cancels."""
+    families = {k: (v - short["families"].get(k, 0.0)) / steps for k, v in long["families"].items()}
+    top = sorted(
+        (
+            (
+                (ms - short["names"].get(n, (0.0, 0))[0]) / steps,
+                (count - short["names"].get(n, (0.0, 0))[1]) // steps,
+                n,
+            )
+            for n, (ms, count) in long["names"].items()
+        ),
+        reverse=True,
+    )[:most]
+    return families, top
+
+
+def kernel_ms(model: Any, embeds: torch.Tensor, mask: torch.Tensor, tokens: int, fused: bool) -> dict[str, Any]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        decode(model, embeds, mask, tokens, graph=False, fused=fused)
+    return kernel_times(prof)
 
 
 def main() -> None:
@@ -93,19 +118,11 @@ def main() -> None:
         os.environ[GEMV_ENV] = gemv
         decode(model, embeds, mask, 4, graph=False, fused=fused)
         graph_ms = step_ms(model, embeds, mask, fused)
-        long, short = kernel_ms(model, embeds, mask, 34, fused), kernel_ms(model, embeds, mask, 2, fused)
-        per_step = {k: (long["families"][k] - short["families"].get(k, 0.0)) / 32 for k in long["families"]}
-        top = sorted(
-            (
-                ((ms - short["names"].get(n, (0.0, 0))[0]) / 32, (count - short["names"].get(n, (0.0, 0))[1]) // 32, n)
-                for n, (ms, count) in long["names"].items()
-            ),
-            reverse=True,
-        )[:14]
+        families, top = per_step(kernel_ms(model, embeds, mask, 34, fused), kernel_ms(model, embeds, mask, 2, fused))
         result[label] = {
             "graph_ms_per_token": graph_ms,
-            "kernel_ms_per_step": sum(per_step.values()),
-            "by_family": {k: round(v, 4) for k, v in sorted(per_step.items(), key=lambda kv: -kv[1])},
+            "kernel_ms_per_step": sum(families.values()),
+            "by_family": {k: round(v, 4) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
             "top_kernels_per_step": [{"ms": round(ms, 4), "calls": c, "name": n} for ms, c, n in top],
         }
         print(label, json.dumps(result[label], indent=1), flush=True)

@@ -102,3 +102,13 @@ def test_the_collection_clock_counts_full_collections_and_times_them() -> None:
     assert seen["gc_full"] == 2 and seen["gc_s"] > 0
     clock.reset()
     assert clock.seen() == {"gc_full": 0, "gc_s": 0.0}
+
+
+def test_per_step_kernel_times_are_the_difference_of_two_runs_over_their_steps() -> None:
+    from benchmarks.profile_step import per_step
+
+    long = {"families": {"gemm": 10.0, "triton": 1.0}, "names": {"gemv": (10.0, 68), "norm": (1.0, 34)}}
+    short = {"families": {"gemm": 2.0}, "names": {"gemv": (2.0, 4)}}
+    families, top = per_step(long, short, steps=32, most=1)
+    assert families == {"gemm": 0.25, "triton": 1.0 / 32}
+    assert top == [(0.25, 2, "gemv")]
