@@ -61,9 +61,7 @@ def check_gemv(defined: dict) -> None:
     for n, k, bias, silu, block_k, split in cases:
         x = torch.randn(1, 2 * k if silu else k)
         weight, b = torch.randn(n, k), torch.randn(n)
-        blocks = -(-k // block_k)
-        k_per_split = -(-blocks // split) * block_k
-        parts = -(-k // k_per_split)
+        k_per_split, parts = kernels.gemv_slices(k, block_k, split)
         out = torch.empty(parts, 1, n)
         defined["gemv"][((n + 7) // 8, parts)](
             x, weight, b, out, n, k, k_per_split, HAS_BIAS=bias, SILU_INPUT=silu, EVEN_K=k % block_k == 0,

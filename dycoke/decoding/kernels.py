@@ -557,6 +557,14 @@ def silu_mul(gate_up: torch.Tensor, *, wait: bool = True) -> torch.Tensor:
     return out
 
 
+def gemv_slices(k: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """How a split ``gemv`` cuts ``k`` columns into at most ``split_k`` slices of whole ``block_k`` blocks:
+    (columns per slice, slices); only the last slice may be shorter."""
+    blocks = -(-k // block_k)
+    per_slice = -(-blocks // split_k) * block_k
+    return per_slice, -(-k // per_slice)
+
+
 def gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -588,9 +596,7 @@ def gemv(
     k_ = _build()
     n, k = weight.shape
     block_n, block_k = settings["block_n"], settings["block_k"]
-    blocks = -(-k // block_k)
-    k_per_split = -(-blocks // settings["split_k"]) * block_k if split else k
-    parts = -(-k // k_per_split)
+    k_per_split, parts = gemv_slices(k, block_k, settings["split_k"]) if split else (k, 1)
     if out is None:
         shape, dtype = ((parts, 1, n), torch.float32) if split else ((1, n), x.dtype)
         out = torch.empty(shape, dtype=dtype, device=x.device)
