@@ -13,6 +13,10 @@ Contenders, side by side in one process, alternating run by run after a warm-up 
   with ``pixel_values_videos`` and every visual token.
 - ``full``, ``dycoke``, ``fastv``, ``prumerge``: ``VideoQA.ask`` with that method (default decoder:
   CUDA graphs, except FastV which uses ``generate``).
+- ``dycoke-torch-dp``: DyCoke with its decode-time pruning in torch operations (``DYCOKE_DP_KERNELS=0``)
+  instead of its Triton kernels; ``dycoke-prune-every-step``: DyCoke with a gate threshold of 1, so that
+  DP prunes at (nearly) every step (a random-weight model's attention barely moves from step to step, so
+  at the paper's 0.9 it prunes at the first step only).
 
 Writes ``<out>.json`` (every run), ``<out>.md`` (medians) and ``<out>.png`` (a chart of the medians).
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_methods import build, environment, median_of, run_once
 from dycoke.config import GenerationOptions, MethodOptions, RunOptions, VideoOptions
+from dycoke.decoding.dp_kernels import DP_KERNELS_ENV
 from dycoke.decoding.streaming import TimedTextStreamer
 from dycoke.pipeline import VideoQA
 from dycoke.prompt import paper_prompt
@@ -96,12 +102,22 @@ def one(qa: VideoQA, name: str, frames: int, args: argparse.Namespace, processor
     """One timed run of one contender."""
     if name == "hf-plain":
         return hf_plain(qa, args.video, frames, args.new_tokens, processor)
+    method = {
+        "dycoke-torch-dp": MethodOptions(method="dycoke"),
+        "dycoke-prune-every-step": MethodOptions(method="dycoke", gate_threshold=1.0),
+    }.get(name) or MethodOptions(method=name)  # type: ignore[arg-type]
     options = RunOptions(
         video=VideoOptions(num_frames=frames),
         generation=GenerationOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens),
-        method=MethodOptions(method=name),  # type: ignore[arg-type]
+        method=method,
     )
-    return run_once(qa, args.video, options)
+    if name != "dycoke-torch-dp":
+        return run_once(qa, args.video, options)
+    os.environ[DP_KERNELS_ENV] = "0"
+    try:
+        return run_once(qa, args.video, options)
+    finally:
+        del os.environ[DP_KERNELS_ENV]
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from dycoke.decoding import kernels
+from dycoke.decoding import dp_kernels, kernels
 
 
 def check_rotary(defined: dict, dtype: torch.dtype, b: int, hq: int, hkv: int, d: int) -> None:
@@ -89,6 +89,57 @@ def check_split_attention(defined: dict) -> None:
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (b, hq, hkv, d, float((got - expected).abs().max()))
 
 
+def check_dp(defined: dict, defined_dp: dict) -> None:
+    """DyCoke's pruning kernels against the torch definition (``PruneState.update``, ``head_mean_attention``,
+    ``full_mask``), float32: the head-mean probabilities on the candidates; then several steps of the gate,
+    the top-k, the state's buffers and the later layers' bias, in both gate modes, two rows."""
+    from dycoke.compress.kv_prune import PruneState, head_mean_attention
+
+    torch.manual_seed(7)
+    b, hq, hkv, d, length = 2, 6, 2, 16, 150
+    query, key, value = torch.randn(b, hq, 1, d), torch.randn(b, hkv, length, d), torch.randn(b, hkv, length, d)
+    bias = torch.zeros(b, 1, 1, length)
+    bias[1, ..., :7] = float("-inf")  # row 1's left padding
+    bias[..., 140:] = float("-inf")  # slots not written yet
+    starts, n = torch.tensor([10, 17]), 100
+    lse = torch.empty(b, hq)
+    kernels.launch_split_attention(defined, query, key, value, bias, d**-0.5, 2, 96, lse=lse)
+    got = dp_kernels.launch_visual_attention(defined_dp, query, key, bias, lse, starts, n, d**-0.5)
+    span = starts[:, None] + torch.arange(n)
+    expected = head_mean_attention(query, key, d**-0.5, bias).gather(1, span)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-8), float((got - expected).abs().max())
+
+    for mode in ("official", "reuse"):
+        ours = PruneState(starts=starts, num_candidates=n, keep=37, threshold=0.9, mode=mode, max_steps=4)  # type: ignore[arg-type]
+        reference = PruneState(starts=starts, num_candidates=n, keep=37, threshold=0.9, mode=mode, max_steps=4)  # type: ignore[arg-type]
+        step_bias = bias.clone()
+        attention = torch.rand(b, n)
+        for step in range(6):  # past the history's 4 slots: the last is overwritten, as index_copy_ does
+            if step in (2, 3):  # close to the previous step: the gate keeps everything (or the old selection)
+                attention = attention + 0.01 * torch.rand(b, n)
+            else:
+                attention = torch.rand(b, n)
+            later = dp_kernels.launch_decide(defined_dp, ours, attention, step_bias)
+            kept = reference.update(attention.clone())
+            assert torch.equal(ours.kept, kept), (mode, step)
+            assert torch.equal(ours.previous, reference.previous) and torch.equal(ours.history, reference.history)
+            assert int(ours.step) == int(reference.step) == step + 1
+            expected_bias = step_bias.masked_fill(~reference.full_mask(length).view(b, 1, 1, length), float("-inf"))
+            assert torch.equal(later, expected_bias), (mode, step)
+        # the history's last slot holds step 5's; steps 2 and 3 did not prune (under "reuse" they kept the old set)
+        assert ours.pruned_steps().tolist() == reference.pruned_steps().tolist() == [[3, 3], [4, 4]][mode == "reuse"]
+
+    # ties at the keep-th value: the first positions among them; and keep 0 keeps no candidate
+    state = PruneState(starts=starts[:1], num_candidates=8, keep=3, max_steps=2)
+    attention = torch.tensor([[0.1, 0.5, 0.2, 0.2, 0.0, 0.2, 0.2, 0.05]])
+    dp_kernels.launch_decide(defined_dp, state, attention, bias[:1])
+    assert state.kept.tolist() == [[False, True, True, True, False, False, False, False]]
+    empty = PruneState(starts=starts[:1], num_candidates=8, keep=0, max_steps=2)
+    later = dp_kernels.launch_decide(defined_dp, empty, attention, bias[:1])
+    hidden = torch.isinf(later[0, 0, 0])
+    assert not empty.kept.any() and hidden[10:18].all() and not hidden[:10].any()
+
+
 CANNOT_LOOP = 3
 """Exit status when this Triton's interpreter cannot run a loop whose bounds are kernel arguments (3.6
 with numpy 2 turns scalar arguments into one-element arrays, which ``range`` refuses)."""
@@ -127,6 +178,7 @@ def main() -> None:
     check_norm_and_activation(defined)
     check_gemv(defined)
     check_split_attention(defined)
+    check_dp(defined, dp_kernels.define_dp_kernels())
     print("all kernels agree")
 
 

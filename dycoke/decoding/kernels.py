@@ -161,6 +161,9 @@ def compile_in_background(text_config: Any, device: torch.device, dtype: torch.d
                 bias = torch.zeros(1, 1, 1, 16, dtype=dtype, device=device)
                 if split_attention_applies(query, cache, cache, bias):
                     split_attention(query, cache, cache, bias, 1.0, wait=False)
+                    from dycoke.decoding import dp_kernels  # it imports this module
+
+                    dp_kernels.compile_kernels(hq, hkv, head, device, dtype)
                 torch.cuda.synchronize(device)
         except Exception:  # the step then compiles on first use, as without this thread
             pass
@@ -435,9 +438,18 @@ def define_kernels() -> dict[str, Any]:
 
     @triton.jit(do_not_specialize=["splits"])
     def decode_attention_combine_kernel(  # type: ignore[no-untyped-def]
-        part_out, part_stats, out, splits, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr
+        part_out,
+        part_stats,
+        out,
+        lse,
+        splits,
+        GROUP: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        WRITE_LSE: tl.constexpr,
     ):
-        # one program: one query head of one row; the chunks' partial sums rescaled to a running maximum
+        # one program: one query head of one row; the chunks' partial sums rescaled to a running maximum;
+        # with WRITE_LSE also the head's log2 of its softmax denominator (base-2 scores, bias included)
         row = tl.program_id(0).to(tl.int64)
         query_head = tl.program_id(1)
         heads = tl.num_programs(1)
@@ -460,6 +472,8 @@ def define_kernels() -> dict[str, Any]:
             weighted = weighted * rescale + tl.sum(scale[:, None] * parts, axis=0)
             best = new_best
         tl.store(out + (row * heads + query_head) * D + dims, (weighted / norm).to(out.dtype.element_ty))
+        if WRITE_LSE:
+            tl.store(lse + row * heads + query_head, best + tl.log2(norm))
 
     return {
         "decode_attention_partial": decode_attention_partial_kernel,
@@ -696,9 +710,11 @@ def launch_split_attention(
     splits: int,
     chunk: int,
     config: dict[str, int] | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run ``defined``'s two attention kernels (``define_kernels()``) over ``splits`` chunks of ``chunk``
-    slots: the partial softmax of every chunk, then their combination -> (B, 1, Hq, d)."""
+    slots: the partial softmax of every chunk, then their combination -> (B, 1, Hq, d). ``lse``: a
+    (B, Hq) float32 tensor that receives each head's log2 softmax denominator (``split_attention``)."""
     settings = config or SPLIT_ATTENTION_CONFIG
     b, hq, _, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
@@ -716,8 +732,9 @@ def launch_split_attention(
     )  # fmt: skip
     out = torch.empty(b, 1, hq, d, dtype=query.dtype, device=device)
     defined["decode_attention_combine"][(b, hq)](
-        part_out, part_stats, out, splits, GROUP=group, D=d, BLOCK_S=_COMBINE_BLOCK, num_warps=4
-    )
+        part_out, part_stats, out, out if lse is None else lse, splits,
+        GROUP=group, D=d, BLOCK_S=_COMBINE_BLOCK, WRITE_LSE=lse is not None, num_warps=4,
+    )  # fmt: skip
     return out
 
 
@@ -730,12 +747,17 @@ def split_attention(
     *,
     config: dict[str, int] | None = None,
     wait: bool = True,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, Hq, 1, d) queries over a (B, Hkv, L, d) static cache with an additive (B, 1, 1, L) ``bias``
     -> (B, 1, Hq, d) (``split_attention_torch`` defines it; ``split_attention_applies`` says when it
     runs). Split over the slots in chunks (flash decoding), so that one row's few heads fill the GPU, and
     one compiled kernel pair serves every cache length: torch's SDPA on Hopper takes cuDNN, which plans
-    anew for each length, 40 ms and more (``benchmarks/results/split-attention-h200.json``)."""
+    anew for each length, 40 ms and more (``benchmarks/results/split-attention-h200.json``).
+
+    ``lse``: a (B, Hq) float32 tensor to fill with each head's log2 softmax denominator, ``log2(sum_s
+    2^(scores_s))`` over the scores in base 2 (``(q . k_s * scale + bias_s) * log2(e)``), which DyCoke's
+    pruning reads its attention probabilities from (``dp_kernels.py``)."""
     if wait:
         _wait_for_compiles()
     settings = config or SPLIT_ATTENTION_CONFIG
@@ -743,4 +765,4 @@ def split_attention(
     splits, chunk = attention_splits(
         query.shape[0] * key.shape[1], key.shape[2], _multiprocessors(index), settings["block"], settings["per_sm"]
     )
-    return launch_split_attention(_build(), query, key, value, bias, scale, splits, chunk, settings)
+    return launch_split_attention(_build(), query, key, value, bias, scale, splits, chunk, settings, lse)

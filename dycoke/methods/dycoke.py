@@ -36,6 +36,8 @@ from dycoke.attention import (
 from dycoke.compress.kv_prune import PruneState, head_mean_attention, keep_count, surviving_slots
 from dycoke.compress.ttm import MergeResult, temporal_token_merge_with_positions, ttm_token_count
 from dycoke.config import MethodOptions
+from dycoke.decoding.dp_kernels import dp_kernels_apply, pruning_step
+from dycoke.decoding.kernels import split_attention_applies
 from dycoke.methods.base import Compaction, CompressedVisual, VisionSignals, register_method
 from dycoke.model import execution_device
 
@@ -112,7 +114,8 @@ class PruneSession:
     """What the attention function needs during one generation.
 
     ``step_masks`` caches, for the current decode step, the bias of layers >= L per (device, incoming
-    mask): it is built at the first layer >= L and reused by every later layer.
+    mask): it is built at the first layer >= L and reused by every later layer. ``later_bias`` is that
+    bias when DP's kernels (``dycoke/decoding/dp_kernels.py``) made it at layer L-1.
     """
 
     state: PruneState
@@ -120,6 +123,7 @@ class PruneSession:
     keep: torch.Tensor | None = None  # (B, 1, 1, S) this step's keep mask
     eviction: Eviction | None = None
     step_masks: dict[tuple[torch.device, int], torch.Tensor] = field(default_factory=dict)
+    later_bias: torch.Tensor | None = None  # (B, 1, 1, S) additive, from DP's kernels
 
     def layer_mask(self, attention_mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
         """This step's additive mask for a layer >= L, on ``query``'s device and in its dtype.
@@ -162,6 +166,9 @@ def dycoke_attention(
     state = session.state
     if layer == session.prune_layer - 1:
         scaling = attention_scaling(query, kwargs)
+        fused = _pruning_step_on_kernels(session, query, key, value, attention_mask, scaling)
+        if fused is not None:
+            return fused, None
         probabilities = head_mean_attention(query, key, scaling, attention_mask)
         kept = state.update(state.visual_attention(probabilities.to(state.starts.device)))
         static = decoding_session()
@@ -171,6 +178,8 @@ def dycoke_attention(
         session.keep = state.full_mask(key.shape[2]).reshape(query.shape[0], 1, 1, key.shape[2])
         session.step_masks.clear()
         return decode_attention(module, query, key, value, attention_mask, **kwargs)
+    if session.later_bias is not None:
+        return masked_decode_attention(query, key, value, session.later_bias, kwargs.get("scaling"))
     assert session.keep is not None
     if key.shape[2] != session.keep.shape[-1]:  # a layer that eviction compacted: the survivors only
         if decoding_session() is not None:
@@ -180,6 +189,28 @@ def dycoke_attention(
         mask = compacted_mask(ev.slots, ev.prompt_length, attention_mask, query, key.shape[2])
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     return masked_decode_attention(query, key, value, session.layer_mask(attention_mask, query), kwargs.get("scaling"))
+
+
+def _pruning_step_on_kernels(
+    session: PruneSession,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor | None:
+    """Layer L-1 of a static decoder's step on DP's kernels (``dp_kernels.pruning_step``): its attention
+    output (B, 1, Hq, d), ``session.later_bias`` set for layers >= L. None (``later_bias`` cleared) where
+    they do not apply: outside a static decoder, with eviction, or ``dp_kernels_apply`` says no."""
+    session.later_bias = None
+    static = decoding_session()
+    if static is None or session.eviction is not None or attention_mask is None or attention_mask.dtype != torch.bool:
+        return None
+    bias = static.bias(attention_mask, query, session.prune_layer - 1, key.shape[2])
+    if not dp_kernels_apply(session.state, split_attention_applies(query, key, value, bias)):
+        return None
+    out, session.later_bias = pruning_step(session.state, query, key, value, bias, scaling)
+    return out
 
 
 register_attention(ATTENTION_NAME, dycoke_attention)

@@ -1,0 +1,132 @@
+"""DyCoke's pruning on its Triton kernels (``dycoke/decoding/dp_kernels.py``): where they apply, and on a
+GPU that they compute what the torch definition computes (``pytest -m gpu``). Their logic on the CPU, in
+Triton's interpreter: ``tests/interpreted_kernels.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dycoke.compress.kv_prune import PruneState, head_mean_attention
+from dycoke.config import GenerationOptions, MethodOptions, ModelOptions, RunOptions, VideoOptions
+from dycoke.decoding import dp_kernels, kernels
+from dycoke.pipeline import VideoQA
+from tests.videos import textured_frames, write_video
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_the_kernels_stay_off_where_they_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = PruneState(starts=torch.tensor([3]), num_candidates=10, keep=3)
+    assert not dp_kernels.dp_kernels_apply(state, split_attention_runs=True)  # a CPU state
+    monkeypatch.setattr(dp_kernels, "triton_available", lambda device: True)
+    assert dp_kernels.dp_kernels_apply(state, split_attention_runs=True)
+    assert not dp_kernels.dp_kernels_apply(state, split_attention_runs=False)
+    monkeypatch.setenv(dp_kernels.DP_KERNELS_ENV, "0")
+    assert not dp_kernels.dp_kernels_apply(state, split_attention_runs=True)
+    monkeypatch.delenv(dp_kernels.DP_KERNELS_ENV)
+    recorded = PruneState(starts=torch.tensor([3]), num_candidates=10, keep=3, record_attention=True)
+    assert not dp_kernels.dp_kernels_apply(recorded, split_attention_runs=True)
+    too_many = PruneState(starts=torch.tensor([3]), num_candidates=dp_kernels.MAX_CANDIDATES + 1, keep=3, max_steps=1)
+    assert not dp_kernels.dp_kernels_apply(too_many, split_attention_runs=True)
+
+
+def _cache(b: int, hq: int, hkv: int, d: int, length: int, written: int) -> tuple[torch.Tensor, ...]:
+    """bf16 query, keys, values on the GPU and an additive bias hiding the slots from ``written`` on."""
+    torch.manual_seed(length + b)
+    query = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+    key = torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16)
+    value = torch.randn_like(key)
+    bias = torch.zeros(b, 1, 1, length, device="cuda", dtype=torch.bfloat16)
+    bias[..., written:] = float("-inf")
+    return query, key, value, bias
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize(("b", "length", "n"), [(1, 3300, 3100), (2, 12400, 12000), (1, 40000, 39000)])
+def test_pruning_step_is_the_torch_definition(b: int, length: int, n: int) -> None:
+    """7B's heads in bf16: the layer's attention as ``split_attention`` alone, the head-mean probabilities on
+    the candidates within float32 rounding of ``head_mean_attention``, and, given those probabilities,
+    the gate, the keep set, the state's buffers and the later layers' bias exactly ``PruneState``'s."""
+    query, key, value, bias = _cache(b, 28, 4, 128, length, written=length - 50)
+    starts = torch.arange(b, device="cuda") * 7 + 60
+    for mode in ("official", "reuse"):
+        ours = PruneState(starts=starts, num_candidates=n, keep=int(n * 0.3), mode=mode, max_steps=8)  # type: ignore[arg-type]
+        reference = PruneState(starts=starts, num_candidates=n, keep=int(n * 0.3), mode=mode, max_steps=8)  # type: ignore[arg-type]
+        for step in range(4):
+            q = query if step != 2 else query + 0.01 * torch.randn_like(query)  # step 2 close to step 1: no pruning
+            q = q if step != 3 else torch.randn_like(query)
+            out, later = dp_kernels.pruning_step(ours, q, key, value, bias, 128**-0.5)
+            assert torch.equal(out, kernels.split_attention(q, key, value, bias, 128**-0.5))
+            expected = head_mean_attention(q, key, 128**-0.5, bias).gather(1, reference.span)
+            error = float((ours.previous - expected).abs().max())
+            assert torch.allclose(ours.previous, expected, rtol=1e-4, atol=1e-9), error
+            kept = reference.update(ours.previous.clone())
+            assert torch.equal(ours.kept, kept) and torch.equal(ours.history, reference.history), (mode, step)
+            assert int(ours.step) == step + 1
+            hidden = ~reference.full_mask(length).view(b, 1, 1, length)
+            assert torch.equal(later, bias.masked_fill(hidden, float("-inf"))), (mode, step)
+        assert ours.pruned_steps().tolist() == reference.pruned_steps().tolist()
+        if mode == "official":  # both kinds of step ran ("reuse" counts a kept old selection as pruned)
+            assert ours.pruned_steps().tolist() == [2] * b
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_pruning_step_replays_in_a_cuda_graph() -> None:
+    query, key, value, bias = _cache(1, 28, 4, 128, 5000, written=4990)
+    starts = torch.tensor([40], device="cuda")
+    graphed = PruneState(starts=starts, num_candidates=4000, keep=1200, max_steps=8)
+    eager = PruneState(starts=starts, num_candidates=4000, keep=1200, max_steps=8)
+    q = query.clone()
+    dp_kernels.pruning_step(graphed, q, key, value, bias, 128**-0.5)  # compiled outside the capture
+    graphed.step.zero_()
+    graphed.previous.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, later = dp_kernels.pruning_step(graphed, q, key, value, bias, 128**-0.5)
+    for step in range(3):
+        q.copy_(torch.randn_like(query))
+        graph.replay()
+        out_eager, later_eager = dp_kernels.pruning_step(eager, q, key, value, bias, 128**-0.5)
+        assert torch.equal(out, out_eager) and torch.equal(later, later_eager), step
+        assert torch.equal(graphed.kept, eager.kept) and int(graphed.step) == int(eager.step) == step + 1
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_video(tmp_path_factory.mktemp("dp") / "clip.mp4", textured_frames(24, 96, 128, seed=5), fps=12)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_dycoke_on_the_graph_decoder_answers_as_with_torchs_pruning(
+    tiny_checkpoint: Path, clip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny model in bf16 (head size 16: the split attention and these kernels run): the same tokens and
+    pruned steps with DP on the kernels as with its torch operations, over a gate that prunes some steps."""
+    calls = []
+    step = dp_kernels.pruning_step
+    monkeypatch.setattr("dycoke.methods.dycoke.pruning_step", lambda *a, **k: calls.append(1) or step(*a, **k))
+    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda"))
+    prepared = qa.prepare(clip, VideoOptions(num_frames=8))
+    questions = ["What moves?", "Describe the scene in detail, please.", "Why?"]
+    reports = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv(dp_kernels.DP_KERNELS_ENV, switch)
+        run = RunOptions(
+            video=VideoOptions(num_frames=8),
+            generation=GenerationOptions(max_new_tokens=16, min_new_tokens=16, decoder="graph"),
+            method=MethodOptions(method="dycoke", prune_layer=2, gate_threshold=0.999),
+        )
+        reports[switch] = [qa.answer_many(prepared, questions, run, batch_size=batch) for batch in (1, 3)]
+        assert bool(calls) == (switch == "1")
+        calls.clear()
+    for on, off in zip(reports["1"], reports["0"], strict=True):
+        assert [r.token_ids for r in on] == [r.token_ids for r in off]
+        shares = [r.compression["pruned_step_share"] for r in on]
+        assert shares == [r.compression["pruned_step_share"] for r in off]
+    assert min(shares) > 0
