@@ -35,12 +35,13 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def _decord_read(name: str, threads: int, chunks: list[list[int]]) -> Any:
+def _decord_read(name: str, threads: int, chunks: list[list[int]], size: tuple[int, int]) -> Any:
     import decord
 
-    from dycoke.video.readers import _read_parallel
+    from dycoke.video.readers import FrameStore, _read_parallel
 
-    return _read_parallel(lambda: decord.VideoReader(name, num_threads=threads), None, chunks)
+    store = FrameStore(name, [t for chunk in chunks for t in chunk], size)
+    return _read_parallel(lambda: decord.VideoReader(name, num_threads=threads), None, chunks, store)
 
 
 def _pyav_read(name: str, index: Any, runs: Any, size: tuple[int, int], readers: int, threads: int) -> Any:
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             for threads in args.threads:
                 chunks = keyframe_chunks(targets[seek], index.key_positions, readers)
 
-                jobs[f"decord/{seek}/r{len(chunks)}/t{threads}"] = partial(_decord_read, name, threads, chunks)
+                jobs[f"decord/{seek}/r{len(chunks)}/t{threads}"] = partial(_decord_read, name, threads, chunks, size)
                 jobs[f"pyav/{seek}/r{min(readers, len(runs))}/t{threads}"] = partial(
                     _pyav_read, name, index, runs, size, readers, threads
                 )

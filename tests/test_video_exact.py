@@ -318,3 +318,15 @@ def test_decode_workers_for_seeking_readers(monkeypatch: pytest.MonkeyPatch) -> 
     assert decode_workers(22, work=3566) == MAX_DECODE_WORKERS == 8
     monkeypatch.setenv("DYCOKE_DECODE_WORKERS", "5")
     assert decode_workers(22, work=3566, seeking=True) == 5
+
+
+def test_the_frame_store_fills_every_slot_of_a_position_and_refuses_a_wrong_size() -> None:
+    from dycoke.errors import VideoError
+    from dycoke.video.readers import FrameStore
+
+    store = FrameStore("clip.mp4", [4, 9, 9, 12], (2, 3))
+    for position in (12, 9, 4):  # in any order, as the readers' threads finish
+        store.put(position, np.full((2, 3, 3), position, dtype=np.uint8))
+    assert store.frames.shape == (4, 2, 3, 3) and store.frames[:, 0, 0, 0].tolist() == [4, 9, 9, 12]
+    with pytest.raises(VideoError, match=r"clip.mp4: decoder returned a frame of shape \(3, 3, 3\), expected"):
+        store.put(4, np.zeros((3, 3, 3), dtype=np.uint8))

@@ -73,7 +73,10 @@ forward pass; decord: one per ``FRAMES_PER_READER=400`` frames, at most ``min(CP
 MAX_DECODE_WORKERS=8)``; ``DYCOKE_DECODE_WORKERS=N`` overrides both. FFmpeg's own decoding threads per
 reader are the CPUs divided among the readers (measured: more readers of one thread beat fewer readers
 of several, whose frame threads restart at every seek). The frames are the same with any number of
-readers. decord's probe (frame rate, size, the first frame) and the demux pass run at the same time.
+readers. Each reader puts its frames straight into the returned array (``readers.FrameStore``):
+stacking them afterwards copied them all again, on one thread, into memory not yet touched (128 frames
+of 720p, 354 MB: 0.08-0.36 s on 2 cores, against 0.04-0.05 s placed by four threads).
+decord's probe (frame rate, size, the first frame) and the demux pass run at the same time.
 
 Seek modes. ``seek="exact"`` (default, the paper's evaluation) returns the sampled frames.
 ``seek="keyframe"`` returns for each sampled frame the key frame nearest to it in display order (within
@@ -180,7 +183,7 @@ from dycoke.video.plan import (
     keyframe_chunks,
     keyframe_targets,
 )
-from dycoke.video.readers import _read_parallel, _read_pyav, _read_sequential
+from dycoke.video.readers import FrameStore, _read_parallel, _read_pyav, _read_sequential
 from dycoke.video.sampling import (
     _SNAP,
     DEFAULT_MIN_DECODE_SIDE,
@@ -383,7 +386,7 @@ def read_video(
             # the probe (all CPUs' threads, has not sought yet) serves when it alone reads at full size
             reader = probe if decoded_size == source_size and len(chunks) == 1 else None
             del probe
-            frames = _read_parallel(_open, reader, chunks)
+            frames = _read_parallel(_open, reader, chunks, FrameStore(name, targets, decoded_size))
         readers = len(chunks)
     else:
         del probe
