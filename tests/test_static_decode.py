@@ -183,12 +183,20 @@ def test_the_graph_is_captured_at_the_first_step_unless_the_method_compacts_afte
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, eager_first_step: bool
 ) -> None:
     """Without a method that compacts after the first step, that step is captured and replayed (no eager
-    step); with one (``--dp-evict``), it runs eagerly and the second is captured. Same tokens either way."""
+    step); with one (``--dp-evict``), it runs eagerly and the second is captured. Same tokens either way.
+    The capture starts once the kernels' compile thread has ended (its GPU work would invalidate it)."""
+    import threading
+    import time
     from contextlib import contextmanager
 
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from dycoke.decoding import static
+    from dycoke.decoding import kernels, static
+
+    compiled = threading.Event()
+    compiling = threading.Thread(target=lambda: (time.sleep(0.3), compiled.set()))
+    compiling.start()
+    monkeypatch.setattr(kernels, "_WARMING", [compiling])
 
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
     embeds, mask, _ = make_batch(model, [0, 2])
@@ -204,6 +212,7 @@ def test_the_graph_is_captured_at_the_first_step_unless_the_method_compacts_afte
 
     @contextmanager
     def capturing(graph: _RecordingGraph) -> Any:
+        assert compiled.is_set()
         _RecordingGraph.captures += 1
         capturing_now[0] = True
         try:

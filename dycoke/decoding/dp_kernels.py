@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from dycoke.compress.kv_prune import PruneState
-from dycoke.decoding.kernels import _wait_for_compiles, split_attention, triton_available
+from dycoke.decoding.kernels import split_attention, triton_available, wait_for_compiles
 from dycoke.switches import switch
 
 DP_KERNELS_ENV = "DYCOKE_DP_KERNELS"
@@ -248,7 +248,7 @@ def pruning_step(
     updated as ``PruneState.update`` updates it. Shapes as ``kernels.split_attention``'s. ``wait``: for
     ``kernels.compile_in_background``'s thread first (the call from that thread does not)."""
     if wait:
-        _wait_for_compiles()
+        wait_for_compiles()
     defined = _kernels()
     lse = torch.empty(query.shape[0], query.shape[1], dtype=torch.float32, device=query.device)
     out = split_attention(query, key, value, bias, scale, lse=lse, wait=False)

@@ -190,7 +190,9 @@ def compile_for_checkpoint(config_file: Path, device: torch.device, dtype: torch
         return None
 
 
-def _wait_for_compiles() -> None:
+def wait_for_compiles() -> None:
+    """Join ``compile_in_background``'s threads. A CUDA graph's capture must come after: a thread that
+    launches or loads kernels during a capture invalidates it."""
     while _WARMING:
         _WARMING.pop().join()
 
@@ -494,7 +496,7 @@ def add_rms_norm(
     if not triton_available(hidden.device):
         return add_rms_norm_torch(hidden, delta, weight, eps)
     if wait:
-        _wait_for_compiles()
+        wait_for_compiles()
     k = _build()
     b, n = hidden.shape
     out_x = torch.empty_like(hidden)
@@ -532,7 +534,7 @@ def rotary_to_cache(
     if not triton_available(qkv.device) or qkv.dtype not in (torch.bfloat16, torch.float32):
         return rotary_to_cache_torch(qkv, cos, sin, keys, values, slot, hq, hkv)
     if wait:
-        _wait_for_compiles()
+        wait_for_compiles()
     k = _build()
     b = qkv.shape[0]
     d = keys.shape[-1]
@@ -561,7 +563,7 @@ def silu_mul(gate_up: torch.Tensor, *, wait: bool = True) -> torch.Tensor:
     if not triton_available(gate_up.device):
         return silu_mul_torch(gate_up)
     if wait:
-        _wait_for_compiles()
+        wait_for_compiles()
     k = _build()
     b, two_f = gate_up.shape
     f = two_f // 2
@@ -606,7 +608,7 @@ def gemv(
         product = torch.nn.functional.linear(silu_mul_torch(x) if silu_input else x, weight, bias)
         return product.float().unsqueeze(0) if split else product
     if wait:
-        _wait_for_compiles()
+        wait_for_compiles()
     k_ = _build()
     n, k = weight.shape
     block_n, block_k = settings["block_n"], settings["block_k"]
@@ -759,7 +761,7 @@ def split_attention(
     2^(scores_s))`` over the scores in base 2 (``(q . k_s * scale + bias_s) * log2(e)``), which DyCoke's
     pruning reads its attention probabilities from (``dp_kernels.py``)."""
     if wait:
-        _wait_for_compiles()
+        wait_for_compiles()
     settings = config or SPLIT_ATTENTION_CONFIG
     index = query.device.index if query.device.index is not None else torch.cuda.current_device()
     splits, chunk = attention_splits(

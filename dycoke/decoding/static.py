@@ -37,6 +37,7 @@ from transformers.cache_utils import StaticLayer
 
 from dycoke.attention import DecodeSession, compacted_key_slots, static_decoding, take_slots
 from dycoke.decoding.fused import fused_decoder_for
+from dycoke.decoding.kernels import wait_for_compiles
 from dycoke.decoding.prefix import CACHE_ARGUMENT
 from dycoke.methods.base import Compaction
 from dycoke.sdpa_choice import without_cudnn_attention
@@ -289,8 +290,10 @@ class StaticGreedyDecoder:
             self._forward_step()  # after the first step, before the capture
             return
         if self.graph is None:
-            # no other thread may allocate during a capture: a warm answer (dycoke.warm_answer) ends first
+            # no other thread may use the GPU during a capture: a warm answer (dycoke.warm_answer) and the
+            # kernels' compile thread (whose first compile on a machine can outlast the prefill) end first
             wait_for_warm_answer()
+            wait_for_compiles()
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # records the step's kernels without running them
                 self._forward_step()
