@@ -33,8 +33,26 @@ def imports_without_collection() -> Iterator[None]:
             gc.enable()
 
 
+FREEZE_ENV = "DYCOKE_FREEZE_HEAP"
+"""``DYCOKE_FREEZE_HEAP=0``: ``VideoQA.load`` leaves Python's garbage collector as it is."""
+
+
 def freeze_after_start() -> None:
     """Collect once, then freeze everything a long-running process (the server) built while starting,
     so that no request pays for a full collection over the model's and the libraries' objects."""
     gc.collect()
     gc.freeze()
+
+
+def freeze_after_load() -> None:
+    """``freeze_after_start`` once a model has loaded (``VideoQA.load``), unless ``DYCOKE_FREEZE_HEAP=0``.
+
+    In a process that imported torch and transformers itself (a library user's), a full collection
+    scans their few hundred thousand objects: on the H200 machine one came during the first answer of
+    each such process and took 0.21 s of its 0.9-1.1 s (``benchmarks/bench_cold.py``'s in-process
+    answers, ``gc_s``). Collected and frozen here, every later collection skips them. Objects alive at
+    that moment are never collected afterwards, even once unreachable (``gc.unfreeze()`` undoes it)."""
+    from dycoke.switches import switch
+
+    if switch(FREEZE_ENV, default=True):
+        freeze_after_start()

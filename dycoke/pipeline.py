@@ -24,6 +24,7 @@ from dycoke.errors import ConfigError, OutOfMemoryError
 from dycoke.figures import compression_figures, memory_figures, token_counts
 from dycoke.methods import CompressedVisual, CompressionMethod, VisionSignals, build_method
 from dycoke.model import LoadedModel, load_model
+from dycoke.heap import freeze_after_load
 from dycoke.preprocess import preprocess_frames
 from dycoke.prompt import Question, conversation_turns, expand_video_placeholder, render_prompt, tokenize_prompt
 from dycoke.reading import DecodedVideo, decode_video
@@ -96,7 +97,8 @@ class VideoQA:
     ) -> VideoQA:
         """Load a checkpoint: a hub id or local directory (or ``ModelOptions``), on ``device`` (auto,
         cpu, cuda, cuda:N) in ``dtype`` (auto, float32, bfloat16, float16). ``weights``: its tensors
-        being read already (``dycoke.weights.prefetch_weights``)."""
+        being read already (``dycoke.weights.prefetch_weights``). Then Python's garbage collector collects
+        once and freezes what exists (``dycoke.heap.freeze_after_load``; ``DYCOKE_FREEZE_HEAP=0`` not)."""
         if isinstance(model, ModelOptions):
             options = model
         else:
@@ -104,6 +106,7 @@ class VideoQA:
             options = ModelOptions(**({"model": model} if model else {}), **{k: v for k, v in given.items() if v})
         t0 = time.perf_counter()
         loaded = load_model(options, weights)
+        freeze_after_load()  # no answer pays for a full collection over the libraries' and the model's objects
         return cls(loaded, load_s=time.perf_counter() - t0)
 
     # -- the stages ---------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gc
 import weakref
+from pathlib import Path
+
+import pytest
 
 from dycoke.heap import freeze_after_start, imports_without_collection
 
@@ -35,6 +38,22 @@ def test_the_server_freezes_what_it_built_and_frees_its_garbage() -> None:
         del cycle  # garbage only a collection frees
         freeze_after_start()
         assert alive() is None  # collected, not frozen
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
+def test_a_loaded_model_leaves_the_heap_frozen(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dycoke import VideoQA
+    from dycoke.heap import FREEZE_ENV
+
+    try:
+        gc.unfreeze()
+        monkeypatch.setenv(FREEZE_ENV, "0")
+        VideoQA.load(str(tiny_checkpoint), device="cpu")
+        assert gc.get_freeze_count() == 0
+        monkeypatch.delenv(FREEZE_ENV)
+        VideoQA.load(str(tiny_checkpoint), device="cpu")
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
