@@ -22,9 +22,9 @@ from dycoke.decoding.prefix import PrefixKV, common_prefix_ok, pad_rows, prefill
 from dycoke.decoding.streaming import TimedTextStreamer
 from dycoke.errors import ConfigError, OutOfMemoryError
 from dycoke.figures import compression_figures, memory_figures, token_counts
+from dycoke.heap import freeze_after_load
 from dycoke.methods import CompressedVisual, CompressionMethod, VisionSignals, build_method
 from dycoke.model import LoadedModel, load_model
-from dycoke.heap import freeze_after_load
 from dycoke.preprocess import preprocess_frames
 from dycoke.prompt import Question, conversation_turns, expand_video_placeholder, render_prompt, tokenize_prompt
 from dycoke.reading import DecodedVideo, decode_video

@@ -134,6 +134,14 @@ def check_dp(defined: dict, defined_dp: dict) -> None:
     attention = torch.tensor([[0.1, 0.5, 0.2, 0.2, 0.0, 0.2, 0.2, 0.05]])
     dp_kernels.launch_decide(defined_dp, state, attention, bias[:1])
     assert state.kept.tolist() == [[False, True, True, True, False, False, False, False]]
+    for keep in (1, 7, 50, 99, 100):  # many ties (20 levels), zeros among them
+        attention = torch.randint(0, 20, (1, 100)).float() / 20
+        state = PruneState(starts=starts[:1], num_candidates=100, keep=keep, max_steps=2)
+        dp_kernels.launch_decide(defined_dp, state, attention, bias[:1])
+        value = attention[0].sort(descending=True).values[keep - 1]
+        above, tied = attention[0] > value, attention[0] == value
+        expected = above | (tied & (tied.cumsum(0) <= keep - int(above.sum())))
+        assert torch.equal(state.kept[0], expected), keep
     empty = PruneState(starts=starts[:1], num_candidates=8, keep=0, max_steps=2)
     later = dp_kernels.launch_decide(defined_dp, empty, attention, bias[:1])
     hidden = torch.isinf(later[0, 0, 0])
