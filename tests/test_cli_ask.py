@@ -165,3 +165,23 @@ def test_server_options_are_checked_before_any_request(tiny_checkpoint: Path, cl
     )
     code, _, err = ask(tiny_checkpoint, clip, "--server", "http://127.0.0.1:9")  # nothing listens on port 9
     assert code == 1 and err.strip().startswith("Error: cannot reach the dycoke server at http://127.0.0.1:9")
+
+
+def test_the_process_clock_starts_when_the_process_does() -> None:
+    """``startup`` and ``wall`` count from the process's start as the kernel recorded it (to its 10 ms
+    tick), not from a boot time rounded to the second, which put it up to a second early."""
+    import subprocess
+    import sys
+    import time
+
+    for _ in range(3):
+        before = time.time()
+        done = subprocess.run(
+            [sys.executable, "-c", "from cli.common import process_start; print(repr(process_start()))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        after = time.time()
+        started = float(done.stdout)
+        assert before - 0.02 <= started <= after, (before, started, after)
