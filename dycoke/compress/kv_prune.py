@@ -7,6 +7,8 @@ non-visual position). The cache itself is never shrunk, and positions are never 
 step is a boolean mask over the full K/V, so a token dropped at step t can come back at t+1.
 
 Everything here runs on the device, batched (one keep set per sample), with no host synchronisation.
+This is the definition; on the CUDA-graph decoder in bf16/fp16 a step computes it with two Triton kernels
+(``dycoke/decoding/dp_kernels.py``, tested against these functions).
 Shapes: B batch, Hq query heads, Hkv key/value heads, S key length, d head dim, n visual candidates.
 """
 
