@@ -33,6 +33,46 @@ def test_the_kernels_stay_off_where_they_cannot_run(monkeypatch: pytest.MonkeyPa
     assert not dp_kernels.dp_kernels_apply(too_many, split_attention_runs=True)
 
 
+def test_the_static_decoder_takes_the_kernels_path_and_answers_the_same(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU, the attention function's kernel path (layer L-1 makes the later layers' bias, which they
+    then attend through) with ``pruning_step`` stood in for by its torch definition: the same tokens and
+    pruned steps as the torch path, in batches too."""
+    from dycoke.compress.kv_prune import head_mean_attention
+    from dycoke.methods import dycoke as method
+
+    calls = []
+
+    def torch_pruning_step(
+        state: PruneState, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(query.shape[0])
+        out = kernels.split_attention_torch(query, key, value, bias, scale)
+        state.update(state.visual_attention(head_mean_attention(query, key, scale, bias)))
+        b, length = bias.shape[0], bias.shape[-1]
+        return out, bias.masked_fill(~state.full_mask(length).view(b, 1, 1, length), float("-inf"))
+
+    clip = write_video(tmp_path / "clip.mp4", textured_frames(12, 96, 128, seed=3), fps=12)
+    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cpu"))
+    prepared = qa.prepare(clip, VideoOptions(num_frames=8))
+    run = RunOptions(
+        video=VideoOptions(num_frames=8),
+        generation=GenerationOptions(max_new_tokens=8, min_new_tokens=8, decoder="static"),
+        method=MethodOptions(method="dycoke", prune_layer=2, gate_threshold=0.999),
+    )
+    questions = ["What moves?", "Describe the scene in detail, please."]
+    expected = qa.answer_many(prepared, questions, run, batch_size=2)
+    monkeypatch.setattr(method, "pruning_step", torch_pruning_step)
+    monkeypatch.setattr(method, "dp_kernels_apply", lambda state, runs: True)
+    monkeypatch.setattr(method, "split_attention_applies", lambda *tensors: True)
+    got = qa.answer_many(prepared, questions, run, batch_size=2)
+    assert calls and set(calls) == {2}
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    shares = [r.compression["pruned_step_share"] for r in got]
+    assert shares == [r.compression["pruned_step_share"] for r in expected] and min(shares) > 0
+
+
 def _cache(b: int, hq: int, hkv: int, d: int, length: int, written: int) -> tuple[torch.Tensor, ...]:
     """bf16 query, keys, values on the GPU and an additive bias hiding the slots from ``written`` on."""
     torch.manual_seed(length + b)

@@ -179,7 +179,10 @@ def dycoke_attention(
         session.step_masks.clear()
         return decode_attention(module, query, key, value, attention_mask, **kwargs)
     if session.later_bias is not None:
-        return masked_decode_attention(query, key, value, session.later_bias, kwargs.get("scaling"))
+        bias = session.later_bias
+        if bias.device != query.device:  # a layer on another device: one copy per device and step
+            bias = session.step_masks.setdefault((query.device, -1), bias.to(query.device))
+        return masked_decode_attention(query, key, value, bias, kwargs.get("scaling"))
     assert session.keep is not None
     if key.shape[2] != session.keep.shape[-1]:  # a layer that eviction compacted: the survivors only
         if decoding_session() is not None:
@@ -201,15 +204,23 @@ def _pruning_step_on_kernels(
 ) -> torch.Tensor | None:
     """Layer L-1 of a static decoder's step on DP's kernels (``dp_kernels.pruning_step``): its attention
     output (B, 1, Hq, d), ``session.later_bias`` set for layers >= L. None (``later_bias`` cleared) where
-    they do not apply: outside a static decoder, with eviction, or ``dp_kernels_apply`` says no."""
+    they do not apply: outside a static decoder, with eviction, layer L-1 on another device than the
+    state, or ``dp_kernels_apply`` says no."""
     session.later_bias = None
     static = decoding_session()
-    if static is None or session.eviction is not None or attention_mask is None or attention_mask.dtype != torch.bool:
+    if (
+        static is None
+        or session.eviction is not None
+        or attention_mask is None
+        or attention_mask.dtype != torch.bool
+        or query.device != session.state.starts.device
+    ):
         return None
     bias = static.bias(attention_mask, query, session.prune_layer - 1, key.shape[2])
     if not dp_kernels_apply(session.state, split_attention_applies(query, key, value, bias)):
         return None
     out, session.later_bias = pruning_step(session.state, query, key, value, bias, scaling)
+    session.step_masks.clear()
     return out
 
 
