@@ -96,6 +96,13 @@ def test_full_mask_hides_only_pruned_visual_positions() -> None:
     assert mask[0].tolist() == [True, False, True, False, True, True, True, True]
     # sample 1: span 2..5, keeps candidates 0 and 2 -> positions 2 and 4
     assert mask[1].tolist() == [True, True, True, False, True, False, True, True]
+    bias = torch.zeros(2, 1, 1, 8)
+    bias[1, ..., 7] = float("-inf")  # already hidden: stays so
+    later = state.later_bias(bias)
+    assert torch.isinf(later[:, 0, 0]).tolist() == [
+        [not m for m in mask[0].tolist()],
+        [False, False, False, True, False, True, False, True],
+    ]
 
 
 def test_threshold_minus_one_never_prunes() -> None:

@@ -186,6 +186,12 @@ class PruneState:
         mask = torch.ones(self.kept.shape[0], kv_length, dtype=torch.bool, device=self.kept.device)
         return mask.scatter_(1, self.span, self.kept)
 
+    def later_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 1, L) additive bias of this step -> the one layers >= L attend through: -inf added at
+        the pruned visual positions (what ``dp_kernels.launch_decide`` writes)."""
+        b, length = bias.shape[0], bias.shape[-1]
+        return bias.masked_fill(~self.full_mask(length).view(b, 1, 1, length), float("-inf"))
+
     def visual_attention(self, probabilities: torch.Tensor) -> torch.Tensor:
         """(B, S) head-mean probabilities -> (B, n) on each sample's visual candidates."""
         return probabilities.gather(1, self.span)
