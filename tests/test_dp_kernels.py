@@ -19,18 +19,22 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 def test_the_kernels_stay_off_where_they_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    query, key, bias = torch.zeros(1, 4, 1, 16), torch.zeros(1, 2, 20, 16), torch.zeros(1, 1, 1, 20)
     state = PruneState(starts=torch.tensor([3]), num_candidates=10, keep=3)
-    assert not dp_kernels.dp_kernels_apply(state, split_attention_runs=True)  # a CPU state
-    monkeypatch.setattr(dp_kernels, "triton_available", lambda device: True)
-    assert dp_kernels.dp_kernels_apply(state, split_attention_runs=True)
-    assert not dp_kernels.dp_kernels_apply(state, split_attention_runs=False)
+    assert not dp_kernels.dp_kernels_apply(state, query, key, key, bias)  # the split attention cannot run here
+    runs: list[tuple[torch.Tensor, ...]] = []
+    monkeypatch.setattr(dp_kernels, "split_attention_applies", lambda *tensors: runs.append(tensors) or True)
+    assert dp_kernels.dp_kernels_apply(state, query, key, key, bias)
+    assert runs == [(query, key, key, bias)]  # asked of the layer's own tensors
     monkeypatch.setenv(dp_kernels.DP_KERNELS_ENV, "0")
-    assert not dp_kernels.dp_kernels_apply(state, split_attention_runs=True)
+    assert not dp_kernels.dp_kernels_apply(state, query, key, key, bias)
     monkeypatch.delenv(dp_kernels.DP_KERNELS_ENV)
     recorded = PruneState(starts=torch.tensor([3]), num_candidates=10, keep=3, record_attention=True)
-    assert not dp_kernels.dp_kernels_apply(recorded, split_attention_runs=True)
+    assert not dp_kernels.dp_kernels_apply(recorded, query, key, key, bias)
     too_many = PruneState(starts=torch.tensor([3]), num_candidates=dp_kernels.MAX_CANDIDATES + 1, keep=3, max_steps=1)
-    assert not dp_kernels.dp_kernels_apply(too_many, split_attention_runs=True)
+    assert not dp_kernels.dp_kernels_apply(too_many, query, key, key, bias)
+    elsewhere = PruneState(starts=torch.tensor([3], device="meta"), num_candidates=10, keep=3, max_steps=1)
+    assert not dp_kernels.dp_kernels_apply(elsewhere, query, key, key, bias)  # the state on another device
 
 
 def test_the_static_decoder_takes_the_kernels_path_and_answers_the_same(
@@ -63,8 +67,7 @@ def test_the_static_decoder_takes_the_kernels_path_and_answers_the_same(
     questions = ["What moves?", "Describe the scene in detail, please."]
     expected = qa.answer_many(prepared, questions, run, batch_size=2)
     monkeypatch.setattr(method, "pruning_step", torch_pruning_step)
-    monkeypatch.setattr(method, "dp_kernels_apply", lambda state, runs: True)
-    monkeypatch.setattr(method, "split_attention_applies", lambda *tensors: True)
+    monkeypatch.setattr(method, "dp_kernels_apply", lambda *args: True)
     got = qa.answer_many(prepared, questions, run, batch_size=2)
     assert calls and set(calls) == {2}
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from dycoke.compress.kv_prune import PruneState
-from dycoke.decoding.kernels import split_attention, triton_available, wait_for_compiles
+from dycoke.decoding.kernels import split_attention, split_attention_applies, wait_for_compiles
 from dycoke.switches import switch
 
 DP_KERNELS_ENV = "DYCOKE_DP_KERNELS"
@@ -178,16 +178,18 @@ def _kernels() -> dict[str, Any]:
     return _KERNELS
 
 
-def dp_kernels_apply(state: PruneState, split_attention_runs: bool) -> bool:
-    """Whether a decode step's DP runs on these kernels: the layer's attention runs on
-    ``kernels.split_attention`` (bf16/fp16 on CUDA), no attention is recorded, at most
-    ``MAX_CANDIDATES`` candidates, and ``DYCOKE_DP_KERNELS`` not off."""
+def dp_kernels_apply(
+    state: PruneState, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor
+) -> bool:
+    """Whether ``pruning_step`` takes this layer L-1 (shapes as its): its attention runs on
+    ``kernels.split_attention`` (bf16/fp16 on CUDA), on the state's device, no attention is recorded, at
+    most ``MAX_CANDIDATES`` candidates, and ``DYCOKE_DP_KERNELS`` not off."""
     return (
-        split_attention_runs
-        and not state.record_attention
+        not state.record_attention
         and state.num_candidates <= MAX_CANDIDATES
-        and triton_available(state.starts.device)
+        and query.device == state.starts.device
         and switch(DP_KERNELS_ENV, default=True)
+        and split_attention_applies(query, key, value, bias)
     )
 
 
@@ -264,5 +266,6 @@ def compile_kernels(hq: int, hkv: int, head: int, device: torch.device, dtype: t
     query = torch.zeros(1, hq, 1, head, dtype=dtype, device=device)
     cache = torch.zeros(1, hkv, 3200, head, dtype=dtype, device=device)
     bias = torch.zeros(1, 1, 1, 3200, dtype=dtype, device=device)
-    state = PruneState(starts=torch.zeros(1, dtype=torch.long, device=device), num_candidates=3000, keep=900)
+    starts = torch.zeros(1, dtype=torch.long, device=device)
+    state = PruneState(starts=starts, num_candidates=3000, keep=900, max_steps=1)
     pruning_step(state, query, cache, cache, bias, 1.0, wait=False)

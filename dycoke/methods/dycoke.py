@@ -37,7 +37,6 @@ from dycoke.compress.kv_prune import PruneState, head_mean_attention, keep_count
 from dycoke.compress.ttm import MergeResult, temporal_token_merge_with_positions, ttm_token_count
 from dycoke.config import MethodOptions
 from dycoke.decoding.dp_kernels import dp_kernels_apply, pruning_step
-from dycoke.decoding.kernels import split_attention_applies
 from dycoke.methods.base import Compaction, CompressedVisual, VisionSignals, register_method
 from dycoke.model import execution_device
 
@@ -204,20 +203,13 @@ def _pruning_step_on_kernels(
 ) -> torch.Tensor | None:
     """Layer L-1 of a static decoder's step on DP's kernels (``dp_kernels.pruning_step``): its attention
     output (B, 1, Hq, d), ``session.later_bias`` set for layers >= L. None (``later_bias`` cleared) where
-    they do not apply: outside a static decoder, with eviction, layer L-1 on another device than the
-    state, or ``dp_kernels_apply`` says no."""
+    they do not apply: outside a static decoder, with eviction, or ``dp_kernels_apply`` says no."""
     session.later_bias = None
     static = decoding_session()
-    if (
-        static is None
-        or session.eviction is not None
-        or attention_mask is None
-        or attention_mask.dtype != torch.bool
-        or query.device != session.state.starts.device
-    ):
+    if static is None or session.eviction is not None or attention_mask is None or attention_mask.dtype != torch.bool:
         return None
     bias = static.bias(attention_mask, query, session.prune_layer - 1, key.shape[2])
-    if not dp_kernels_apply(session.state, split_attention_applies(query, key, value, bias)):
+    if not dp_kernels_apply(session.state, query, key, value, bias):
         return None
     out, session.later_bias = pruning_step(session.state, query, key, value, bias, scaling)
     session.step_masks.clear()
