@@ -15,6 +15,8 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from dycoke.switches import switch
+
 
 @contextmanager
 def imports_without_collection() -> Iterator[None]:
@@ -52,7 +54,5 @@ def freeze_after_load() -> None:
     each such process and took 0.21 s of its 0.9-1.1 s (``benchmarks/bench_cold.py``'s in-process
     answers, ``gc_s``). Collected and frozen here, every later collection skips them. Objects alive at
     that moment are never collected afterwards, even once unreachable (``gc.unfreeze()`` undoes it)."""
-    from dycoke.switches import switch
-
     if switch(FREEZE_ENV, default=True):
         freeze_after_start()
