@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from dycoke.switches import switch
 from dycoke.transformers_index import seed_model_index
 
 seed_model_index()  # before transformers' model code first imports (this module is where our imports of it start)
@@ -31,6 +32,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402, F
 from dycoke.decoding.kernels import split_attention, split_attention_applies  # noqa: E402
 
 AttentionFunction = Callable[..., tuple[torch.Tensor, Any]]
+
+CONTINUATION_ATTENTION_ENV = "DYCOKE_CONTINUATION_ATTENTION"
 
 
 def register_attention(name: str, function: AttentionFunction) -> None:
@@ -104,6 +107,35 @@ def masked_decode_attention(
     return out.transpose(1, 2), None
 
 
+def continuation_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, scaling: float | None
+) -> tuple[torch.Tensor, None]:
+    """Several new queries per row continuing a cache, through a mask, without repeating K/V heads.
+
+    The ``G = Hq / Hkv`` query heads that share a K/V head become ``G * q`` query rows of that head,
+    so one fused kernel reads each row's cache once. transformers' SDPA path copies the grouped K/V
+    heads G times in every layer whenever a mask is given (a batch's padded questions after a shared
+    prefix): 7x the cache per layer for the 7B model.
+
+    Shapes: query (B, Hq, q, d); key/value (B, Hkv, S, d); ``bias`` (B, 1, G*q, S) additive, from
+    ``grouped_rows_bias``. Returns (B, q, Hq, d), the layout transformers' attention functions return.
+    """
+    b, heads, q, d = query.shape
+    groups = key.shape[1]
+    rows = query.reshape(b, groups, heads // groups * q, d)  # head h = kv head h // G, then its q queries
+    out = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=bias, scale=scaling)
+    return out.reshape(b, heads, q, d).transpose(1, 2), None
+
+
+def grouped_rows_bias(attention_mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, q, S) boolean mask -> (B, 1, groups*q, S) additive bias (0 or -inf): the mask repeated for
+    each query head of a group, in ``continuation_attention``'s row order; storage padded to 16 keys."""
+    b, _, q, s = attention_mask.shape
+    storage = torch.zeros(b, 1, groups * q, s + (-s) % 16, dtype=dtype, device=attention_mask.device)
+    allowed = attention_mask.to(torch.bool).expand(b, groups, q, s).reshape(b, 1, groups * q, s)
+    return storage[..., :s].masked_fill_(~allowed, float("-inf"))
+
+
 def take_slots(tensor: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """(B, Hkv, S, d) keys or values -> (B, Hkv, S', d): the entries at (B, S') ``slots`` of each row."""
     index = slots.to(tensor.device)[:, None, :, None]
@@ -167,6 +199,22 @@ class DecodeSession:
     biases: dict[tuple[torch.device, int], torch.Tensor] = field(default_factory=dict)
     compacted: torch.Tensor | None = None
     prompt_length: int = 0
+    continuation_biases: dict[tuple[torch.device, int, int], torch.Tensor] = field(default_factory=dict)
+
+    def continuation_bias(
+        self, attention_mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor, layer: int | None
+    ) -> torch.Tensor:
+        """The prefill's ``grouped_rows_bias``, built at layer 0 (or a device's first layer) and shared
+        by the later layers."""
+        if layer == 0:
+            self.continuation_biases.clear()
+        cache_key = (query.device, int(key.shape[2]), int(query.shape[2]))
+        bias = self.continuation_biases.get(cache_key)
+        if bias is None:
+            groups = query.shape[1] // key.shape[1]
+            bias = grouped_rows_bias(attention_mask.to(query.device), groups, query.dtype)
+            self.continuation_biases[cache_key] = bias
+        return bias
 
     def bias(
         self, attention_mask: torch.Tensor, query: torch.Tensor, layer: int | None, kv_length: int
@@ -196,14 +244,36 @@ def decode_attention(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA, except that a masked one-query step inside ``static_decoding`` runs as one fused GQA
-    kernel with an additive bias. Shapes: query (B, Hq, q, d); key/value (B, Hkv, S, d);
-    attention_mask None or (B, 1, q, S_mask) boolean (S_mask > S on a compacted layer)."""
+    """SDPA, except inside ``static_decoding``: a masked one-query step runs as one fused GQA kernel
+    with an additive bias, and on CUDA a masked prefill that continues a cache (a batch's padded
+    questions after a shared prefix) as ``continuation_attention``. Shapes: query (B, Hq, q, d);
+    key/value (B, Hkv, S, d); attention_mask None or (B, 1, q, S_mask) boolean (S_mask > S on a
+    compacted layer)."""
     session = _DECODE.get()
-    if session is None or query.shape[2] != 1 or attention_mask is None or attention_mask.dtype != torch.bool:
+    if session is None or attention_mask is None or attention_mask.dtype != torch.bool:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if query.shape[2] != 1:
+        if continuation_applies(query, key, attention_mask):
+            bias = session.continuation_bias(attention_mask, query, key, getattr(module, "layer_idx", None))
+            return continuation_attention(query, key, value, bias, kwargs.get("scaling"))
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     bias = session.bias(attention_mask, query, getattr(module, "layer_idx", None), key.shape[2])
     return masked_decode_attention(query, key, value, bias, kwargs.get("scaling"))
+
+
+def continuation_applies(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+    """Whether ``continuation_attention`` takes this prefill: CUDA, grouped K/V heads, queries that
+    continue a cache (more keys than queries: every query sees the cached part, so no row is fully
+    masked), a (B, 1, q, S) mask over exactly these keys. ``DYCOKE_CONTINUATION_ATTENTION=0``: never."""
+    return (
+        query.is_cuda
+        and query.shape[1] != key.shape[1]
+        and key.shape[2] > query.shape[2]
+        and attention_mask.dim() == 4
+        and attention_mask.shape[1] == 1
+        and attention_mask.shape[-1] == key.shape[2]
+        and switch(CONTINUATION_ATTENTION_ENV, default=True)
+    )
 
 
 def decoding_session() -> DecodeSession | None:

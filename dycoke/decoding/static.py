@@ -162,13 +162,28 @@ class StaticGreedyDecoder:
         while the next one runs).
         """
         model = self.model
-        b, s = attention_mask.shape
+        s = attention_mask.shape[1]
         device = inputs_embeds.device
         length = s + self.max_new_tokens
         self.length, self.prompt_length = length, s
         self.session.prompt_length = s
         self.eos = torch.tensor(self.eos_ids, device=device)
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        with static_decoding(model, self.session):  # decode_attention from the prefill on
+            self._prefill(inputs_embeds, attention_mask, positions, prefix, compaction)
+            return self._decode(on_tokens, stop, compaction)
+
+    def _prefill(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        prefix: Any,
+        compaction: Callable[[], Compaction | None] | None,
+    ) -> None:
+        """Fill the static cache from the prompt; the first token into the buffers."""
+        model, device = self.model, inputs_embeds.device
+        (b, s), length = attention_mask.shape, self.length
         # Prefill exactly as ``generate`` does (dynamic cache, the model's own masks and fused kernels),
         # then move the keys and values into the static cache.
         done = prefix.get_seq_length() if prefix is not None else 0
@@ -209,25 +224,34 @@ class StaticGreedyDecoder:
         )
         self.buffers = buffers
         self._choose(first_logits)
+
+    def _decode(
+        self,
+        on_tokens: Callable[[torch.Tensor], None] | None,
+        stop: Callable[[], bool] | None,
+        compaction: Callable[[], Compaction | None] | None,
+    ) -> torch.Tensor:
+        """Every later step, until each row ended or ``max_new_tokens``; (B, n) generated ids."""
+        buffers = self.buffers
+        assert buffers is not None
         tokens: list[torch.Tensor] = []
         pending: _Readback | None = _Readback(buffers)
-        with static_decoding(model, self.session):
-            for step in range(1, self.max_new_tokens):
-                # The host reads step k - 1's token while the GPU runs step k: waiting for each step before
-                # launching the next left the GPU idle during the host's work (streaming, the checks),
-                # about 0.7 ms a token for a 7B model on an H200. Step k launches before the host knows
-                # whether step k - 1 finished every row; it is then dropped, as if never run.
-                if stop is not None and stop():
-                    break
-                self._step(first=step == 1)
-                if step == 1:
-                    self._compact(compaction, filled=True)
-                previous, pending = pending, _Readback(buffers)
-                if previous is not None and not previous.deliver(tokens, on_tokens):
-                    pending = None
-                    break
-            if pending is not None:
-                pending.deliver(tokens, on_tokens)
+        for step in range(1, self.max_new_tokens):
+            # The host reads step k - 1's token while the GPU runs step k: waiting for each step before
+            # launching the next left the GPU idle during the host's work (streaming, the checks),
+            # about 0.7 ms a token for a 7B model on an H200. Step k launches before the host knows
+            # whether step k - 1 finished every row; it is then dropped, as if never run.
+            if stop is not None and stop():
+                break
+            self._step(first=step == 1)
+            if step == 1:
+                self._compact(compaction, filled=True)
+            previous, pending = pending, _Readback(buffers)
+            if previous is not None and not previous.deliver(tokens, on_tokens):
+                pending = None
+                break
+        if pending is not None:
+            pending.deliver(tokens, on_tokens)
         return torch.stack(tokens, dim=1)
 
     def _compact(self, compaction: Callable[[], Compaction | None] | None, *, filled: bool) -> None:

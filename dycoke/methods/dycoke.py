@@ -88,6 +88,26 @@ class Eviction:
         self.back_steps += back > 0
 
 
+@dataclass
+class _RowCounts:
+    """(B,) per-row DP counts over some number of decode steps, on the host."""
+
+    pruned_steps: list[int]
+    attended_sum: list[int]
+    back_steps: list[int] | None  # with eviction only
+    back_tokens: list[int] | None
+
+
+@dataclass
+class _BatchCounts:
+    """A batch's DP counts read back from its state: the steps it ran, and the rows' counts per step count
+    asked for (a row that stopped early counts fewer steps)."""
+
+    state: PruneState
+    steps_run: int
+    rows: dict[int, _RowCounts] = field(default_factory=dict)
+
+
 class EvictingCache(DynamicCache):
     """A dynamic cache whose layers >= L drop the evicted entries once the first decode step chose them."""
 
@@ -249,6 +269,7 @@ class DyCoke:
         self.options = options
         self.model = model
         self.state: PruneState | None = None
+        self._counts: _BatchCounts | None = None
         self.eviction: Eviction | None = None
         self.record = False  # keep every step's attention for a drawing
         self.merge: MergeResult | None = None
@@ -346,25 +367,46 @@ class DyCoke:
         }
         state = self.state
         # A row that stopped early in a batch rides along for the remaining steps: count its own only.
-        steps = min(state.steps, max(generated - 1, 0)) if state is not None else 0
+        steps = min(self._batch_counts().steps_run, max(generated - 1, 0)) if state is not None else 0
         if state is not None and steps > 0:
+            rows = self._batch_counts(steps).rows[steps]
             out["decode_steps"] = steps
-            out["pruned_steps"] = int(state.pruned_steps(steps)[sample].item())
+            out["pruned_steps"] = rows.pruned_steps[sample]
             out["pruned_step_share"] = out["pruned_steps"] / steps
             out["candidates"] = state.num_candidates
             out["kept_when_pruned"] = state.keep
-            attended = state.attended_sum(steps)[sample].item() / steps
+            attended = rows.attended_sum[sample] / steps
             out["avg_candidates_attended_late_layers"] = attended
             out["avg_visual_attended_late_layers"] = attended + self.num_visual - state.num_candidates
-            ev = self.eviction
-            if ev is not None and ev.back_steps is not None and ev.back_tokens is not None:
+            if rows.back_steps is not None and rows.back_tokens is not None:
                 out["dp_evict"] = True
                 out["evicted"] = state.num_candidates - state.keep
                 later = max(steps - 1, 1)
-                out["evicted_wanted_back_step_share"] = ev.back_steps[sample].item() / later
-                out["evicted_wanted_back_avg_tokens"] = ev.back_tokens[sample].item() / later
+                out["evicted_wanted_back_step_share"] = rows.back_steps[sample] / later
+                out["evicted_wanted_back_avg_tokens"] = rows.back_tokens[sample] / later
         else:
             out["decode_steps"] = 0
             out["pruned_steps"] = 0
             out["pruned_step_share"] = 0.0
         return out
+
+    def _batch_counts(self, steps: int | None = None) -> _BatchCounts:
+        """The batch's DP counts over its first ``steps`` decode steps (None: only the steps it ran), read
+        from the device once per batch and step count: 62 rows' reports read them 62 times over before."""
+        state = self.state
+        assert state is not None
+        if self._counts is None or self._counts.state is not state:
+            self._counts = _BatchCounts(state=state, steps_run=state.steps)
+        counts = self._counts
+        if steps is not None and steps not in counts.rows:
+            ev = self.eviction
+            back_steps = back_tokens = None
+            if ev is not None and ev.back_steps is not None and ev.back_tokens is not None:
+                back_steps, back_tokens = ev.back_steps.tolist(), ev.back_tokens.tolist()
+            counts.rows[steps] = _RowCounts(
+                pruned_steps=state.pruned_steps(steps).tolist(),
+                attended_sum=state.attended_sum(steps).tolist(),
+                back_steps=back_steps,
+                back_tokens=back_tokens,
+            )
+        return counts
