@@ -36,7 +36,7 @@ from dycoke.config import GenerationOptions, MethodOptions, RunOptions, VideoOpt
 from dycoke.runs.batch import read_questions, run_batch
 from dycoke.runs.results import ResultWriter
 
-TRACE: dict[str, Any] = {"wanted": False, "tables": ""}
+TRACE: dict[str, Any] = {"wanted": False, "tables": "", "decode_wanted": False, "decode_table": ""}
 STAGES: dict[str, float] = defaultdict(float)
 COUNTS: dict[str, int] = defaultdict(int)
 
@@ -143,7 +143,15 @@ def wrap_decode_loop() -> None:
 
     @functools.wraps(original)
     def recorded(*args: Any, **kwargs: Any) -> Any:
-        output, timing = original(*args, **kwargs)
+        if TRACE["decode_wanted"] and not TRACE["decode_table"]:  # --trace-decode: this batch's GPU kernels
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                output, timing = original(*args, **kwargs)
+                synchronize()
+            TRACE["decode_table"] = prof.key_averages().table(
+                sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90
+            )
+        else:
+            output, timing = original(*args, **kwargs)
         STAGES["  of which prefill (expand + questions)"] += timing.prefill
         STAGES["  of which decode steps"] += timing.decode
         return output, timing
@@ -174,6 +182,9 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=["full:30", "dycoke:62"], help="method:batch_size")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--trace", action="store_true", help="profile each method's first timed prefill")
+    parser.add_argument(
+        "--trace-decode", action="store_true", help="list the GPU kernels of each method's first timed batch"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     qa = build(args.size, args.device)
@@ -197,6 +208,7 @@ def main() -> None:
             questions = read_questions(write_csv(folder / f"{method}.csv", args.video, args.videos, 2 * batch))
             for attempt in ("warm-up", "timed"):
                 TRACE["wanted"], TRACE["tables"] = args.trace and attempt == "timed", ""
+                TRACE["decode_wanted"], TRACE["decode_table"] = args.trace_decode and attempt == "timed", ""
                 STAGES.clear()
                 COUNTS.clear()
                 synchronize()
@@ -220,6 +232,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             if TRACE["tables"]:
                 print(f"{method}, batch {batch}: one questions' prefill\n{TRACE['tables']}", flush=True)
+            if TRACE["decode_table"]:
+                print(f"{method}, batch {batch}: one batch's generation, GPU\n{TRACE['decode_table']}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
