@@ -85,6 +85,14 @@ def write_questions(folder: Path, video: Path, videos: int, per_video: int = len
     return path
 
 
+def method_options(name: str) -> MethodOptions:
+    """A method by name; ``dycoke-evict``: DyCoke with ``--dp-evict`` (pruned visual entries removed from
+    the later layers' caches after the first decode step: a deviation from the paper, opt-in)."""
+    if name == "dycoke-evict":
+        return MethodOptions(method="dycoke", dp_evict=True)
+    return MethodOptions(method=name)  # type: ignore[arg-type]
+
+
 def mode_settings(mode: str) -> dict[str, Any] | None:
     """``run_batch`` keywords of a mode (None: one ``ask`` per question); ``shared-b<N>`` for any N."""
     if mode in MODES:
@@ -203,7 +211,7 @@ def main() -> None:
                 generation=GenerationOptions(
                     max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, decoder=args.decoder
                 ),
-                method=MethodOptions(method=method),
+                method=method_options(method),
             )
             for mode in args.modes:
                 run_mode(qa, warm, mode, options, folder)  # warm-up: kernels, allocator, file cache
