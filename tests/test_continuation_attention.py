@@ -3,11 +3,17 @@ K/V head once: exact against repeating the heads, and taken only where it applie
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from dycoke import attention
+from dycoke.config import GenerationOptions, MethodOptions, ModelOptions, RunOptions, VideoOptions
+from dycoke.pipeline import VideoQA
+from tests.videos import textured_frames, write_video
 
 
 def _case(
@@ -83,3 +89,34 @@ def test_continuation_attention_on_cuda_in_bf16_is_sdpa_up_to_rounding() -> None
     bias = attention.grouped_rows_bias(mask, 7, query.dtype)
     out, _ = attention.continuation_attention(query, key, value, bias, None)
     torch.testing.assert_close(out.float(), _reference(query, key, value, mask).float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("method", ["full", "dycoke"])
+def test_a_batch_continuing_the_shared_prefix_through_it_answers_as_one_by_one(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """On the CPU the static decoder would take transformers' path: forced here, every masked layer of the
+    batch's questions' prefill runs ``continuation_attention`` (one bias per forward, every layer)."""
+    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cpu"))
+    clip = write_video(tmp_path / "clip.mp4", textured_frames(16, 96, 128, seed=4), fps=8)
+    options = RunOptions(
+        video=VideoOptions(num_frames=8),
+        generation=GenerationOptions(max_new_tokens=6, min_new_tokens=6, decoder="static"),
+        method=MethodOptions(method=method, prune_layer=2),  # type: ignore[arg-type]
+    )
+    prepared = qa.prepare(clip, options.video)
+    questions = ["What moves?", "Describe the background in detail, please.", "Why?"]
+    alone = [qa.answer(prepared, q, options).token_ids for q in questions]
+    calls: list[tuple[int, ...]] = []
+    continuation = attention.continuation_attention
+
+    def counted(query: torch.Tensor, *args: Any) -> tuple[torch.Tensor, None]:
+        calls.append(tuple(query.shape))
+        return continuation(query, *args)
+
+    monkeypatch.setattr(attention, "continuation_applies", lambda query, key, mask: key.shape[2] > query.shape[2])
+    monkeypatch.setattr(attention, "continuation_attention", counted)
+    batched = qa.answer_many(prepared, questions, options, batch_size=3)
+    assert [r.token_ids for r in batched] == alone
+    layers = qa.loaded.text_config.num_hidden_layers
+    assert len(calls) == layers and all(shape[0] == 3 and shape[2] > 1 for shape in calls)
