@@ -184,8 +184,9 @@ class StaticGreedyDecoder:
         """Fill the static cache from the prompt; the first token into the buffers."""
         model, device = self.model, inputs_embeds.device
         (b, s), length = attention_mask.shape, self.length
-        # Prefill exactly as ``generate`` does (dynamic cache, the model's own masks and fused kernels),
-        # then move the keys and values into the static cache.
+        # Prefill as ``generate`` does (dynamic cache, the model's own masks and fused kernels; a masked
+        # batch continuing a shared prefix attends through ``continuation_attention``, the same sums
+        # without the repeated K/V heads), then move the keys and values into the static cache.
         done = prefix.get_seq_length() if prefix is not None else 0
         extra = {CACHE_ARGUMENT: prefix} if prefix is not None else {}
         with without_cudnn_attention():  # a new prompt length each question: no per-shape plans
