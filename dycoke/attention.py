@@ -184,7 +184,8 @@ DECODE_ATTENTION = "dycoke_decode"
 
 @dataclass
 class DecodeSession:
-    """Per-step additive biases built from the model's boolean decode mask, one per (device, key length).
+    """Additive biases built from the model's boolean mask, one per (device, key length, query length)
+    and forward: each decode step's, and a masked prefill's that continues the cache.
 
     On a static cache every decode step carries a mask (the empty slots), and transformers' SDPA path
     then repeats the grouped K/V heads in every layer (a copy of the whole cache per layer and step).
@@ -196,40 +197,45 @@ class DecodeSession:
     the full mask. ``prompt_length``: the slots the prompt fills (the first decode step's slot).
     """
 
-    biases: dict[tuple[torch.device, int], torch.Tensor] = field(default_factory=dict)
+    biases: dict[tuple[torch.device, int, int], torch.Tensor] = field(default_factory=dict)
     compacted: torch.Tensor | None = None
     prompt_length: int = 0
-    continuation_biases: dict[tuple[torch.device, int, int], torch.Tensor] = field(default_factory=dict)
-
-    def continuation_bias(
-        self, attention_mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor, layer: int | None
-    ) -> torch.Tensor:
-        """The prefill's ``grouped_rows_bias``, built at layer 0 (or a device's first layer) and shared
-        by the later layers."""
-        if layer == 0:
-            self.continuation_biases.clear()
-        cache_key = (query.device, int(key.shape[2]), int(query.shape[2]))
-        bias = self.continuation_biases.get(cache_key)
-        if bias is None:
-            groups = query.shape[1] // key.shape[1]
-            bias = grouped_rows_bias(attention_mask.to(query.device), groups, query.dtype)
-            self.continuation_biases[cache_key] = bias
-        return bias
 
     def bias(
         self, attention_mask: torch.Tensor, query: torch.Tensor, layer: int | None, kv_length: int
     ) -> torch.Tensor:
-        if layer == 0:
-            self.biases.clear()
-        key = (query.device, kv_length)
-        bias = self.biases.get(key)
-        if bias is None:
+        """A decode step's (B, 1, 1, kv_length) additive bias (gathered at a compacted layer's slots)."""
+
+        def build() -> torch.Tensor:
             allowed = attention_mask.to(query.device, torch.bool)
             if allowed.shape[-1] != kv_length:
                 assert self.compacted is not None and self.compacted.shape[-1] == kv_length
                 allowed = mask_at_slots(allowed, self.compacted)
-            bias = additive_bias(allowed, query.dtype)
-            self.biases[key] = bias
+            return additive_bias(allowed, query.dtype)
+
+        return self._per_forward(layer, (query.device, kv_length, 1), build)
+
+    def continuation_bias(
+        self, attention_mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor, layer: int | None
+    ) -> torch.Tensor:
+        """A masked prefill's ``grouped_rows_bias`` (B, 1, G*q, S)."""
+        groups = query.shape[1] // key.shape[1]
+        return self._per_forward(
+            layer,
+            (query.device, int(key.shape[2]), int(query.shape[2])),
+            lambda: grouped_rows_bias(attention_mask.to(query.device), groups, query.dtype),
+        )
+
+    def _per_forward(
+        self, layer: int | None, key: tuple[torch.device, int, int], build: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """The bias under ``key`` (device, key length, query length), built at layer 0 (or a device's
+        first layer) of each forward and shared by the later layers."""
+        if layer == 0:
+            self.biases.clear()
+        bias = self.biases.get(key)
+        if bias is None:
+            bias = self.biases[key] = build()
         return bias
 
 

@@ -99,13 +99,29 @@ class _RowCounts:
 
 
 @dataclass
-class _BatchCounts:
-    """A batch's DP counts read back from its state: the steps it ran, and the rows' counts per step count
-    asked for (a row that stopped early counts fewer steps)."""
+class _HostCounts:
+    """A batch's DP counts read back from the device once for all its rows' reports (a batch of 62 read
+    them 62 times over before): the decode steps it ran, and every row's counts over the first n steps,
+    per n asked for (a row that stopped early counts fewer)."""
 
     state: PruneState
+    eviction: Eviction | None
     steps_run: int
     rows: dict[int, _RowCounts] = field(default_factory=dict)
+
+    def over(self, steps: int) -> _RowCounts:
+        if steps not in self.rows:
+            ev = self.eviction
+            back_steps = back_tokens = None
+            if ev is not None and ev.back_steps is not None and ev.back_tokens is not None:
+                back_steps, back_tokens = ev.back_steps.tolist(), ev.back_tokens.tolist()
+            self.rows[steps] = _RowCounts(
+                pruned_steps=self.state.pruned_steps(steps).tolist(),
+                attended_sum=self.state.attended_sum(steps).tolist(),
+                back_steps=back_steps,
+                back_tokens=back_tokens,
+            )
+        return self.rows[steps]
 
 
 class EvictingCache(DynamicCache):
@@ -269,7 +285,7 @@ class DyCoke:
         self.options = options
         self.model = model
         self.state: PruneState | None = None
-        self._counts: _BatchCounts | None = None
+        self._counts: _HostCounts | None = None
         self.eviction: Eviction | None = None
         self.record = False  # keep every step's attention for a drawing
         self.merge: MergeResult | None = None
@@ -366,10 +382,11 @@ class DyCoke:
             "paper_final_ratio": (1 - 3 * o.merge_ratio / 4) * (1 - o.prune_ratio),
         }
         state = self.state
+        counts = self._host_counts() if state is not None else None
         # A row that stopped early in a batch rides along for the remaining steps: count its own only.
-        steps = min(self._batch_counts().steps_run, max(generated - 1, 0)) if state is not None else 0
-        if state is not None and steps > 0:
-            rows = self._batch_counts(steps).rows[steps]
+        steps = min(counts.steps_run, max(generated - 1, 0)) if counts is not None else 0
+        if state is not None and counts is not None and steps > 0:
+            rows = counts.over(steps)
             out["decode_steps"] = steps
             out["pruned_steps"] = rows.pruned_steps[sample]
             out["pruned_step_share"] = out["pruned_steps"] / steps
@@ -390,23 +407,10 @@ class DyCoke:
             out["pruned_step_share"] = 0.0
         return out
 
-    def _batch_counts(self, steps: int | None = None) -> _BatchCounts:
-        """The batch's DP counts over its first ``steps`` decode steps (None: only the steps it ran), read
-        from the device once per batch and step count: 62 rows' reports read them 62 times over before."""
+    def _host_counts(self) -> _HostCounts:
+        """The current batch's counts on the host (a new batch brings a new state)."""
         state = self.state
         assert state is not None
         if self._counts is None or self._counts.state is not state:
-            self._counts = _BatchCounts(state=state, steps_run=state.steps)
-        counts = self._counts
-        if steps is not None and steps not in counts.rows:
-            ev = self.eviction
-            back_steps = back_tokens = None
-            if ev is not None and ev.back_steps is not None and ev.back_tokens is not None:
-                back_steps, back_tokens = ev.back_steps.tolist(), ev.back_tokens.tolist()
-            counts.rows[steps] = _RowCounts(
-                pruned_steps=state.pruned_steps(steps).tolist(),
-                attended_sum=state.attended_sum(steps).tolist(),
-                back_steps=back_steps,
-                back_tokens=back_tokens,
-            )
-        return counts
+            self._counts = _HostCounts(state=state, eviction=self.eviction, steps_run=state.steps)
+        return self._counts
