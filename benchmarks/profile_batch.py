@@ -13,7 +13,6 @@ Timing wraps the library's functions from this script only (a profiling tool, no
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import sys
@@ -22,6 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +29,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_batch import QUESTIONS
+from benchmarks.bench_batch import method_options, write_questions
 from benchmarks.bench_methods import build, environment
 from dycoke import pipeline
-from dycoke.config import GenerationOptions, MethodOptions, RunOptions, VideoOptions
+from dycoke.config import GenerationOptions, RunOptions, VideoOptions
 from dycoke.runs.batch import read_questions, run_batch
 from dycoke.runs.results import ResultWriter
 
-TRACE: dict[str, Any] = {"wanted": False, "tables": "", "decode_wanted": False, "decode_table": ""}
+
+@dataclass
+class Tracing:
+    """What ``--trace`` / ``--trace-decode`` ask of the current run, and the table each found (once)."""
+
+    prefill: bool = False
+    decode: bool = False
+    prefill_table: str = ""
+    decode_table: str = ""
+
+    def start(self, *, prefill: bool, decode: bool) -> None:
+        """A new run: what it traces, nothing found yet."""
+        self.prefill, self.decode, self.prefill_table, self.decode_table = prefill, decode, "", ""
+
+
+TRACE = Tracing()
 STAGES: dict[str, float] = defaultdict(float)
 COUNTS: dict[str, int] = defaultdict(int)
 
@@ -65,7 +80,7 @@ def traced(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         out = forward(*args, **kwargs)
         synchronize()
     averages = prof.key_averages()
-    TRACE["tables"] = "\n".join(
+    TRACE.prefill_table = "\n".join(
         averages.table(sort_by=key, row_limit=25, max_name_column_width=60)
         for key in ("self_cuda_time_total", "self_cpu_time_total")
     )
@@ -127,7 +142,7 @@ def wrap_decode_loop() -> None:
         forward = self.model.forward
 
         def timed_forward(*a: Any, **k: Any) -> Any:
-            if TRACE["wanted"] and not TRACE["tables"]:
+            if TRACE.prefill and not TRACE.prefill_table:
                 return traced(forward, *a, **k)
             with timed("    model forward (questions' prefill)"):
                 return forward(*a, **k)
@@ -143,11 +158,11 @@ def wrap_decode_loop() -> None:
 
     @functools.wraps(original)
     def recorded(*args: Any, **kwargs: Any) -> Any:
-        if TRACE["decode_wanted"] and not TRACE["decode_table"]:  # --trace-decode: this batch's GPU kernels
+        if TRACE.decode and not TRACE.decode_table:  # --trace-decode: this batch's GPU kernels
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 output, timing = original(*args, **kwargs)
                 synchronize()
-            TRACE["decode_table"] = prof.key_averages().table(
+            TRACE.decode_table = prof.key_averages().table(
                 sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90
             )
         else:
@@ -157,19 +172,6 @@ def wrap_decode_loop() -> None:
         return output, timing
 
     pipeline.decode = recorded
-
-
-def write_csv(path: Path, video: Path, videos: int, per_video: int) -> Path:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "video", "question"])
-        for v in range(videos):
-            link = path.parent / f"video{v}{video.suffix}"
-            if not link.exists():
-                link.symlink_to(video.resolve())
-            for q in range(per_video):
-                writer.writerow([f"v{v}q{q}", link.name, f"{QUESTIONS[q % len(QUESTIONS)]} ({q})"])
-    return path
 
 
 def main() -> None:
@@ -203,18 +205,19 @@ def main() -> None:
             options = RunOptions(
                 video=VideoOptions(num_frames=args.frames),
                 generation=GenerationOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens),
-                method=MethodOptions(method=method),
+                method=method_options(method),
             )
-            questions = read_questions(write_csv(folder / f"{method}.csv", args.video, args.videos, 2 * batch))
+            (folder / method).mkdir()
+            questions = read_questions(write_questions(folder / method, args.video, args.videos, 2 * batch))
             for attempt in ("warm-up", "timed"):
-                TRACE["wanted"], TRACE["tables"] = args.trace and attempt == "timed", ""
-                TRACE["decode_wanted"], TRACE["decode_table"] = args.trace_decode and attempt == "timed", ""
+                timed_run = attempt == "timed"
+                TRACE.start(prefill=args.trace and timed_run, decode=args.trace_decode and timed_run)
                 STAGES.clear()
                 COUNTS.clear()
                 synchronize()
                 t0 = time.perf_counter()
                 with ResultWriter(folder / f"{method}.jsonl", overwrite=True) as writer:
-                    run_batch(qa, questions, options, [method], writer, batch_size=batch)
+                    run_batch(qa, questions, options, [options.method.method], writer, batch_size=batch)
                 synchronize()
                 wall = time.perf_counter() - t0
             main_thread = sum(v for k, v in STAGES.items() if not k.startswith(("video decode", " ")))
@@ -230,10 +233,10 @@ def main() -> None:
             }
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
-            if TRACE["tables"]:
-                print(f"{method}, batch {batch}: one questions' prefill\n{TRACE['tables']}", flush=True)
-            if TRACE["decode_table"]:
-                print(f"{method}, batch {batch}: one batch's generation, GPU\n{TRACE['decode_table']}", flush=True)
+            if TRACE.prefill_table:
+                print(f"{method}, batch {batch}: one questions' prefill\n{TRACE.prefill_table}", flush=True)
+            if TRACE.decode_table:
+                print(f"{method}, batch {batch}: one batch's generation, GPU\n{TRACE.decode_table}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
