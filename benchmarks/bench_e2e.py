@@ -17,6 +17,9 @@ Contenders, side by side in one process, alternating run by run after a warm-up 
   instead of its Triton kernels; ``dycoke-prune-every-step``: DyCoke with a gate threshold of 1, so that
   DP prunes at (nearly) every step (a random-weight model's attention barely moves from step to step, so
   at the paper's 0.9 it prunes at the first step only).
+- any of those with ``-decode-first`` (``full-decode-first``, ...): with ``DYCOKE_STREAM_VIDEO=0``, the
+  whole video decoded before the vision encoder starts, instead of encoded while a forked child decodes
+  the rest (``dycoke.stream_encode``).
 
 Writes ``<out>.json`` (every run), ``<out>.md`` (medians) and ``<out>.png`` (a chart of the medians).
 """
@@ -40,9 +43,10 @@ from benchmarks.bench_methods import build, environment, median_of, run_once
 from dycoke.config import GenerationOptions, MethodOptions, RunOptions, VideoOptions
 from dycoke.decoding.dp_kernels import DP_KERNELS_ENV
 from dycoke.decoding.streaming import TimedTextStreamer
-from dycoke.pipeline import VideoQA
+from dycoke.pipeline import STREAM_VIDEO_ENV, VideoQA
 from dycoke.prompt import paper_prompt
 
+DECODE_FIRST = "-decode-first"
 QUESTION = "What is the rabbit doing, and what happens to the butterflies?"
 
 
@@ -102,6 +106,12 @@ def one(qa: VideoQA, name: str, frames: int, args: argparse.Namespace, processor
     """One timed run of one contender."""
     if name == "hf-plain":
         return hf_plain(qa, args.video, frames, args.new_tokens, processor)
+    if name.endswith(DECODE_FIRST):
+        os.environ[STREAM_VIDEO_ENV] = "0"
+        try:
+            return one(qa, name.removesuffix(DECODE_FIRST), frames, args, processor)
+        finally:
+            del os.environ[STREAM_VIDEO_ENV]
     method = {
         "dycoke-torch-dp": MethodOptions(method="dycoke"),
         "dycoke-prune-every-step": MethodOptions(method="dycoke", gate_threshold=1.0),

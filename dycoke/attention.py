@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 from dycoke.switches import switch
 from dycoke.transformers_index import seed_model_index
@@ -175,6 +176,59 @@ def compacted_mask(
         query_slots = torch.arange(total - q_len, total, device=query.device)
         return (key_slots[:, None, None, :] <= query_slots[None, None, :, None]).expand(b, 1, q_len, kv_length)
     return None
+
+
+# -- a prompt prefilled chunk by chunk ------------------------------------------------------------
+
+CHUNK_PREFILL_ATTENTION = "dycoke_chunk_prefill"
+
+
+def chunk_prefill_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """One chunk of an unpadded prompt after the chunks already cached: each query sees the cache and
+    the chunk up to itself (causal, aligned at the bottom right, ``torch.nn.attention.bias
+    .causal_lower_right``, which flash attention runs as is), grouped K/V heads never repeated.
+
+    transformers would build a (q, S) boolean mask for every chunk and repeat the K/V heads for it. No
+    mask is built for this implementation (its mask function returns None). Shapes: query (1, Hq, q,
+    d); key/value (1, Hkv, S, d), S >= q. Returns (1, q, Hq, d)."""
+    q, s = query.shape[2], key.shape[2]
+    gqa = query.shape[1] != key.shape[1]
+    scale = attention_scaling(query, kwargs)
+    if q == s:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scale, enable_gqa=gqa
+        )
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=causal_lower_right(q, s), scale=scale, enable_gqa=gqa
+        )
+    return out.transpose(1, 2), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+AttentionInterface.register(CHUNK_PREFILL_ATTENTION, chunk_prefill_attention)
+AttentionMaskInterface.register(CHUNK_PREFILL_ATTENTION, _no_mask)
+
+
+@contextmanager
+def chunked_prefill(model: Any) -> Iterator[None]:
+    """The language model's attention is ``chunk_prefill_attention`` for the block."""
+    language_model = language_model_of(model)
+    with installed_attention(language_model, CHUNK_PREFILL_ATTENTION, _CHUNKS, True, "chunked prefill"):
+        yield
+
+
+_CHUNKS: contextvars.ContextVar[bool] = contextvars.ContextVar("dycoke_chunk_prefill", default=False)
 
 
 # -- decode steps on a static cache ---------------------------------------------------------------

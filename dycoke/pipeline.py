@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, astuple, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from dycoke.decoding.prefix import PrefixKV, common_prefix_ok, pad_rows, prefill
 from dycoke.decoding.streaming import TimedTextStreamer
 from dycoke.errors import ConfigError, OutOfMemoryError
 from dycoke.figures import compression_figures, memory_figures, token_counts
+from dycoke.frame_stream import FrameStream, forked_reading_available
 from dycoke.heap import freeze_after_load
 from dycoke.methods import CompressedVisual, CompressionMethod, VisionSignals, build_method
 from dycoke.model import LoadedModel, load_model
@@ -29,6 +30,9 @@ from dycoke.preprocess import preprocess_frames
 from dycoke.prompt import Question, conversation_turns, expand_video_placeholder, render_prompt, tokenize_prompt
 from dycoke.reading import DecodedVideo, decode_video
 from dycoke.report import Report, Timings, VideoInfo
+from dycoke.stream_encode import encode_while_reading
+from dycoke.stream_prefill import PrefixStream
+from dycoke.switches import switch
 from dycoke.trace import build_trace
 from dycoke.video import VideoFrames
 from dycoke.vision import encode_frames
@@ -36,6 +40,17 @@ from dycoke.warm_answer import wait_for_warm_answer
 from dycoke.weights import WeightPrefetch
 
 TextCallback = Callable[[str], None]
+
+STREAM_VIDEO_ENV = "DYCOKE_STREAM_VIDEO"
+
+
+def streams_video(device: torch.device) -> bool:
+    """Whether ``VideoQA.prepare`` encodes a file's frames (and prefills their tokens) while a forked
+    child decodes the rest (``dycoke.frame_stream``): only with ``DYCOKE_STREAM_VIDEO=1``, where the
+    platform can. Off by default: on the H200 the child's decode ran 0.24 s longer than the reader
+    threads' at 128 frames of 720p with the parent idle, and 0.3-0.5 s longer beside the GPU work, more
+    than the encoder time it hid for DyCoke (``benchmarks/results/e2e-h200-stream.md``)."""
+    return forked_reading_available() and switch(STREAM_VIDEO_ENV, default=False)
 
 
 @dataclass
@@ -57,6 +72,7 @@ class PreparedVideo:
     encode_s: float
     pixels: torch.Tensor  # (F, 3, H, W) on the model's device
     vision: VisionSignals | None = None
+    encoded_while_reading: int = 0  # frames encoded while the video was still being decoded
     prefixes: dict[tuple[Any, ...], PrefixKV] = field(default_factory=dict)  # memoised shared prefixes
 
     def nbytes(self) -> int:
@@ -112,11 +128,25 @@ class VideoQA:
     # -- the stages ---------------------------------------------------------------------------------
 
     def prepare(
-        self, video: str | Path | DecodedVideo, options: VideoOptions | None = None, *, with_signals: bool = False
+        self,
+        video: str | Path | DecodedVideo,
+        options: VideoOptions | None = None,
+        *,
+        with_signals: bool = False,
+        prefill_for: tuple[RunOptions, Question] | None = None,
     ) -> PreparedVideo:
         """Decode and sample frames (unless ``video`` is already decoded), preprocess them on the model's
         device, run the vision encoder (``with_signals``: also record what PruMerge selects by; a method
-        that needs it and finds it missing runs the encoder again)."""
+        that needs it and finds it missing runs the encoder again).
+
+        With ``DYCOKE_STREAM_VIDEO=1`` (``streams_video``) a file given by path is decoded in a forked
+        child while the frames already decoded are encoded (``dycoke.stream_encode``). PruMerge's
+        signals are recorded from all frames at once, so ``with_signals`` does not stream. With
+        ``prefill_for`` (the options and question about to be asked) a method that shares its prefix
+        also prefills the system prompt and the video's tokens meanwhile, as their frames are encoded
+        (``dycoke.stream_prefill``); ``answer`` then continues from that prefix."""
+        if not isinstance(video, DecodedVideo) and not with_signals and streams_video(self.loaded.device):
+            return self._prepare_streamed(video, options, prefill_for)
         decoded = video if isinstance(video, DecodedVideo) else decode_video(video, options)
         wait_for_warm_answer()  # a shallow model's first answer may still run: not beside this one's stages
         frames = decoded.frames
@@ -145,6 +175,49 @@ class VideoQA:
             pixels=pixels,
             vision=vision,
         )
+
+    def _prepare_streamed(
+        self, video: str | Path, options: VideoOptions | None, prefill_for: tuple[RunOptions, Question] | None
+    ) -> PreparedVideo:
+        loaded = self.loaded
+        options = options or VideoOptions()
+        prefix_stream, conversation = None, None
+        if prefill_for is not None:
+            run, question = prefill_for
+            method = build_method(run.method, loaded.model, loaded.num_layers)
+            conversation = conversation_turns(question)
+            prompts = self.prompt_rows([conversation], run, 1, method.shares_prefix)
+            if prompts.prefix_length:
+                prefix_stream = PrefixStream(loaded, method, prompts.rows[0][: prompts.visual_start])
+        with FrameStream(video, options) as stream:
+            wait_for_warm_answer()
+            with _oom_guard("the vision encoder", options.num_frames):
+                streamed = encode_while_reading(stream, loaded, prefix_stream.advance if prefix_stream else None)
+        decoded = streamed.decoded
+        prepared = PreparedVideo(
+            frames=decoded.frames,
+            path=decoded.path,
+            features=streamed.features,
+            newline=streamed.newline,
+            num_frames=decoded.frames.num_frames,
+            tokens_per_frame=loaded.tokens_per_frame,
+            decode_s=decoded.decode_s,
+            preprocess_s=streamed.preprocess_s,
+            encode_s=streamed.encode_s,
+            pixels=streamed.pixels,
+            encoded_while_reading=streamed.encoded_while_reading,
+        )
+        if prefix_stream is not None and prefill_for is not None and conversation is not None:
+            t0 = time.perf_counter()
+            with _oom_guard("prefill", prepared.num_frames), torch.inference_mode():
+                prefix_stream.advance(streamed.frame_features, prepared.num_frames, streamed.newline)
+                prefix = prefix_stream.result()
+                _sync(loaded.device)
+            if prefix is not None:
+                prefix.unreported_s = time.perf_counter() - t0
+                prompts = self.prompt_rows([conversation], prefill_for[0], prefix_stream.tokens_done + 1, True)
+                prepared.prefixes[_prefix_key(prefill_for[0], prompts)] = prefix
+        return prepared
 
     def compress(self, prepared: PreparedVideo, method: CompressionMethod) -> tuple[CompressedVisual, torch.Tensor]:
         """The method's visual tokens, and the (N+1, D) tokens the LLM sees (the newline appended)."""
@@ -185,7 +258,7 @@ class VideoQA:
         record: bool = False,
     ) -> Report:
         """Compress the prepared video's tokens, build the prompt, generate, and report."""
-        return self.answer_many(prepared, [question], options, share_prefix=False, on_text=on_text, record=record)[0]
+        return self.answer_many(prepared, [question], options, share_prefix=None, on_text=on_text, record=record)[0]
 
     def answer_many(
         self,
@@ -194,7 +267,7 @@ class VideoQA:
         options: RunOptions | None = None,
         *,
         batch_size: int = 1,
-        share_prefix: bool = True,
+        share_prefix: bool | None = True,
         on_text: TextCallback | None = None,
         on_texts: list[TextCallback | None] | None = None,
         on_reports: Callable[[list[Report]], None] | None = None,
@@ -211,8 +284,9 @@ class VideoQA:
         ``on_texts[i]`` streams question i (any batch size). A question is a string or a conversation
         (``("user"|"assistant", text)`` turns ending with a user turn; the video goes with the first).
         The shared prefix's KV is memoised on ``prepared`` per method and prompt, so a later call on the
-        same prepared video skips its prefill. ``stop()`` is polled after every decode step: True ends
-        the batch's generation early. ``record`` keeps what the method kept in ``Report.trace``.
+        same prepared video skips its prefill (``share_prefix=None``: use a memoised prefix, never prefill
+        one; ``answer`` does, after a ``prepare`` that prefilled it). ``stop()`` is polled after every
+        decode step: True ends the batch's generation early. ``record`` keeps what the method kept in ``Report.trace``.
         """
         options = options or RunOptions()
         if batch_size < 1:
@@ -232,14 +306,18 @@ class VideoQA:
         visual, visual_tokens = self.compress(prepared, method)
         compress_s = time.perf_counter() - t0
         prompts = self.prompt_rows(
-            conversations, options, int(visual_tokens.shape[0]), share_prefix and method.shares_prefix
+            conversations, options, int(visual_tokens.shape[0]), share_prefix is not False and method.shares_prefix
         )
 
         prefix, prefix_s = None, 0.0
         if prompts.prefix_length:
-            key = (astuple(options.method), tuple(prompts.rows[0][: prompts.prefix_length]))
+            key = _prefix_key(options, prompts)
             prefix = prepared.prefixes.get(key)
-            if prefix is None:
+            if prefix is None and share_prefix is None:
+                prompts = replace(prompts, prefix_length=0)
+            elif prefix is not None:
+                prefix_s, prefix.unreported_s = prefix.unreported_s, 0.0
+            else:
                 t0 = time.perf_counter()
                 with _oom_guard("prefill", prepared.num_frames), torch.inference_mode():
                     prefix_ids = torch.tensor([prompts.rows[0][: prompts.prefix_length]], device=loaded.device)
@@ -297,7 +375,8 @@ class VideoQA:
         options = run_options(options, **overrides)
         if self.loaded.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.loaded.device)
-        prepared = self.prepare(video, options.video, with_signals=needs_vision_signals([options.method.method]))
+        signals = needs_vision_signals([options.method.method])
+        prepared = self.prepare(video, options.video, with_signals=signals, prefill_for=(options, question))
         return self.answer(prepared, question, options, on_text, record=record)
 
     # -- helpers of the stages ----------------------------------------------------------------------
@@ -388,6 +467,7 @@ class VideoQA:
                 seek=frames.seek,
                 max_shift_s=frames.max_shift_s,
                 decode_cost=dict(frames.decode_cost),
+                encoded_while_reading=prepared.encoded_while_reading,
             ),
             tokens=tokens,
             timings_s=timings,
@@ -401,6 +481,11 @@ class VideoQA:
             compression=compression_figures(method, options, loaded.text_config, tokens, memory, loaded.dtype, sample),
             token_ids=generated,
         )
+
+
+def _prefix_key(options: RunOptions, prompts: PromptRows) -> tuple[Any, ...]:
+    """What a memoised prefix is found by: the method's options and the prefix's token ids."""
+    return (astuple(options.method), tuple(prompts.rows[0][: prompts.prefix_length]))
 
 
 def _timings(prepared: PreparedVideo, compress_s: float, prefix_s: float, timing: DecodeTiming, n_gen: int) -> Timings:

@@ -3,16 +3,15 @@ caller while it imports torch and loads the model (the command line's cold start
 
 from __future__ import annotations
 
-import multiprocessing
-import sys
 import threading
 import time
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from dycoke.config import VideoOptions
 from dycoke.video import VideoFrames, read_video
+from dycoke.video.readers import FrameSink
 
 
 @dataclass
@@ -24,8 +23,11 @@ class DecodedVideo:
     decode_s: float
 
 
-def decode_video(video: str | Path, options: VideoOptions | None = None) -> DecodedVideo:
-    """Sample and decode frames (no model needed: bad files are reported before any model loads)."""
+def decode_video(
+    video: str | Path, options: VideoOptions | None = None, *, sink: FrameSink | None = None
+) -> DecodedVideo:
+    """Sample and decode frames (no model needed: bad files are reported before any model loads);
+    ``sink``: where they go (``read_video``)."""
     options = options or VideoOptions()
     t0 = time.perf_counter()
     frames = read_video(
@@ -36,6 +38,7 @@ def decode_video(video: str | Path, options: VideoOptions | None = None) -> Deco
         start_s=options.start_s,
         end_s=options.end_s,
         seek=options.seek,
+        sink=sink,
     )
     return DecodedVideo(frames=frames, path=str(video), decode_s=time.perf_counter() - t0)
 
@@ -50,19 +53,25 @@ def start_reading(
 ) -> Future[DecodedVideo]:
     """``decode_video`` in the background; ``result()`` returns it or raises its ``VideoError``.
 
-    On a thread by default. ``separate_process=True`` (Linux, where a fork is cheap) decodes in a
-    forked child instead, for a caller that is about to import torch and transformers: the readers'
-    Python work then takes nothing from that single-threaded import (on a thread, a 3-min 1080p read
-    slowed the model-code import by 1.6 s on the 16-core H200 machine,
-    ``benchmarks/try_import_contention.py``). The frames come back pickled (tens of MB). A process that
-    already runs other threads reads on a thread anyway: a forked child could inherit a lock one of
-    them holds (a thread with a true ``fork_safe`` attribute, such as a profiler's sampler, does not
-    count)."""
-    pool: Executor
-    if separate_process and sys.platform == "linux" and _only_main_thread():
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+    On a thread by default. ``separate_process=True`` (Linux) decodes in a forked child instead
+    (``dycoke.frame_stream``: the frames land in memory both processes map), for a caller that is about
+    to import torch and transformers: the readers' Python work then takes nothing from that
+    single-threaded import (on a thread, a 3-min 1080p read slowed the model-code import by 1.6 s on the
+    16-core H200 machine, ``benchmarks/try_import_contention.py``). A process that already runs other
+    threads reads on a thread anyway: a forked child could inherit a lock one of them holds (a thread
+    with a true ``fork_safe`` attribute, such as a profiler's sampler, does not count)."""
+    from dycoke.frame_stream import FrameStream, forked_reading_available
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dycoke-read")
+    if separate_process and forked_reading_available() and _only_main_thread():
+        stream = FrameStream(video, options, notify=False)
+
+        def wait() -> DecodedVideo:
+            with stream:
+                return stream.result()
+
+        future = pool.submit(wait)  # the thread waits on the child's socket, without the interpreter lock
     else:
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dycoke-read")
-    future = pool.submit(decode_video, video, options)
+        future = pool.submit(decode_video, video, options)
     pool.shutdown(wait=False)  # the worker ends with the decode
     return future

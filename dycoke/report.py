@@ -26,6 +26,7 @@ class VideoInfo:
     seek: str = "exact"
     max_shift_s: float = 0.0
     decode_cost: dict[str, int] = field(default_factory=dict)
+    encoded_while_reading: int = 0  # frames the vision encoder took while the rest were still decoding
 
 
 @dataclass

@@ -23,15 +23,21 @@ def test_a_child_process_reads_the_same_frames_and_reports_the_same_errors(tmp_p
     # a fresh interpreter: pytest's own process may run threads, and then no child is forked
     script = textwrap.dedent(
         f"""
-        import multiprocessing, numpy as np
+        import mmap, os, numpy as np
         from dycoke.config import VideoOptions
         from dycoke.errors import VideoError
         from dycoke.reading import decode_video, start_reading
+        forks, fork = [], os.fork
+        os.fork = lambda: forks.append(1) or fork()
         options = VideoOptions(num_frames=8)
         future = start_reading({str(CLIP)!r}, options, separate_process=True)
-        children = len(multiprocessing.active_children())
         got, expected = future.result(), decode_video({str(CLIP)!r}, options)
-        assert children == 1, children
+        assert len(forks) == 1, forks
+        base = got.frames.frames
+        while getattr(base, "base", None) is not None:
+            base = base.base
+        base = base.obj if isinstance(base, memoryview) else base
+        assert isinstance(base, mmap.mmap), type(base)  # mapped from the child, not pickled back
         assert np.array_equal(got.frames.frames, expected.frames.frames)
         assert got.frames.indices == expected.frames.indices and got.path == expected.path
         try:
@@ -49,7 +55,7 @@ def test_a_process_with_threads_reads_on_a_thread(monkeypatch: pytest.MonkeyPatc
     def no_fork(*args: object, **kwargs: object) -> None:
         raise AssertionError("forked while another thread runs")
 
-    monkeypatch.setattr(reading, "ProcessPoolExecutor", no_fork)
+    monkeypatch.setattr("dycoke.frame_stream.FrameStream", no_fork)
     release = threading.Event()
     other = threading.Thread(target=release.wait)
     other.start()

@@ -26,10 +26,14 @@ CACHE_ARGUMENT = "cache" if Version(transformers.__version__).release >= (5, 24)
 
 @dataclass
 class PrefixKV:
-    """The KV cache of a prefix, one (keys, values) pair per layer, each (1, Hkv, P, d)."""
+    """The KV cache of a prefix, one (keys, values) pair per layer, each (1, Hkv, P, d).
+
+    ``unreported_s``: seconds its prefill added to the wall clock that no answer has reported yet (a
+    prefix prefilled while the video was read, ``dycoke.stream_prefill``: the part after the read)."""
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     length: int
+    unreported_s: float = 0.0
 
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)

@@ -86,6 +86,12 @@ class CompressionMethod(Protocol):
         """(F*T, D) frame tokens -> the tokens the LLM sees."""
         ...
 
+    def stable_frames(self, ready: int, num_frames: int) -> int:
+        """With the first ``ready`` of ``num_frames`` frames encoded: how many leading frames have tokens
+        that no later frame changes (``compress`` of the whole video, whatever the later frames hold,
+        begins with those tokens). The video's prefill can start on them while the rest decodes."""
+        ...
+
     def decoding(self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int, max_steps: int = 1024) -> Any:
         """A context manager installed around generation (attention glue); ``num_visual`` counts the
         visual tokens placed at ``visual_start`` ((B,) per sample, or one int; newline included).
@@ -96,6 +102,11 @@ class CompressionMethod(Protocol):
         """Method-specific figures for the report of row ``sample`` of the batch, which generated
         ``generated`` tokens."""
         ...
+
+
+def all_frames_stable(ready: int, num_frames: int) -> int:
+    """``stable_frames`` of a method whose tokens may depend on every frame: none before the last."""
+    return num_frames if ready >= num_frames else 0
 
 
 class TokensOnly:
@@ -114,6 +125,9 @@ class TokensOnly:
 
     def compaction(self) -> Compaction | None:
         return None
+
+    def stable_frames(self, ready: int, num_frames: int) -> int:
+        return all_frames_stable(ready, num_frames)
 
     def dropped_kv(self) -> tuple[int, int] | None:
         return None

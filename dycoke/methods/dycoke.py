@@ -321,6 +321,15 @@ class DyCoke:
             patch_index=merge.patch_index,
         )
 
+    def stable_frames(self, ready: int, num_frames: int) -> int:
+        """TTM works inside windows of four frames (a pair, then frame 4w+2 against frame 4w; which
+        windows re-prune depends on F only): every whole window of the ready frames is final."""
+        if ready >= num_frames:
+            return num_frames
+        if num_frames < MIN_FRAMES_TO_MERGE or self.options.merge_ratio == 0:
+            return ready  # kept whole
+        return ready - ready % 4
+
     @contextmanager
     def decoding(
         self, *, visual_start: int | list[int] | torch.Tensor, num_visual: int, max_steps: int = 1024

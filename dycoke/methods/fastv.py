@@ -32,7 +32,7 @@ from dycoke.attention import (
 from dycoke.compress.fastv import fastv_keep_count, kept_slots
 from dycoke.compress.kv_prune import head_mean_attention
 from dycoke.config import MethodOptions
-from dycoke.methods.base import Compaction, CompressedVisual, VisionSignals, register_method
+from dycoke.methods.base import Compaction, CompressedVisual, VisionSignals, all_frames_stable, register_method
 from dycoke.model import execution_device
 
 FASTV_ATTENTION = "dycoke_fastv"
@@ -175,6 +175,9 @@ class FastV:
         self.session = session
         with fastv_pruning(self.model, session) as cache:
             yield cache
+
+    def stable_frames(self, ready: int, num_frames: int) -> int:
+        return all_frames_stable(ready, num_frames)  # never prefilled before its question anyway
 
     def compaction(self) -> Compaction | None:
         session = self.session

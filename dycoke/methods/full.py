@@ -17,3 +17,6 @@ class FullTokens(TokensOnly):
         self, features: torch.Tensor, num_frames: int, tokens_per_frame: int, vision: VisionSignals | None = None
     ) -> CompressedVisual:
         return CompressedVisual(tokens=features, per_frame=[tokens_per_frame] * num_frames)
+
+    def stable_frames(self, ready: int, num_frames: int) -> int:
+        return min(ready, num_frames)  # each frame's tokens are its own

@@ -183,7 +183,7 @@ from dycoke.video.plan import (
     keyframe_chunks,
     keyframe_targets,
 )
-from dycoke.video.readers import FrameStore, _read_parallel, _read_pyav, _read_sequential
+from dycoke.video.readers import FrameSink, FrameStore, _read_parallel, _read_pyav, _read_sequential
 from dycoke.video.sampling import (
     _SNAP,
     DEFAULT_MIN_DECODE_SIDE,
@@ -241,6 +241,7 @@ def read_video(
     min_decode_side: int | None = DEFAULT_MIN_DECODE_SIDE,
     seek: str = "exact",
     decoder: str = "auto",
+    sink: FrameSink | None = None,
 ) -> VideoFrames:
     """Decode the sampled frames of a video (see the module docstring for which frames and sizes).
 
@@ -257,6 +258,8 @@ def read_video(
         decoder: ``"auto"`` (PyAV seeking by timestamp wherever the timestamps give the display order,
             see "Three decoders"), ``"decord"`` (decord's ``get_batch`` where its index agrees with the demuxed
             one and GOPs are closed, else as auto) or ``"pyav"`` (same as auto).
+        sink: where the frames go, told of each as it lands (``readers.FrameSink``; ``dycoke.video.forked``
+            reads into shared memory with one); the returned ``frames`` is then the sink's array.
 
     Returns:
         VideoFrames with ``frames`` of shape (F, H, W, 3), uint8 RGB.
@@ -386,7 +389,7 @@ def read_video(
             # the probe (all CPUs' threads, has not sought yet) serves when it alone reads at full size
             reader = probe if decoded_size == source_size and len(chunks) == 1 else None
             del probe
-            frames = _read_parallel(_open, reader, chunks, FrameStore(name, targets, decoded_size))
+            frames = _read_parallel(_open, reader, chunks, FrameStore(name, targets, decoded_size, sink))
         readers = len(chunks)
     else:
         del probe
@@ -395,7 +398,7 @@ def read_video(
             decoder = "pyav"
             try:
                 workers = decode_workers(len(runs), work, seeking=True)
-                read, readers = _read_pyav(name, index, runs, decoded_size, workers)
+                read, readers = _read_pyav(name, index, runs, decoded_size, workers, sink=sink)
             except _SeekFailed as exc:
                 warnings.append(f"seeking by timestamp failed ({exc}): decoded forward from the start instead")
         if read is None:
@@ -405,7 +408,7 @@ def read_video(
                     "the packets' timestamps do not give this video's display order: decoded it forward "
                     f"from the start up to frame {targets[-1]}"
                 )
-            read = _read_sequential(name, index, targets, decoded_size)
+            read = _read_sequential(name, index, targets, decoded_size, sink)
         frames = read
     cost["readers"] = readers  # every frame's size was checked as the readers stored it (FrameStore.put)
     returned_times, asked_times = times(targets), times(indices)

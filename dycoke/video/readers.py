@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -16,17 +16,34 @@ from dycoke.video.native import _av_errors, _import_av, _SeekFailed
 from dycoke.video.plan import _balanced, _cpu_count, _Run
 
 
+class FrameSink(Protocol):
+    """Where a read's frames go instead of a private array, and who hears of each one as it lands
+    (``dycoke.video.forked``: shared memory, read by another process while the decode goes on)."""
+
+    def allocate(self, shape: tuple[int, int, int, int]) -> np.ndarray:
+        """A writable (F, H, W, 3) uint8 array for the read's frames (called once per read, or again
+        when a read falls back to decoding forward from the start)."""
+        ...
+
+    def landed(self, slots: list[int]) -> None:
+        """Slots of that array now hold their frame (called from the readers' threads)."""
+        ...
+
+
 class FrameStore:
     """The (F, H, W, 3) uint8 array ``read_video`` returns, filled by the readers' threads as frames come
     out of their decoders, each frame at every slot of ``targets`` that asks for its display position.
 
     Stacking the frames at the end instead copied them all again on one thread, into memory the
     process had never touched: 128 frames of 720p (354 MB) took 0.08-0.36 s to stack on the 2-core
-    machine, and 0.04-0.05 s to place from four threads (page faults included)."""
+    machine, and 0.04-0.05 s to place from four threads (page faults included). With a ``sink`` the
+    array is the sink's, and the sink hears of every slot filled."""
 
-    def __init__(self, name: str, targets: Sequence[int], size: tuple[int, int]) -> None:
+    def __init__(self, name: str, targets: Sequence[int], size: tuple[int, int], sink: FrameSink | None = None) -> None:
         self.name = name
-        self.frames = np.empty((len(targets), size[0], size[1], 3), dtype=np.uint8)
+        shape = (len(targets), size[0], size[1], 3)
+        self.frames = sink.allocate(shape) if sink is not None else np.empty(shape, dtype=np.uint8)
+        self.sink = sink
         self.slots: dict[int, list[int]] = {}
         for slot, position in enumerate(targets):
             self.slots.setdefault(int(position), []).append(slot)
@@ -40,6 +57,8 @@ class FrameStore:
             )
         for slot in self.slots[position]:
             self.frames[slot] = frame
+        if self.sink is not None:
+            self.sink.landed(self.slots[position])
 
 
 # -- decoding with decord --------------------------------------------------------------------------
@@ -160,6 +179,7 @@ def _read_pyav(
     size: tuple[int, int],
     workers: int,
     threads: int | None = None,
+    sink: FrameSink | None = None,
 ) -> tuple[np.ndarray, int]:
     """Decode the runs' targets, the runs dealt out to ``workers`` threads as contiguous groups balanced
     by cost, each with its own container and ``threads`` FFmpeg decoding threads (default: the CPUs
@@ -167,7 +187,7 @@ def _read_pyav(
     groups = _balanced([r.cost for r in runs], workers)
     threads = threads or max(1, _cpu_count() // len(groups))
     jobs = [[runs[i] for i in group] for group in groups]
-    store = FrameStore(name, [t for r in runs for t in r.targets], size)
+    store = FrameStore(name, [t for r in runs for t in r.targets], size, sink)
     if len(jobs) == 1:
         _decode_runs(name, index, jobs[0], size, threads, store)
     else:
@@ -176,12 +196,14 @@ def _read_pyav(
     return store.frames, len(jobs)
 
 
-def _read_sequential(name: str, index: StreamIndex, targets: Sequence[int], size: tuple[int, int]) -> np.ndarray:
+def _read_sequential(
+    name: str, index: StreamIndex, targets: Sequence[int], size: tuple[int, int], sink: FrameSink | None = None
+) -> np.ndarray:
     """Decode forward from the start, the i-th frame out of the decoder being frame i (no seeking, no
     timestamps): for files whose timestamps cannot be trusted."""
     av = _import_av()
     wanted = set(targets)
-    store = FrameStore(name, targets, size)
+    store = FrameStore(name, targets, size, sink)
     last = max(targets)
     with _av_errors(name), av.open(name) as container:
         stream = container.streams[index.stream]

@@ -1,0 +1,235 @@
+"""Reading a video in a forked child, into memory both processes map, frame by frame.
+
+``FrameStream`` forks; the child runs ``decode_video`` with a sink whose array lives in a memfd (an
+anonymous shared file: not limited by the size of ``/dev/shm``, 64 MB in a default Docker container)
+and sends the parent, over a Unix socket, the file's descriptor, then the slot of every frame as it
+lands (``notify``), then the video's metadata or its error. The parent maps the same memory, so no
+frame is ever copied between the processes (the pickled hand-over this replaces cost 1.5-1.9 s beyond
+the decode for 128 frames of 720p on the 2-core machine), and the parent can work on the frames that
+have landed while the child decodes the rest: ``VideoQA.prepare`` encodes them on the GPU meanwhile
+(with ``DYCOKE_STREAM_VIDEO=1``).
+
+Measured (``benchmarks/try_forked_reading.py``): 128 frames of the 720p sample, the parent idle, on the
+H200 machine 0.68 s against 0.43 s for the reader threads in the process (a bare fork of a process
+holding a CUDA context took 7-16 ms, so the cost is the child's decoding, not the fork); on the 2-core
+machine 1.17 s against 1.60 s. The command line reads this way while the model loads.
+
+Why a process and not the reader threads: the readers need the interpreter lock between frames, and
+a caller busy in Python beside them (launching the vision encoder's kernels) slowed a 128-frame decode
+from 0.53-0.62 s to 1.02 s (``benchmarks/try_decode_contention.py``). The child has its own.
+
+The child runs only the reading code (numpy, PyAV, decord; never CUDA) and leaves with ``os._exit``.
+A fork of a process whose other threads hold a lock can deadlock on that lock: the reading path takes
+none of the parent's locks, and CPython re-initialises its own (imports, the GIL, logging,
+``concurrent.futures``) in the child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import time
+import warnings
+from array import array
+from dataclasses import replace
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from dycoke.config import VideoOptions
+from dycoke.errors import VideoError
+from dycoke.reading import DecodedVideo, decode_video
+from dycoke.switches import switch
+
+PREFAULT_ENV = "DYCOKE_FRAMES_PREFAULT"
+_HEADER, _FRAMES, _DONE, _ERROR = b"A", b"F", b"D", b"E"
+_MESSAGE_BYTES = 1 << 22  # a message's largest size: the metadata of a read of thousands of frames
+
+
+def forked_reading_available() -> bool:
+    """Whether this platform has what ``FrameStream`` needs (Linux: fork, memfd, descriptor passing)."""
+    return (
+        sys.platform == "linux" and hasattr(os, "fork") and hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+    )
+
+
+def _prefault() -> bool:
+    """Whether the frames' memory is allocated and mapped whole up front (``DYCOKE_FRAMES_PREFAULT=1``)
+    instead of page by page as the frames land (shared memory gets no transparent huge pages). Off: it
+    measured no faster (128 frames of 720p on the H200: 0.68 s against 0.69-0.71 s; 32 frames on the
+    2-core machine: slower, ``benchmarks/try_forked_reading.py``)."""
+    return switch(PREFAULT_ENV, default=False)
+
+
+def _map(fd: int, nbytes: int) -> mmap.mmap:
+    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if _prefault() else 0)
+    return mmap.mmap(fd, nbytes, flags=flags)
+
+
+class _SharedSink:
+    """The child's ``FrameSink``: frames into a memfd the parent maps, slots reported as they land."""
+
+    def __init__(self, sock: socket.socket, notify: bool) -> None:
+        self.sock = sock
+        self.notify = notify
+        self.lock = threading.Lock()  # the readers' threads report concurrently
+
+    def allocate(self, shape: tuple[int, int, int, int]) -> np.ndarray:
+        nbytes = int(np.prod(shape))
+        fd = os.memfd_create("dycoke-frames", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, max(nbytes, 1))
+            if _prefault():
+                os.posix_fallocate(fd, 0, max(nbytes, 1))
+            memory = _map(fd, max(nbytes, 1))
+            with self.lock:
+                socket.send_fds(self.sock, [_HEADER + pickle.dumps(shape)], [fd])
+        finally:
+            os.close(fd)
+        return np.frombuffer(memory, dtype=np.uint8, count=nbytes).reshape(shape)
+
+    def landed(self, slots: list[int]) -> None:
+        if self.notify:
+            with self.lock:
+                self.sock.send(_FRAMES + array("i", slots).tobytes())
+
+
+def _child(sock: socket.socket, video: str, options: VideoOptions | None, notify: bool) -> None:
+    """The forked child's whole life: read, report, leave without running the parent's exit handlers."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends us
+        try:
+            decoded = decode_video(video, options, sink=_SharedSink(sock, notify))
+            decoded.frames = replace(decoded.frames, frames=np.empty((0,), dtype=np.uint8))  # the parent maps them
+            sock.send(_DONE + pickle.dumps((decoded, time.perf_counter())))
+        except BaseException as exc:  # every failure goes to the parent
+            try:
+                payload = pickle.dumps(exc)
+            except Exception:
+                payload = pickle.dumps(VideoError(f"cannot read video {video}: {type(exc).__name__}: {exc}"))
+            sock.send(_ERROR + payload)
+    finally:
+        os._exit(0)
+
+
+class FrameStream:
+    """A video being read by a forked child into shared memory (see the module docstring).
+
+    ``frames`` is the (F, H, W, 3) uint8 array once the child has sized it (``None`` before);
+    ``landed()`` waits for frames and returns their slots; ``result()`` waits for the end and returns
+    the ``DecodedVideo`` (its frames are ``frames``) or raises the read's error (``VideoError``,
+    ``ConfigError``). Use it as a context manager, or call ``close()``: that ends a child still reading.
+    ``decode_s`` runs from the fork to the child's last frame (its clock is the parent's).
+    """
+
+    def __init__(self, video: str | Path, options: VideoOptions | None = None, *, notify: bool = True) -> None:
+        if not forked_reading_available():
+            raise RuntimeError("reading in a forked child needs Linux (fork, memfd_create, descriptor passing)")
+        self.video = str(video)
+        self.frames: np.ndarray | None = None
+        self.generation = 0  # allocations seen: a read that falls back to decoding forward sizes anew
+        self._decoded: DecodedVideo | None = None
+        self._error: BaseException | None = None
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.started = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+: fork with threads running
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child (coverage does not follow it)
+            parent.close()
+            _child(child, self.video, options, notify)
+        child.close()
+        self.pid: int | None = pid
+        self.sock = parent
+
+    # -- the parent's side ---------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        """Whether the read has ended (with a result or an error)."""
+        return self._decoded is not None or self._error is not None
+
+    def landed(self) -> list[int] | None:
+        """Wait for the next frames; their slots in ``frames`` (possibly none, when only the array was
+        sized), or None once the read has ended (then ``result()`` returns or raises). A slot can land
+        twice when the read restarts (``generation`` grows): the frame is the same."""
+        if self.finished:
+            return None
+        return self._receive()
+
+    def result(self) -> DecodedVideo:
+        """Wait for the end of the read: the decoded video, or its error raised."""
+        while not self.finished:
+            self._receive()
+        if self._error is not None:
+            raise self._error
+        assert self._decoded is not None
+        return self._decoded
+
+    def close(self) -> None:
+        """End the child if it still runs, collect it, close the socket."""
+        if self.pid is not None:
+            if not self.finished:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.pid = None
+        self.sock.close()
+
+    def __enter__(self) -> FrameStream:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "pid", None) is not None:
+            self.close()
+
+    def _receive(self) -> list[int] | None:
+        """One message: the slots it reports, [] for the array's size, None for the end."""
+        message, fds, _, _ = socket.recv_fds(self.sock, _MESSAGE_BYTES, 1)
+        kind, body = message[:1], message[1:]
+        if kind == _FRAMES:
+            return array("i", body).tolist()
+        if kind == _HEADER:
+            shape = pickle.loads(body)
+            nbytes = int(np.prod(shape))
+            try:
+                memory = _map(fds[0], max(nbytes, 1))
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            self.frames = np.frombuffer(memory, dtype=np.uint8, count=nbytes).reshape(shape)
+            self.generation += 1
+            return []
+        if kind == _DONE:
+            decoded, ended = pickle.loads(body)
+            assert self.frames is not None
+            decoded.frames = replace(decoded.frames, frames=self.frames)
+            decoded.decode_s = ended - self.started
+            self._decoded = decoded
+        elif kind == _ERROR:
+            self._error = pickle.loads(body)
+        else:  # the socket closed without a result: the child died (a crash in a native decoder)
+            status = self._reap()
+            self._error = VideoError(f"cannot read video {self.video}: the decoding process ended ({status})")
+            return None
+        self._reap()
+        return None
+
+    def _reap(self) -> str:
+        if self.pid is None:
+            return "already collected"
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = None
+        if os.WIFSIGNALED(status):
+            return f"killed by signal {os.WTERMSIG(status)}"
+        return f"exit status {os.waitstatus_to_exitcode(status)}"

@@ -1,0 +1,242 @@
+"""``dycoke.frame_stream`` (a video read by a forked child into shared memory) and
+``dycoke.stream_encode`` (the vision encoder taking the frames as they land)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from dycoke import frame_stream
+from dycoke.config import ModelOptions, VideoOptions, run_options
+from dycoke.errors import VideoError
+from dycoke.frame_stream import FrameStream
+from dycoke.pipeline import STREAM_VIDEO_ENV, VideoQA
+from dycoke.reading import decode_video
+from dycoke.stream_encode import _runs, group_size
+
+pytestmark = pytest.mark.skipif(not frame_stream.forked_reading_available(), reason="needs fork and memfd (Linux)")
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIP = ROOT / "samples" / "bigbuckbunny.mp4"
+
+
+def _mapped(array: np.ndarray) -> bool:
+    base: Any = array
+    while getattr(base, "base", None) is not None:
+        base = base.base
+    return isinstance(base.obj if isinstance(base, memoryview) else base, mmap.mmap)
+
+
+def test_the_stream_gives_the_frames_of_a_plain_read_each_slot_landing_once() -> None:
+    options = VideoOptions(num_frames=12)
+    expected = decode_video(CLIP, options)
+    landed: list[int] = []
+    with FrameStream(CLIP, options) as stream:
+        while (slots := stream.landed()) is not None:
+            assert stream.frames is not None or not slots  # sized before any frame lands
+            landed += slots
+        got = stream.result()
+    assert sorted(landed) == list(range(12))
+    assert stream.generation == 1
+    assert np.array_equal(got.frames.frames, expected.frames.frames)
+    assert got.frames.indices == expected.frames.indices
+    assert got.frames.timestamps_s == expected.frames.timestamps_s
+    assert got.path == expected.path and 0 < got.decode_s < 60
+    assert _mapped(got.frames.frames)  # the child's memory, never pickled across
+
+
+def test_without_notices_only_the_result_comes_back() -> None:
+    with FrameStream(CLIP, VideoOptions(num_frames=4), notify=False) as stream:
+        assert stream.landed() == []  # the array's size
+        assert stream.landed() is None  # then the end: no frame notices
+        assert stream.result().frames.frames.shape[0] == 4
+
+
+@pytest.mark.parametrize(
+    ("video", "message"),
+    [("missing.mp4", "video not found"), ("README.md", "cannot read video .*README.md")],
+)
+def test_the_childs_error_is_raised_in_the_parent(video: str, message: str) -> None:
+    with FrameStream(ROOT / video, VideoOptions(num_frames=4)) as stream, pytest.raises(VideoError, match=message):
+        stream.result()
+    assert stream.pid is None  # collected
+
+
+def test_a_child_that_dies_is_reported_not_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(frame_stream, "decode_video", lambda *args, **kwargs: os._exit(3))  # the fork inherits it
+    ended = r"the decoding process ended \(exit status 3\)"
+    with FrameStream(CLIP, VideoOptions(num_frames=4)) as stream, pytest.raises(VideoError, match=ended):
+        stream.result()
+
+
+def test_closing_ends_a_child_still_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(frame_stream, "decode_video", lambda *args, **kwargs: time.sleep(60))
+    started = time.perf_counter()
+    stream = FrameStream(CLIP, VideoOptions(num_frames=4))
+    stream.close()
+    assert stream.pid is None and time.perf_counter() - started < 10
+
+
+def _restarting_read(video: Any, options: Any, *, sink: Any) -> Any:
+    """A read that fills its array, then falls back (as a failed seek does) and fills a new one."""
+    decoded = decode_video(video, options)
+    frames = decoded.frames.frames
+    for _ in range(2):
+        array = sink.allocate(frames.shape)
+        for slot in range(frames.shape[0]):
+            array[slot] = frames[slot]
+            sink.landed([slot])
+    return decoded
+
+
+def test_a_restarted_read_maps_the_new_array(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(frame_stream, "decode_video", _restarting_read)
+    options = VideoOptions(num_frames=6)
+    with FrameStream(CLIP, options) as stream:
+        landed = []
+        while (slots := stream.landed()) is not None:
+            landed += slots
+        got = stream.result()
+    assert stream.generation == 2 and sorted(landed) == sorted(list(range(6)) * 2)
+    assert np.array_equal(got.frames.frames, decode_video(CLIP, options).frames.frames)
+
+
+def test_runs_and_group_sizes() -> None:
+    assert _runs([0, 1, 2, 5, 7, 8]) == [(0, 3), (5, 6), (7, 9)]
+    assert _runs([]) == []
+    assert [group_size(f) for f in (1, 32, 64, 128, 1024)] == [4, 4, 8, 16, 16]
+
+
+@pytest.fixture(scope="module")
+def qa(tiny_checkpoint: Path) -> VideoQA:
+    return VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cpu", dtype="float32"))
+
+
+def _prepare(qa: VideoQA, monkeypatch: pytest.MonkeyPatch, stream: str, **kwargs: Any) -> Any:
+    monkeypatch.setenv(STREAM_VIDEO_ENV, stream)
+    return qa.prepare(CLIP, VideoOptions(num_frames=20), **kwargs)
+
+
+def test_encoding_while_reading_gives_the_tokens_of_encoding_after(
+    qa: VideoQA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    after = _prepare(qa, monkeypatch, "0")
+    forks: list[int] = []
+    fork = os.fork
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or fork())
+    streamed = _prepare(qa, monkeypatch, "1")
+    assert forks == [1] and after.encoded_while_reading == 0
+    assert 0 <= streamed.encoded_while_reading <= 20
+    assert torch.allclose(streamed.features, after.features, atol=1e-5, rtol=0)
+    assert torch.equal(streamed.pixels, after.pixels) and torch.equal(streamed.newline, after.newline)
+    assert streamed.frames.indices == after.frames.indices
+    assert min(streamed.decode_s, streamed.preprocess_s, streamed.encode_s) >= 0
+    options = run_options(None, max_new_tokens=6)
+    report = qa.answer(streamed, "What is here?", options)
+    assert report.token_ids == qa.answer(after, "What is here?", options).token_ids
+    assert report.video.encoded_while_reading == streamed.encoded_while_reading
+
+
+def test_a_bad_file_fails_the_same_way_streamed(qa: VideoQA, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(STREAM_VIDEO_ENV, "1")
+    with pytest.raises(VideoError, match="not a video file"):
+        qa.prepare(ROOT / "README.md", VideoOptions(num_frames=4))
+
+
+def test_prumerges_signals_are_recorded_from_a_plain_read(qa: VideoQA, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "fork", lambda: pytest.fail("forked for a read that records signals"))
+    prepared = _prepare(qa, monkeypatch, "1", with_signals=True)
+    assert prepared.vision is not None and prepared.encoded_while_reading == 0
+
+
+def test_the_switch_is_off_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dycoke.pipeline import streams_video
+
+    monkeypatch.delenv(STREAM_VIDEO_ENV, raising=False)
+    assert not streams_video(torch.device("cuda")) and not streams_video(torch.device("cpu"))
+    monkeypatch.setenv(STREAM_VIDEO_ENV, "1")
+    assert streams_video(torch.device("cpu")) and streams_video(torch.device("cuda"))
+    monkeypatch.setenv(STREAM_VIDEO_ENV, "off")
+    assert not streams_video(torch.device("cuda"))
+
+
+# -- the prefix prefilled while the video is read (dycoke.stream_prefill) ---------------------------
+
+
+@pytest.mark.parametrize(("method", "frames"), [("full", 12), ("dycoke", 12), ("dycoke", 11), ("fastv", 8)])
+def test_asking_with_the_prefix_prefilled_while_reading_gives_the_same_answer(
+    qa: VideoQA, monkeypatch: pytest.MonkeyPatch, method: str, frames: int
+) -> None:
+    answers, prompts = {}, {}
+    for stream in ("0", "1"):
+        monkeypatch.setenv(STREAM_VIDEO_ENV, stream)
+        report = qa.ask(CLIP, "What is here?", method=method, num_frames=frames, max_new_tokens=8)
+        answers[stream], prompts[stream] = report.token_ids, report.tokens.prompt
+    assert answers["1"] == answers["0"] and prompts["1"] == prompts["0"]
+
+
+def test_the_prefix_is_memoised_for_the_question_asked(qa: VideoQA, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(STREAM_VIDEO_ENV, "1")
+    options = run_options(None, method="dycoke", num_frames=12, max_new_tokens=4)
+    prepared = qa.prepare(CLIP, options.video, prefill_for=(options, "What is here?"))
+    (prefix,) = prepared.prefixes.values()
+    tail = prefix.unreported_s
+    assert tail > 0
+    report = qa.answer(prepared, "What is here?", options)
+    assert prefix.length < report.tokens.prompt  # the question continued it
+    assert report.timings_s.shared_prefix == tail and prefix.unreported_s == 0.0  # reported once
+    assert qa.answer(prepared, "What is here?", options).timings_s.shared_prefix == 0.0
+    fresh = qa.prepare(CLIP, options.video)  # nothing to prefill for: no prefix
+    assert not fresh.prefixes
+    assert qa.answer(fresh, "What is here?", options).token_ids == report.token_ids
+
+
+def test_chunks_follow_the_stable_frames(qa: VideoQA) -> None:
+    from dycoke.methods import build_method
+    from dycoke.stream_prefill import PrefixStream, chunk_frames
+
+    loaded = qa.loaded
+    method = build_method(run_options(None, method="dycoke").method, loaded.model, loaded.num_layers)
+    assert [method.stable_frames(r, 16) for r in (0, 3, 4, 7, 9, 15, 16)] == [0, 0, 4, 4, 8, 12, 16]
+    assert method.stable_frames(3, 4) == 3  # a video too short to merge is kept whole
+    full = build_method(run_options(None, method="full").method, loaded.model, loaded.num_layers)
+    assert full.stable_frames(7, 16) == 7
+    fastv = build_method(run_options(None, method="fastv").method, loaded.model, loaded.num_layers)
+    assert [fastv.stable_frames(r, 16) for r in (15, 16)] == [0, 16]
+    assert [chunk_frames(f) for f in (8, 32, 128)] == [4, 8, 32]
+
+    torch.manual_seed(0)
+    frames, tokens = 16, loaded.tokens_per_frame
+    features = torch.randn(frames, tokens, loaded.text_config.hidden_size)
+    stream = PrefixStream(loaded, method, [1, 2, 3])
+    stream.advance(features, 3)  # no whole window yet
+    assert stream.frames_done == 0 and stream.length == 0
+    stream.advance(features, 9)  # two windows: 8 frames, at least a chunk's worth (4)
+    assert stream.frames_done == 8 and len(stream.prefilled) == 1
+    stream.advance(features, frames, torch.zeros(1, features.shape[-1]))
+    prefix = stream.result()
+    whole = method.compress(features.reshape(-1, features.shape[-1]), frames, tokens)
+    assert prefix is not None and prefix.length == 3 + whole.tokens.shape[0] + 1
+    assert prefix.layers[0][0].shape[2] == prefix.length
+
+
+def test_a_method_that_promises_too_much_loses_its_prefix(qa: VideoQA) -> None:
+    from dycoke.methods import build_method
+    from dycoke.stream_prefill import PrefixStream
+
+    loaded = qa.loaded
+    method = build_method(run_options(None, method="full").method, loaded.model, loaded.num_layers)
+    liar = type("Liar", (), {"stable_frames": lambda self, ready, n: ready, "compress": None})()
+    liar.compress = lambda features, n, t, vision=None: method.compress(features.flip(0), n, t)  # later frames matter
+    features = torch.randn(8, loaded.tokens_per_frame, loaded.text_config.hidden_size)
+    stream = PrefixStream(loaded, liar, [1])  # type: ignore[arg-type]
+    stream.advance(features * (torch.arange(8) < 4).view(8, 1, 1), 4)
+    stream.advance(features, 8, torch.zeros(1, features.shape[-1]))
+    assert stream.result() is None
