@@ -17,9 +17,9 @@ Contenders, side by side in one process, alternating run by run after a warm-up 
   instead of its Triton kernels; ``dycoke-prune-every-step``: DyCoke with a gate threshold of 1, so that
   DP prunes at (nearly) every step (a random-weight model's attention barely moves from step to step, so
   at the paper's 0.9 it prunes at the first step only).
-- any of those with ``-decode-first`` (``full-decode-first``, ...): with ``DYCOKE_STREAM_VIDEO=0``, the
-  whole video decoded before the vision encoder starts, instead of encoded while a forked child decodes
-  the rest (``dycoke.stream_encode``).
+- any of those with ``-streamed`` (``full-streamed``, ...): with ``DYCOKE_STREAM_VIDEO=1``, the frames
+  encoded (and the shared prefix prefilled) while a forked child decodes the rest
+  (``dycoke.stream_encode``, ``dycoke.stream_prefill``) instead of after the whole video is decoded.
 
 Writes ``<out>.json`` (every run), ``<out>.md`` (medians) and ``<out>.png`` (a chart of the medians).
 """
@@ -46,7 +46,7 @@ from dycoke.decoding.streaming import TimedTextStreamer
 from dycoke.pipeline import STREAM_VIDEO_ENV, VideoQA
 from dycoke.prompt import paper_prompt
 
-DECODE_FIRST = "-decode-first"
+STREAMED = "-streamed"
 QUESTION = "What is the rabbit doing, and what happens to the butterflies?"
 
 
@@ -106,10 +106,10 @@ def one(qa: VideoQA, name: str, frames: int, args: argparse.Namespace, processor
     """One timed run of one contender."""
     if name == "hf-plain":
         return hf_plain(qa, args.video, frames, args.new_tokens, processor)
-    if name.endswith(DECODE_FIRST):
-        os.environ[STREAM_VIDEO_ENV] = "0"
+    if name.endswith(STREAMED):
+        os.environ[STREAM_VIDEO_ENV] = "1"
         try:
-            return one(qa, name.removesuffix(DECODE_FIRST), frames, args, processor)
+            return one(qa, name.removesuffix(STREAMED), frames, args, processor)
         finally:
             del os.environ[STREAM_VIDEO_ENV]
     method = {

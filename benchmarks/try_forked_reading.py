@@ -1,9 +1,9 @@
 """What a forked reader (``dycoke.frame_stream``) costs beside reading on threads in the process.
 
 For each frame count, alternating: ``decode_video`` in this process; ``FrameStream`` drained by an idle
-parent, with the shared memory allocated and mapped whole up front (``DYCOKE_FRAMES_PREFAULT=1``) and
-without (page by page on first touch); and a bare ``os.fork()`` of this process (the child exits at
-once). With ``--model-gib N`` the process first holds N GiB on the GPU and a CUDA context, as a
+parent, into new shared memory (a process's first read) and into the memory of an earlier read that
+the process kept (``frame_stream._release``); and a bare ``os.fork()`` of this process (the child
+exits at once). With ``--model-gib N`` the process first holds N GiB on the GPU and a CUDA context, as a
 loaded model does.
 
     python benchmarks/try_forked_reading.py --frames 32 128 --repeats 3 --model-gib 16 \\
@@ -23,13 +23,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dycoke import frame_stream
 from dycoke.config import VideoOptions
-from dycoke.frame_stream import PREFAULT_ENV, FrameStream
+from dycoke.frame_stream import FrameStream
 from dycoke.reading import decode_video
 
 
-def streamed(video: str, options: VideoOptions, prefault: str) -> float:
-    os.environ[PREFAULT_ENV] = prefault
+def streamed(video: str, options: VideoOptions, reuse: bool) -> float:
+    if not reuse:
+        frame_stream._IDLE.clear()
     started = time.perf_counter()
     with FrameStream(video, options) as stream:
         while stream.landed() is not None:
@@ -64,14 +66,14 @@ def main() -> None:
     for frames in args.frames:
         options = VideoOptions(num_frames=frames)
         decode_video(args.video, options)  # warm: file cache, codecs
-        names = ("threads", "forked-prefault", "forked-page-by-page", "fork-only")
+        names = ("threads", "forked-new-memory", "forked-reused-memory", "fork-only")
         runs: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             decode_video(args.video, options)
             runs["threads"].append(time.perf_counter() - t0)
-            runs["forked-prefault"].append(streamed(args.video, options, "1"))
-            runs["forked-page-by-page"].append(streamed(args.video, options, "0"))
+            runs["forked-new-memory"].append(streamed(args.video, options, reuse=False))
+            runs["forked-reused-memory"].append(streamed(args.video, options, reuse=True))
             runs["fork-only"].append(bare_fork())
         row = {"frames": frames, **{k: 1000 * statistics.median(v) for k, v in runs.items()}}
         row["all_ms"] = {k: [round(1000 * x, 1) for x in v] for k, v in runs.items()}

@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from array import array
 from dataclasses import replace
 from pathlib import Path
@@ -46,9 +47,7 @@ import numpy as np
 from dycoke.config import VideoOptions
 from dycoke.errors import VideoError
 from dycoke.reading import DecodedVideo, decode_video
-from dycoke.switches import switch
 
-PREFAULT_ENV = "DYCOKE_FRAMES_PREFAULT"
 _HEADER, _FRAMES, _DONE, _ERROR = b"A", b"F", b"D", b"E"
 _MESSAGE_BYTES = 1 << 22  # a message's largest size: the metadata of a read of thousands of frames
 
@@ -60,37 +59,76 @@ def forked_reading_available() -> bool:
     )
 
 
-def _prefault() -> bool:
-    """Whether the frames' memory is allocated and mapped whole up front (``DYCOKE_FRAMES_PREFAULT=1``)
-    instead of page by page as the frames land (shared memory gets no transparent huge pages). Off: it
-    measured no faster (128 frames of 720p on the H200: 0.68 s against 0.69-0.71 s; 32 frames on the
-    2-core machine: slower, ``benchmarks/try_forked_reading.py``)."""
-    return switch(PREFAULT_ENV, default=False)
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+: map a range in, writable, in one call instead of page by page
 
 
-def _map(fd: int, nbytes: int) -> mmap.mmap:
-    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if _prefault() else 0)
-    return mmap.mmap(fd, nbytes, flags=flags)
+class _Arena:
+    """Shared memory that a read's frames lived in, kept for a later read (see ``_release``)."""
+
+    def __init__(self, memory: mmap.mmap) -> None:
+        self.memory = memory
+        self.nbytes = len(memory)
+
+
+_IDLE_LOCK = threading.Lock()
+_IDLE: list[_Arena] = []  # at most one: the largest arena no frames live in any more
+
+
+def _claim() -> _Arena | None:
+    """Take the idle arena, if any, for one read."""
+    with _IDLE_LOCK:
+        return _IDLE.pop() if _IDLE else None
+
+
+def _release(arena: _Arena) -> None:
+    """An arena no frames live in any more: kept for the next read when it is the largest.
+
+    Shared memory gets no transparent huge pages: its first use faults in 4 KiB pages one by one, 0.24
+    s more than private memory for 128 frames of 720p (354 MB) on the H200 machine, the whole cost of
+    the forked read over reader threads in the process (``benchmarks/try_forked_reading.py``). A read
+    into memory already used costs none of it. So the process keeps the largest arena it has used
+    (until a read needs a larger one): a server's reads then allocate nothing."""
+    with _IDLE_LOCK:
+        if not _IDLE or _IDLE[0].nbytes < arena.nbytes:
+            _IDLE[:] = [arena]
+
+
+def _new_memory(nbytes: int) -> tuple[int, mmap.mmap]:
+    """A memfd of ``nbytes`` and its shared mapping (the caller closes the descriptor)."""
+    fd = os.memfd_create("dycoke-frames", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, nbytes)
+        return fd, mmap.mmap(fd, nbytes)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class _SharedSink:
-    """The child's ``FrameSink``: frames into a memfd the parent maps, slots reported as they land."""
+    """The child's ``FrameSink``: frames into memory the parent maps (the arena the parent lent, when
+    it is large enough, else a new memfd whose descriptor goes to the parent), slots reported as they
+    land."""
 
-    def __init__(self, sock: socket.socket, notify: bool) -> None:
+    def __init__(self, sock: socket.socket, notify: bool, arena: _Arena | None) -> None:
         self.sock = sock
         self.notify = notify
+        self.in_order = notify  # who hears of every frame works through them in order
+        self.arena = arena
         self.lock = threading.Lock()  # the readers' threads report concurrently
 
     def allocate(self, shape: tuple[int, int, int, int]) -> np.ndarray:
         nbytes = int(np.prod(shape))
-        fd = os.memfd_create("dycoke-frames", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, max(nbytes, 1))
-            if _prefault():
-                os.posix_fallocate(fd, 0, max(nbytes, 1))
-            memory = _map(fd, max(nbytes, 1))
+        arena, self.arena = self.arena, None  # a read that restarts gets new memory
+        if arena is not None and arena.nbytes >= nbytes:
+            with contextlib.suppress(OSError, ValueError):  # older kernels: faulted in page by page
+                arena.memory.madvise(_MADV_POPULATE_WRITE, 0, nbytes)
             with self.lock:
-                socket.send_fds(self.sock, [_HEADER + pickle.dumps(shape)], [fd])
+                self.sock.send(_HEADER + pickle.dumps((shape, True)))
+            return np.frombuffer(arena.memory, dtype=np.uint8, count=nbytes).reshape(shape)
+        fd, memory = _new_memory(max(nbytes, 1))
+        try:
+            with self.lock:
+                socket.send_fds(self.sock, [_HEADER + pickle.dumps((shape, False))], [fd])
         finally:
             os.close(fd)
         return np.frombuffer(memory, dtype=np.uint8, count=nbytes).reshape(shape)
@@ -101,12 +139,22 @@ class _SharedSink:
                 self.sock.send(_FRAMES + array("i", slots).tobytes())
 
 
-def _child(sock: socket.socket, video: str, options: VideoOptions | None, notify: bool) -> None:
+def _leave_a_cpu() -> None:
+    """Keep the child's decoders off one CPU, for the parent that works on the frames meanwhile (its
+    GPU work launches, copies and waits on one thread; FFmpeg's frame threads wait for the slowest)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) > 2:
+        os.sched_setaffinity(0, cpus[:-1])
+
+
+def _child(sock: socket.socket, video: str, options: VideoOptions | None, notify: bool, arena: _Arena | None) -> None:
     """The forked child's whole life: read, report, leave without running the parent's exit handlers."""
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends us
+        if notify:
+            _leave_a_cpu()
         try:
-            decoded = decode_video(video, options, sink=_SharedSink(sock, notify))
+            decoded = decode_video(video, options, sink=_SharedSink(sock, notify, arena))
             decoded.frames = replace(decoded.frames, frames=np.empty((0,), dtype=np.uint8))  # the parent maps them
             sock.send(_DONE + pickle.dumps((decoded, time.perf_counter())))
         except BaseException as exc:  # every failure goes to the parent
@@ -137,6 +185,7 @@ class FrameStream:
         self.generation = 0  # allocations seen: a read that falls back to decoding forward sizes anew
         self._decoded: DecodedVideo | None = None
         self._error: BaseException | None = None
+        self._lent = _claim()  # the child writes into it when it is large enough
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.started = time.perf_counter()
         with warnings.catch_warnings():
@@ -144,7 +193,7 @@ class FrameStream:
             pid = os.fork()
         if pid == 0:  # pragma: no cover - the child (coverage does not follow it)
             parent.close()
-            _child(child, self.video, options, notify)
+            _child(child, self.video, options, notify, self._lent)
         child.close()
         self.pid: int | None = pid
         self.sock = parent
@@ -181,6 +230,7 @@ class FrameStream:
                     os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
             self.pid = None
+        self._give_back()  # only once no child can write into it
         self.sock.close()
 
     def __enter__(self) -> FrameStream:
@@ -200,14 +250,19 @@ class FrameStream:
         if kind == _FRAMES:
             return array("i", body).tolist()
         if kind == _HEADER:
-            shape = pickle.loads(body)
+            shape, reused = pickle.loads(body)
             nbytes = int(np.prod(shape))
-            try:
-                memory = _map(fds[0], max(nbytes, 1))
-            finally:
-                for fd in fds:
-                    os.close(fd)
-            self.frames = np.frombuffer(memory, dtype=np.uint8, count=nbytes).reshape(shape)
+            if reused and self._lent is not None:
+                arena, self._lent = self._lent, None
+            else:
+                try:
+                    arena = _Arena(mmap.mmap(fds[0], max(nbytes, 1)))
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                self._give_back()  # lent, too small
+            self.frames = np.frombuffer(arena.memory, dtype=np.uint8, count=nbytes).reshape(shape)
+            weakref.finalize(self.frames, _release, arena)  # once no view of these frames is left
             self.generation += 1
             return []
         if kind == _DONE:
@@ -224,6 +279,12 @@ class FrameStream:
             return None
         self._reap()
         return None
+
+    def _give_back(self) -> None:
+        """An arena lent to the child and not (or no longer) to be used: idle again."""
+        if self._lent is not None:
+            _release(self._lent)
+            self._lent = None
 
     def _reap(self) -> str:
         if self.pid is None:

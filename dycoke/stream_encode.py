@@ -48,14 +48,22 @@ class StreamedEncoding:
 
 
 def group_size(num_frames: int) -> int:
-    """Frames per encoder call while reading: an eighth of the video, between 4 and 16 frames (fewer
+    """Frames per encoder call while reading: an eighth of the video, between 8 and 16 frames (fewer
     frames per call launch the encoder's kernels more often; more leave a longer tail after the decode)."""
-    return max(4, min(16, num_frames // 8))
+    return max(8, min(16, num_frames // 8))
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _staged(frames: np.ndarray, device: torch.device) -> np.ndarray | torch.Tensor:
+    """Frames to upload: for a GPU, copied into pinned memory (torch's caching host allocator), so the
+    upload does not wait for the GPU work queued before it, as a copy from pageable memory does."""
+    if device.type != "cuda":
+        return frames
+    return torch.from_numpy(frames).pin_memory()
 
 
 def _runs(slots: list[int]) -> list[tuple[int, int]]:
@@ -92,7 +100,9 @@ class _Encoder:
         loaded = self.loaded
         out = []
         for start, end in _runs(slots):
-            pixels = preprocess_frames(frames[start:end], loaded.preprocess, device=loaded.device, dtype=loaded.dtype)
+            pixels = preprocess_frames(
+                _staged(frames[start:end], loaded.device), loaded.preprocess, device=loaded.device, dtype=loaded.dtype
+            )
             if self.pixels is None:
                 self.pixels = pixels.new_empty((self.num_frames, *pixels.shape[1:]))
             self.pixels[start:end] = pixels

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import time
@@ -50,6 +51,51 @@ def test_the_stream_gives_the_frames_of_a_plain_read_each_slot_landing_once() ->
     assert got.frames.timestamps_s == expected.frames.timestamps_s
     assert got.path == expected.path and 0 < got.decode_s < 60
     assert _mapped(got.frames.frames)  # the child's memory, never pickled across
+
+
+def _memory_of(array: np.ndarray) -> Any:
+    base: Any = array
+    while getattr(base, "base", None) is not None:
+        base = base.base
+    return base.obj if isinstance(base, memoryview) else base
+
+
+def _read(options: VideoOptions) -> np.ndarray:
+    with FrameStream(CLIP, options) as stream:
+        return stream.result().frames.frames
+
+
+def test_a_later_read_reuses_the_memory_of_frames_no_longer_alive() -> None:
+    gc.collect()
+    frame_stream._IDLE.clear()
+    first = _read(VideoOptions(num_frames=10))
+    memory = _memory_of(first)
+    assert not frame_stream._IDLE  # in use
+    kept = first.copy()
+    held = _read(VideoOptions(num_frames=6, start_s=1.0))  # the first frames are alive: new memory
+    assert _memory_of(held) is not memory and np.array_equal(first, kept)
+    del first
+    gc.collect()
+    assert [arena.memory for arena in frame_stream._IDLE] == [memory]  # idle again
+    smaller = _read(VideoOptions(num_frames=8))  # fits: written into it
+    assert _memory_of(smaller) is memory and not frame_stream._IDLE
+    assert np.array_equal(smaller, decode_video(CLIP, VideoOptions(num_frames=8)).frames.frames)
+    assert np.array_equal(held, decode_video(CLIP, VideoOptions(num_frames=6, start_s=1.0)).frames.frames)
+    del smaller, held
+    gc.collect()
+    assert len(frame_stream._IDLE) == 1 and frame_stream._IDLE[0].memory is memory  # the larger one kept
+
+
+def test_a_failed_read_gives_the_memory_back() -> None:
+    gc.collect()
+    frame_stream._IDLE.clear()
+    del_me = _read(VideoOptions(num_frames=4))
+    del del_me
+    gc.collect()
+    (arena,) = frame_stream._IDLE
+    with FrameStream(ROOT / "README.md", VideoOptions(num_frames=4)) as stream, pytest.raises(VideoError):
+        stream.result()
+    assert [arena] == frame_stream._IDLE
 
 
 def test_without_notices_only_the_result_comes_back() -> None:
@@ -111,7 +157,7 @@ def test_a_restarted_read_maps_the_new_array(monkeypatch: pytest.MonkeyPatch) ->
 def test_runs_and_group_sizes() -> None:
     assert _runs([0, 1, 2, 5, 7, 8]) == [(0, 3), (5, 6), (7, 9)]
     assert _runs([]) == []
-    assert [group_size(f) for f in (1, 32, 64, 128, 1024)] == [4, 4, 8, 16, 16]
+    assert [group_size(f) for f in (1, 32, 64, 128, 1024)] == [8, 8, 8, 16, 16]
 
 
 @pytest.fixture(scope="module")
@@ -210,16 +256,17 @@ def test_chunks_follow_the_stable_frames(qa: VideoQA) -> None:
     assert full.stable_frames(7, 16) == 7
     fastv = build_method(run_options(None, method="fastv").method, loaded.model, loaded.num_layers)
     assert [fastv.stable_frames(r, 16) for r in (15, 16)] == [0, 16]
-    assert [chunk_frames(f) for f in (8, 32, 128)] == [4, 8, 32]
+    assert [chunk_frames(f) for f in (8, 32, 128)] == [16, 16, 32]
 
     torch.manual_seed(0)
-    frames, tokens = 16, loaded.tokens_per_frame
+    frames, tokens = 40, loaded.tokens_per_frame
     features = torch.randn(frames, tokens, loaded.text_config.hidden_size)
     stream = PrefixStream(loaded, method, [1, 2, 3])
     stream.advance(features, 3)  # no whole window yet
+    stream.advance(features, 15)  # three windows: fewer frames than a chunk (16)
     assert stream.frames_done == 0 and stream.length == 0
-    stream.advance(features, 9)  # two windows: 8 frames, at least a chunk's worth (4)
-    assert stream.frames_done == 8 and len(stream.prefilled) == 1
+    stream.advance(features, 21)  # five windows: 20 frames
+    assert stream.frames_done == 20 and len(stream.prefilled) == 1
     stream.advance(features, frames, torch.zeros(1, features.shape[-1]))
     prefix = stream.result()
     whole = method.compress(features.reshape(-1, features.shape[-1]), frames, tokens)
@@ -235,8 +282,74 @@ def test_a_method_that_promises_too_much_loses_its_prefix(qa: VideoQA) -> None:
     method = build_method(run_options(None, method="full").method, loaded.model, loaded.num_layers)
     liar = type("Liar", (), {"stable_frames": lambda self, ready, n: ready, "compress": None})()
     liar.compress = lambda features, n, t, vision=None: method.compress(features.flip(0), n, t)  # later frames matter
-    features = torch.randn(8, loaded.tokens_per_frame, loaded.text_config.hidden_size)
+    features = torch.randn(32, loaded.tokens_per_frame, loaded.text_config.hidden_size)
     stream = PrefixStream(loaded, liar, [1])  # type: ignore[arg-type]
-    stream.advance(features * (torch.arange(8) < 4).view(8, 1, 1), 4)
-    stream.advance(features, 8, torch.zeros(1, features.shape[-1]))
+    stream.advance(features * (torch.arange(32) < 16).view(32, 1, 1), 16)
+    assert stream.frames_done == 16
+    stream.advance(features, 32, torch.zeros(1, features.shape[-1]))
     assert stream.result() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_chunk_attention_on_the_gpu_matches_a_materialised_mask() -> None:
+    from dycoke.attention import chunk_prefill_attention
+
+    torch.manual_seed(0)
+    for q_len, keys in ((300, 1200), (64, 2000), (500, 500)):
+        query = torch.randn(1, 28, q_len, 128, device="cuda", dtype=torch.bfloat16)
+        key, value = (torch.randn(1, 4, keys, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        out, _ = chunk_prefill_attention(torch.nn.Module(), query, key, value, None)
+        allowed = torch.ones(q_len, keys, dtype=torch.bool, device="cuda").tril(diagonal=keys - q_len)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query.float(), key.float().repeat_interleave(7, 1), value.float().repeat_interleave(7, 1), attn_mask=allowed
+        ).transpose(1, 2)
+        assert (out.float() - expected).abs().max() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["full", "dycoke"])
+def test_streamed_answers_on_the_gpu_equal_decoded_first(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    gpu = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cuda", dtype="float32"))
+    answers = {}
+    for stream in ("0", "1"):
+        monkeypatch.setenv(STREAM_VIDEO_ENV, stream)
+        answers[stream] = gpu.ask(CLIP, "What is here?", method=method, num_frames=24, max_new_tokens=8).token_ids
+    assert answers["1"] == answers["0"]
+
+
+def test_readers_take_the_passes_in_turn_for_a_sink_that_wants_them_in_order() -> None:
+    from dycoke.video.readers import deal_runs
+
+    assert deal_runs([1.0] * 7, 3, in_order=True) == [[0, 3, 6], [1, 4], [2, 5]]
+    assert deal_runs([1.0] * 6, 3) == [[0, 1], [2, 3], [4, 5]]  # contiguous otherwise
+    assert deal_runs([1.0] * 2, 5, in_order=True) == [[0], [1]]
+    assert deal_runs([5.0], 4, in_order=True) == [[0]]
+
+
+def test_a_sink_that_wants_frames_in_order_gets_the_passes_dealt_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dycoke.video import readers
+
+    asked: list[bool] = []
+    deal = readers.deal_runs
+    monkeypatch.setattr(readers, "deal_runs", lambda *a, in_order=False: asked.append(in_order) or deal(*a))
+
+    class Sink:
+        def __init__(self, in_order: bool) -> None:
+            self.in_order = in_order
+            self.slots: list[int] = []
+
+        def allocate(self, shape: tuple[int, int, int, int]) -> np.ndarray:
+            return np.empty(shape, dtype=np.uint8)
+
+        def landed(self, slots: list[int]) -> None:
+            self.slots += slots
+
+    for in_order in (True, False):
+        sink = Sink(in_order)
+        got = decode_video(CLIP, VideoOptions(num_frames=6), sink=sink)
+        assert sorted(sink.slots) == list(range(6)) and got.frames.frames.shape[0] == 6
+    assert asked == [True, False]

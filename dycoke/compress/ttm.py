@@ -369,7 +369,10 @@ def temporal_token_merge_with_positions(
             used[2 : 4 * w : 4, keep:] = False
 
     # Which slots are used is the same for every sample: select them with a host-computed index.
-    sel = used.flatten().nonzero().squeeze(1).to(device)  # (N,) in frame-major slot order
+    sel = used.flatten().nonzero().squeeze(1)  # (N,) in frame-major slot order
+    if device.type == "cuda":  # from pinned memory the copy waits for no GPU work queued before it
+        sel = sel.pin_memory()
+    sel = sel.to(device, non_blocking=True)
     patch_index = slots.flatten(1).index_select(1, sel)  # (B, N)
     frame_index = (sel // t).repeat(batch, 1)  # output frame j is input frame j
     flat = frame_index * t + patch_index

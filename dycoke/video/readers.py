@@ -18,7 +18,14 @@ from dycoke.video.plan import _balanced, _cpu_count, _Run
 
 class FrameSink(Protocol):
     """Where a read's frames go instead of a private array, and who hears of each one as it lands
-    (``dycoke.video.forked``: shared memory, read by another process while the decode goes on)."""
+    (``dycoke.frame_stream``: shared memory, read by another process while the decode goes on).
+
+    ``in_order``: the consumer works through the frames in order (a prefill continues from the first
+    frames), so several readers share the forward passes out in turn (reader r takes passes r, r + R,
+    ...) and the first frames land first, instead of each reader taking a contiguous part of the video
+    and the first part being complete only when its reader ends."""
+
+    in_order: bool
 
     def allocate(self, shape: tuple[int, int, int, int]) -> np.ndarray:
         """A writable (F, H, W, 3) uint8 array for the read's frames (called once per read, or again
@@ -172,6 +179,15 @@ def _decode_runs(
                 raise _SeekFailed(f"frame {missing} did not come out of the decoder after seeking")
 
 
+def deal_runs(costs: Sequence[float], workers: int, *, in_order: bool = False) -> list[list[int]]:
+    """Positions of the forward passes (of ``costs``) each of at most ``workers`` readers decodes:
+    contiguous groups of similar total cost, or with ``in_order`` in turn (reader r: r, r + R, ...)."""
+    if not in_order:
+        return _balanced(costs, workers)
+    count = max(1, min(workers, len(costs)))
+    return [list(range(first, len(costs), count)) for first in range(count)]
+
+
 def _read_pyav(
     name: str,
     index: StreamIndex,
@@ -182,9 +198,10 @@ def _read_pyav(
     sink: FrameSink | None = None,
 ) -> tuple[np.ndarray, int]:
     """Decode the runs' targets, the runs dealt out to ``workers`` threads as contiguous groups balanced
-    by cost, each with its own container and ``threads`` FFmpeg decoding threads (default: the CPUs
-    shared out). Returns (frames in target order, readers used)."""
-    groups = _balanced([r.cost for r in runs], workers)
+    by cost (in turn for a sink that wants the frames in order, ``deal_runs``), each with its own
+    container and ``threads`` FFmpeg decoding threads (default: the CPUs shared out). Returns (frames
+    in target order, readers used)."""
+    groups = deal_runs([r.cost for r in runs], workers, in_order=sink is not None and sink.in_order)
     threads = threads or max(1, _cpu_count() // len(groups))
     jobs = [[runs[i] for i in group] for group in groups]
     store = FrameStore(name, [t for r in runs for t in r.targets], size, sink)
