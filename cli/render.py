@@ -87,9 +87,13 @@ def summary_table(report: Any) -> Table:
     table.add_section()
     table.add_row("video decode", fmt_s(s.video_decode), f"{video.decoded_size[1]}x{video.decoded_size[0]}")
     table.add_row("preprocess", fmt_s(s.preprocess), "")
-    table.add_row("vision encoder", fmt_s(s.vision_encoder), "")
+    early = video.encoded_while_reading
+    during = f"{early} of {t.frames} frames during the decode" if early else ""
+    table.add_row("vision encoder", fmt_s(s.vision_encoder), during)
     if s.compress >= 0.0005:
         table.add_row("compression", fmt_s(s.compress), "")
+    if s.shared_prefix >= 0.0005:
+        table.add_row("prefill of prompt + video", fmt_s(s.shared_prefix), "after the decode" if early else "")
     table.add_row("prefill (LLM first token)", fmt_s(s.prefill), "")
     table.add_row("time to first token", fmt_s(s.ttft), "from the file")
     per_token = f"{s.ms_per_token:.1f} ms/token" if s.ms_per_token is not None else ""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -124,3 +126,28 @@ def test_only_a_successful_command_that_loaded_torch_skips_the_teardown(
         cli_app.main()
     assert raised.value.code == code
     assert exits == ([0] if fast else [])
+
+
+def test_the_summary_says_what_ran_during_the_decode() -> None:
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from cli.render import summary_table
+    from tests.server_helpers import _fake_report
+
+    def shown(report: Any) -> str:
+        console = Console(width=160, record=True, file=io.StringIO())
+        console.print(summary_table(report))
+        return console.export_text()
+
+    plain = replace(_fake_report("a", 1), method="full")
+    assert "during the decode" not in shown(plain) and "prompt + video" not in shown(plain)
+    streamed = replace(
+        plain,
+        video=replace(plain.video, encoded_while_reading=1),
+        timings_s=replace(plain.timings_s, shared_prefix=0.04),
+    )
+    text = shown(streamed)
+    assert "1 of 1 frames during the decode" in text
+    assert "prefill of prompt + video" in text and "after the decode" in text
