@@ -139,20 +139,10 @@ class _SharedSink:
                 self.sock.send(_FRAMES + array("i", slots).tobytes())
 
 
-def _leave_a_cpu() -> None:
-    """Keep the child's decoders off one CPU, for the parent that works on the frames meanwhile (its
-    GPU work launches, copies and waits on one thread; FFmpeg's frame threads wait for the slowest)."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) > 2:
-        os.sched_setaffinity(0, cpus[:-1])
-
-
 def _child(sock: socket.socket, video: str, options: VideoOptions | None, notify: bool, arena: _Arena | None) -> None:
     """The forked child's whole life: read, report, leave without running the parent's exit handlers."""
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends us
-        if notify:
-            _leave_a_cpu()
         try:
             decoded = decode_video(video, options, sink=_SharedSink(sock, notify, arena))
             decoded.frames = replace(decoded.frames, frames=np.empty((0,), dtype=np.uint8))  # the parent maps them
