@@ -2,8 +2,9 @@
 
 For each frame count, alternating: ``decode_video`` in this process; ``FrameStream`` drained by an idle
 parent, into new shared memory (a process's first read) and into the memory of an earlier read that
-the process kept (``frame_stream._release``); and a bare ``os.fork()`` of this process (the child
-exits at once). With ``--model-gib N`` the process first holds N GiB on the GPU and a CUDA context, as a
+the process kept (``frame_stream._release``); the hand-over the forked reader replaced (a forked
+``ProcessPoolExecutor`` worker returning the frames pickled); and a bare ``os.fork()`` of this process
+(the child exits at once). With ``--model-gib N`` the process first holds N GiB on the GPU and a CUDA context, as a
 loaded model does.
 
     python benchmarks/try_forked_reading.py --frames 32 128 --repeats 3 --model-gib 16 \\
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,14 @@ def streamed(video: str, options: VideoOptions, reuse: bool) -> float:
         while stream.landed() is not None:
             pass
         stream.result()
+    return time.perf_counter() - started
+
+
+def pickled(video: str, options: VideoOptions) -> float:
+    started = time.perf_counter()
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        pool.submit(decode_video, video, options).result()
     return time.perf_counter() - started
 
 
@@ -66,7 +77,7 @@ def main() -> None:
     for frames in args.frames:
         options = VideoOptions(num_frames=frames)
         decode_video(args.video, options)  # warm: file cache, codecs
-        names = ("threads", "forked-new-memory", "forked-reused-memory", "fork-only")
+        names = ("threads", "forked-new-memory", "forked-reused-memory", "forked-pickled", "fork-only")
         runs: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -74,6 +85,7 @@ def main() -> None:
             runs["threads"].append(time.perf_counter() - t0)
             runs["forked-new-memory"].append(streamed(args.video, options, reuse=False))
             runs["forked-reused-memory"].append(streamed(args.video, options, reuse=True))
+            runs["forked-pickled"].append(pickled(args.video, options))
             runs["fork-only"].append(bare_fork())
         row = {"frames": frames, **{k: 1000 * statistics.median(v) for k, v in runs.items()}}
         row["all_ms"] = {k: [round(1000 * x, 1) for x in v] for k, v in runs.items()}

@@ -4,15 +4,15 @@
 anonymous shared file: not limited by the size of ``/dev/shm``, 64 MB in a default Docker container)
 and sends the parent, over a Unix socket, the file's descriptor, then the slot of every frame as it
 lands (``notify``), then the video's metadata or its error. The parent maps the same memory, so no
-frame is ever copied between the processes (the pickled hand-over this replaces cost 1.5-1.9 s beyond
-the decode for 128 frames of 720p on the 2-core machine), and the parent can work on the frames that
+frame is ever copied between the processes, and the parent can work on the frames that
 have landed while the child decodes the rest: ``VideoQA.prepare`` encodes them on the GPU meanwhile
 (with ``DYCOKE_STREAM_VIDEO=1``).
 
-Measured (``benchmarks/try_forked_reading.py``): 128 frames of the 720p sample, the parent idle, on the
-H200 machine 0.68 s against 0.43 s for the reader threads in the process (a bare fork of a process
-holding a CUDA context took 7-16 ms, so the cost is the child's decoding, not the fork); on the 2-core
-machine 1.17 s against 1.60 s. The command line reads this way while the model loads.
+Measured (``benchmarks/try_forked_reading.py``), 128 frames of the 720p sample, the parent idle: on the
+2-core machine 0.79 s into new memory, 0.57 s into memory kept from an earlier read (``_release``),
+0.45 s for reader threads in the process and 4.0 s for the pickled hand-over this replaced; on the H200
+machine 1.10, 0.85 and 0.77 s (a busy run; a bare fork of a process holding a CUDA context takes 7-23
+ms). The command line reads this way while the model loads.
 
 Why a process and not the reader threads: the readers need the interpreter lock between frames, and
 a caller busy in Python beside them (launching the vision encoder's kernels) slowed a 128-frame decode

@@ -47,9 +47,10 @@ STREAM_VIDEO_ENV = "DYCOKE_STREAM_VIDEO"
 def streams_video(device: torch.device) -> bool:
     """Whether ``VideoQA.prepare`` encodes a file's frames (and prefills their tokens) while a forked
     child decodes the rest (``dycoke.frame_stream``): only with ``DYCOKE_STREAM_VIDEO=1``, where the
-    platform can. Off by default: on the H200 the child's decode ran 0.24 s longer than the reader
-    threads' at 128 frames of 720p with the parent idle, and 0.3-0.5 s longer beside the GPU work, more
-    than the encoder time it hid for DyCoke (``benchmarks/results/e2e-h200-stream.md``)."""
+    platform can. Off by default: on the H200 (7B, 256 tokens) it saved 0.17-0.19 s at 128 frames of
+    the 720p sample, whose frames come from one reader in order, and lost 0.03-0.11 s at 32 and 64
+    frames and 0.3-0.37 s on a 1-min 1080p clip read by several readers, whose decode ran 0.5 s longer
+    beside the parent's work (``benchmarks/results/e2e-h200-streamed-{pinned,1080p}.md``)."""
     return forked_reading_available() and switch(STREAM_VIDEO_ENV, default=False)
 
 
