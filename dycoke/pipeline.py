@@ -147,7 +147,9 @@ class VideoQA:
         also prefills the system prompt and the video's tokens meanwhile, as their frames are encoded
         (``dycoke.stream_prefill``); ``answer`` then continues from that prefix."""
         if not isinstance(video, DecodedVideo) and not with_signals and streams_video(self.loaded.device):
-            return self._prepare_streamed(video, options, prefill_for)
+            stream = _fork_reader(video, options or VideoOptions())
+            if stream is not None:
+                return self._prepare_streamed(stream, options or VideoOptions(), prefill_for)
         decoded = video if isinstance(video, DecodedVideo) else decode_video(video, options)
         wait_for_warm_answer()  # a shallow model's first answer may still run: not beside this one's stages
         frames = decoded.frames
@@ -178,19 +180,18 @@ class VideoQA:
         )
 
     def _prepare_streamed(
-        self, video: str | Path, options: VideoOptions | None, prefill_for: tuple[RunOptions, Question] | None
+        self, stream: FrameStream, options: VideoOptions, prefill_for: tuple[RunOptions, Question] | None
     ) -> PreparedVideo:
         loaded = self.loaded
-        options = options or VideoOptions()
         prefix_stream, conversation = None, None
-        if prefill_for is not None:
-            run, question = prefill_for
-            method = build_method(run.method, loaded.model, loaded.num_layers)
-            conversation = conversation_turns(question)
-            prompts = self.prompt_rows([conversation], run, 1, method.shares_prefix)
-            if prompts.prefix_length:
-                prefix_stream = PrefixStream(loaded, method, prompts.rows[0][: prompts.visual_start])
-        with FrameStream(video, options) as stream:
+        with stream:  # a bad option or question ends the child too
+            if prefill_for is not None:
+                run, question = prefill_for
+                method = build_method(run.method, loaded.model, loaded.num_layers)
+                conversation = conversation_turns(question)
+                prompts = self.prompt_rows([conversation], run, 1, method.shares_prefix)
+                if prompts.prefix_length:
+                    prefix_stream = PrefixStream(loaded, method, prompts.rows[0][: prompts.visual_start])
             wait_for_warm_answer()
             with _oom_guard("the vision encoder", options.num_frames):
                 streamed = encode_while_reading(stream, loaded, prefix_stream.advance if prefix_stream else None)
@@ -482,6 +483,15 @@ class VideoQA:
             compression=compression_figures(method, options, loaded.text_config, tokens, memory, loaded.dtype, sample),
             token_ids=generated,
         )
+
+
+def _fork_reader(video: str | Path, options: VideoOptions) -> FrameStream | None:
+    """The video's read started in a forked child, or None where no child can be had (fork or memfd
+    refused: process or memory limits): the caller then decodes first."""
+    try:
+        return FrameStream(video, options)
+    except OSError:
+        return None
 
 
 def _prefix_key(options: RunOptions, prompts: PromptRows) -> tuple[Any, ...]:

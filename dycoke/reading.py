@@ -3,6 +3,7 @@ caller while it imports torch and loads the model (the command line's cold start
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,12 +64,16 @@ def start_reading(
     from dycoke.frame_stream import FrameStream, forked_reading_available
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dycoke-read")
+    stream = None
     if separate_process and forked_reading_available() and _only_main_thread():
-        stream = FrameStream(video, options, notify=False)
+        with contextlib.suppress(OSError):  # no fork or memfd to be had (limits, memory): read on a thread
+            stream = FrameStream(video, options, notify=False)
+    if stream is not None:
+        forked = stream
 
         def wait() -> DecodedVideo:
-            with stream:
-                return stream.result()
+            with forked:
+                return forked.result()
 
         future = pool.submit(wait)  # the thread waits on the child's socket, without the interpreter lock
     else:

@@ -353,3 +353,35 @@ def test_a_sink_that_wants_frames_in_order_gets_the_passes_dealt_in_turn(monkeyp
         got = decode_video(CLIP, VideoOptions(num_frames=6), sink=sink)
         assert sorted(sink.slots) == list(range(6)) and got.frames.frames.shape[0] == 6
     assert asked == [True, False]
+
+
+def test_no_fork_to_be_had_reads_first_instead(qa: VideoQA, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dycoke import reading
+
+    def refused() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", refused)
+    monkeypatch.setenv(STREAM_VIDEO_ENV, "1")
+    prepared = qa.prepare(CLIP, VideoOptions(num_frames=6))
+    assert prepared.encoded_while_reading == 0 and prepared.features.shape[0] == 6 * prepared.tokens_per_frame
+    got = reading.start_reading(CLIP, VideoOptions(num_frames=6), separate_process=True).result()
+    assert np.array_equal(got.frames.frames, prepared.frames.frames)
+
+
+def test_a_bad_question_ends_the_reading_child(qa: VideoQA, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dycoke.errors import ConfigError
+
+    streams: list[FrameStream] = []
+    original = frame_stream.FrameStream.__init__
+
+    def recording(self: FrameStream, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        streams.append(self)
+
+    monkeypatch.setattr(frame_stream.FrameStream, "__init__", recording)
+    monkeypatch.setenv(STREAM_VIDEO_ENV, "1")
+    options = run_options(None, num_frames=6)
+    with pytest.raises(ConfigError):
+        qa.prepare(CLIP, options.video, prefill_for=(options, "   "))
+    assert len(streams) == 1 and streams[0].pid is None  # collected, not left running
