@@ -28,11 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 CLIP = ROOT / "samples" / "bigbuckbunny.mp4"
 
 
-def _mapped(array: np.ndarray) -> bool:
+def _memory_of(array: np.ndarray) -> Any:
     base: Any = array
     while getattr(base, "base", None) is not None:
         base = base.base
-    return isinstance(base.obj if isinstance(base, memoryview) else base, mmap.mmap)
+    return base.obj if isinstance(base, memoryview) else base
+
+
+def _mapped(array: np.ndarray) -> bool:
+    return isinstance(_memory_of(array), mmap.mmap)
 
 
 def test_the_stream_gives_the_frames_of_a_plain_read_each_slot_landing_once() -> None:
@@ -51,13 +55,6 @@ def test_the_stream_gives_the_frames_of_a_plain_read_each_slot_landing_once() ->
     assert got.frames.timestamps_s == expected.frames.timestamps_s
     assert got.path == expected.path and 0 < got.decode_s < 60
     assert _mapped(got.frames.frames)  # the child's memory, never pickled across
-
-
-def _memory_of(array: np.ndarray) -> Any:
-    base: Any = array
-    while getattr(base, "base", None) is not None:
-        base = base.base
-    return base.obj if isinstance(base, memoryview) else base
 
 
 def _read(options: VideoOptions) -> np.ndarray:
