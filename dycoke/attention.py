@@ -50,22 +50,24 @@ def language_model_of(model: Any) -> Any:
 
 @contextmanager
 def installed_attention(
-    module: Any, name: str, variable: contextvars.ContextVar[Any], session: Any, what: str
+    module: Any, name: str, variable: contextvars.ContextVar[Any] | None, session: Any, what: str
 ) -> Iterator[None]:
-    """For the block: ``session`` in ``variable`` and ``module`` on the registered attention ``name``.
+    """For the block: ``session`` in ``variable`` (an attention function that needs no state: None)
+    and ``module`` on the registered attention ``name``.
 
     ``module`` must run SDPA (or already ``name``); both are restored afterwards, whatever happens.
     """
     previous = module.config._attn_implementation
     if previous not in ("sdpa", name):
         raise ValueError(f"{what} builds on SDPA attention, the model uses '{previous}'")
-    token = variable.set(session)
+    token = variable.set(session) if variable is not None else None
     module.set_attn_implementation(name)
     try:
         yield
     finally:
         module.set_attn_implementation(previous)
-        variable.reset(token)
+        if variable is not None and token is not None:
+            variable.reset(token)
 
 
 def attention_scaling(query: torch.Tensor, kwargs: dict[str, Any]) -> float:
@@ -224,11 +226,8 @@ AttentionMaskInterface.register(CHUNK_PREFILL_ATTENTION, _no_mask)
 def chunked_prefill(model: Any) -> Iterator[None]:
     """The language model's attention is ``chunk_prefill_attention`` for the block."""
     language_model = language_model_of(model)
-    with installed_attention(language_model, CHUNK_PREFILL_ATTENTION, _CHUNKS, True, "chunked prefill"):
+    with installed_attention(language_model, CHUNK_PREFILL_ATTENTION, None, None, "chunked prefill"):
         yield
-
-
-_CHUNKS: contextvars.ContextVar[bool] = contextvars.ContextVar("dycoke_chunk_prefill", default=False)
 
 
 # -- decode steps on a static cache ---------------------------------------------------------------

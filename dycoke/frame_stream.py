@@ -59,6 +59,18 @@ def forked_reading_available() -> bool:
     )
 
 
+def fork_reader(video: str | Path, options: VideoOptions | None = None, *, notify: bool = True) -> FrameStream | None:
+    """A ``FrameStream`` of the video, or None where no child can be had: a platform without what it
+    needs (``forked_reading_available``), or a fork or memfd refused (process or memory limits). The
+    caller then reads in its own process."""
+    if not forked_reading_available():
+        return None
+    try:
+        return FrameStream(video, options, notify=notify)
+    except OSError:
+        return None
+
+
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+: map a range in, writable, in one call instead of page by page
 
 

@@ -22,7 +22,7 @@ from dycoke.decoding.prefix import PrefixKV, common_prefix_ok, pad_rows, prefill
 from dycoke.decoding.streaming import TimedTextStreamer
 from dycoke.errors import ConfigError, OutOfMemoryError
 from dycoke.figures import compression_figures, memory_figures, token_counts
-from dycoke.frame_stream import FrameStream, forked_reading_available
+from dycoke.frame_stream import FrameStream, fork_reader
 from dycoke.heap import freeze_after_load
 from dycoke.methods import CompressedVisual, CompressionMethod, VisionSignals, build_method
 from dycoke.model import LoadedModel, load_model
@@ -34,6 +34,7 @@ from dycoke.stream_encode import encode_while_reading
 from dycoke.stream_prefill import PrefixStream
 from dycoke.switches import switch
 from dycoke.trace import build_trace
+from dycoke.transfer import synchronize
 from dycoke.video import VideoFrames
 from dycoke.vision import encode_frames
 from dycoke.warm_answer import wait_for_warm_answer
@@ -44,14 +45,14 @@ TextCallback = Callable[[str], None]
 STREAM_VIDEO_ENV = "DYCOKE_STREAM_VIDEO"
 
 
-def streams_video(device: torch.device) -> bool:
+def streams_video() -> bool:
     """Whether ``VideoQA.prepare`` encodes a file's frames (and prefills their tokens) while a forked
-    child decodes the rest (``dycoke.frame_stream``): only with ``DYCOKE_STREAM_VIDEO=1``, where the
-    platform can. Off by default: on the H200 (7B, 256 tokens) it saved 0.17-0.19 s at 128 frames of
+    child decodes the rest (``dycoke.frame_stream``, where the platform can): only with
+    ``DYCOKE_STREAM_VIDEO=1``. Off by default: on the H200 (7B, 256 tokens) it saved 0.17-0.19 s at 128 frames of
     the 720p sample, whose frames come from one reader in order, and lost 0.03-0.11 s at 32 and 64
     frames and 0.3-0.37 s on a 1-min 1080p clip read by several readers, whose decode ran 0.5 s longer
     beside the parent's work (``benchmarks/results/e2e-h200-streamed-{pinned,1080p}.md``)."""
-    return forked_reading_available() and switch(STREAM_VIDEO_ENV, default=False)
+    return switch(STREAM_VIDEO_ENV, default=False)
 
 
 @dataclass
@@ -146,8 +147,8 @@ class VideoQA:
         ``prefill_for`` (the options and question about to be asked) a method that shares its prefix
         also prefills the system prompt and the video's tokens meanwhile, as their frames are encoded
         (``dycoke.stream_prefill``); ``answer`` then continues from that prefix."""
-        if not isinstance(video, DecodedVideo) and not with_signals and streams_video(self.loaded.device):
-            stream = _fork_reader(video, options or VideoOptions())
+        if not isinstance(video, DecodedVideo) and not with_signals and streams_video():
+            stream = fork_reader(video, options)
             if stream is not None:
                 return self._prepare_streamed(stream, options or VideoOptions(), prefill_for)
         decoded = video if isinstance(video, DecodedVideo) else decode_video(video, options)
@@ -157,13 +158,13 @@ class VideoQA:
         t1 = time.perf_counter()
         with _oom_guard("preprocessing", frames.num_frames):
             pixels = preprocess_frames(frames.frames, loaded.preprocess, device=loaded.device, dtype=loaded.dtype)
-            _sync(loaded.device)
+            synchronize(loaded.device)
         t2 = time.perf_counter()
         with _oom_guard("the vision encoder", frames.num_frames), torch.inference_mode():
             features, newline, vision = encode_frames(
                 loaded.model, pixels, loaded.tokens_per_frame, with_signals=with_signals
             )
-            _sync(loaded.device)
+            synchronize(loaded.device)
         t3 = time.perf_counter()
         return PreparedVideo(
             frames=frames,
@@ -183,7 +184,7 @@ class VideoQA:
         self, stream: FrameStream, options: VideoOptions, prefill_for: tuple[RunOptions, Question] | None
     ) -> PreparedVideo:
         loaded = self.loaded
-        prefix_stream, conversation = None, None
+        prefix_stream = None
         with stream:  # a bad option or question ends the child too
             if prefill_for is not None:
                 run, question = prefill_for
@@ -209,16 +210,16 @@ class VideoQA:
             pixels=streamed.pixels,
             encoded_while_reading=streamed.encoded_while_reading,
         )
-        if prefix_stream is not None and prefill_for is not None and conversation is not None:
+        if prefix_stream is not None:
             t0 = time.perf_counter()
             with _oom_guard("prefill", prepared.num_frames), torch.inference_mode():
                 prefix_stream.advance(streamed.frame_features, prepared.num_frames, streamed.newline)
                 prefix = prefix_stream.result()
-                _sync(loaded.device)
+                synchronize(loaded.device)
             if prefix is not None:
                 prefix.unreported_s = time.perf_counter() - t0
-                prompts = self.prompt_rows([conversation], prefill_for[0], prefix_stream.tokens_done + 1, True)
-                prepared.prefixes[_prefix_key(prefill_for[0], prompts)] = prefix
+                prompts = self.prompt_rows([conversation], run, prefix_stream.tokens_done + 1, True)
+                prepared.prefixes[_prefix_key(run, prompts)] = prefix
         return prepared
 
     def compress(self, prepared: PreparedVideo, method: CompressionMethod) -> tuple[CompressedVisual, torch.Tensor]:
@@ -231,7 +232,7 @@ class VideoQA:
                 )[2]
             visual = method.compress(prepared.features, prepared.num_frames, prepared.tokens_per_frame, prepared.vision)
             visual_tokens = torch.cat([visual.tokens, prepared.newline.to(visual.tokens.dtype)], dim=0)
-            _sync(loaded.device)
+            synchronize(loaded.device)
         return visual, visual_tokens
 
     def prompt_rows(
@@ -324,7 +325,7 @@ class VideoQA:
                 with _oom_guard("prefill", prepared.num_frames), torch.inference_mode():
                     prefix_ids = torch.tensor([prompts.rows[0][: prompts.prefix_length]], device=loaded.device)
                     prefix = prefill_prefix(loaded.model, self._embed(prefix_ids, visual_tokens))
-                    _sync(loaded.device)
+                    synchronize(loaded.device)
                 prefix_s = time.perf_counter() - t0
                 prepared.prefixes[key] = prefix
 
@@ -485,15 +486,6 @@ class VideoQA:
         )
 
 
-def _fork_reader(video: str | Path, options: VideoOptions) -> FrameStream | None:
-    """The video's read started in a forked child, or None where no child can be had (fork or memfd
-    refused: process or memory limits): the caller then decodes first."""
-    try:
-        return FrameStream(video, options)
-    except OSError:
-        return None
-
-
 def _prefix_key(options: RunOptions, prompts: PromptRows) -> tuple[Any, ...]:
     """What a memoised prefix is found by: the method's options and the prefix's token ids."""
     return (astuple(options.method), tuple(prompts.rows[0][: prompts.prefix_length]))
@@ -514,11 +506,6 @@ def _timings(prepared: PreparedVideo, compress_s: float, prefix_s: float, timing
         ms_per_token=1000 * timing.decode / (timing.steps - 1) if timing.steps > 1 and n_gen > 1 else None,
         total=shared + timing.total,
     )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @contextmanager

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dycoke.transfer import to_device
+
 PROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
 
 
@@ -90,22 +92,7 @@ def preprocess_frames(
             x = F.interpolate(x.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
             x = x.round_().clamp_(0, 255)
     x = x.float()
-    mean, std = _constants(config, x.device)
+    mean = to_device(torch.tensor(config.mean), x.device).view(1, 3, 1, 1)
+    std = to_device(torch.tensor(config.std), x.device).view(1, 3, 1, 1)
     x = (x * config.rescale_factor - mean) / std
     return x.to(dtype)
-
-
-_CONSTANTS: dict[tuple[PreprocessConfig, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _constants(config: PreprocessConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (1, 3, 1, 1) mean and std on ``device``, made once: a copy from the host's pageable memory
-    waits for all the GPU work queued before it, which would stall a caller that queues ahead
-    (``dycoke.stream_encode``)."""
-    key = (config, device)
-    if key not in _CONSTANTS:
-        _CONSTANTS[key] = (
-            torch.tensor(config.mean, device=device).view(1, 3, 1, 1),
-            torch.tensor(config.std, device=device).view(1, 3, 1, 1),
-        )
-    return _CONSTANTS[key]

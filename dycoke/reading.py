@@ -3,16 +3,19 @@ caller while it imports torch and loads the model (the command line's cold start
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dycoke.config import VideoOptions
 from dycoke.video import VideoFrames, read_video
 from dycoke.video.readers import FrameSink
+
+if TYPE_CHECKING:
+    from dycoke.frame_stream import FrameStream
 
 
 @dataclass
@@ -44,6 +47,11 @@ def decode_video(
     return DecodedVideo(frames=frames, path=str(video), decode_s=time.perf_counter() - t0)
 
 
+def _wait_for(stream: FrameStream) -> DecodedVideo:
+    with stream:
+        return stream.result()
+
+
 def _only_main_thread() -> bool:
     main = threading.main_thread()
     return all(t is main or getattr(t, "fork_safe", False) for t in threading.enumerate())
@@ -61,21 +69,12 @@ def start_reading(
     16-core H200 machine, ``benchmarks/try_import_contention.py``). A process that already runs other
     threads reads on a thread anyway: a forked child could inherit a lock one of them holds (a thread
     with a true ``fork_safe`` attribute, such as a profiler's sampler, does not count)."""
-    from dycoke.frame_stream import FrameStream, forked_reading_available
+    from dycoke.frame_stream import fork_reader
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dycoke-read")
-    stream = None
-    if separate_process and forked_reading_available() and _only_main_thread():
-        with contextlib.suppress(OSError):  # no fork or memfd to be had (limits, memory): read on a thread
-            stream = FrameStream(video, options, notify=False)
+    stream = fork_reader(video, options, notify=False) if separate_process and _only_main_thread() else None
     if stream is not None:
-        forked = stream
-
-        def wait() -> DecodedVideo:
-            with forked:
-                return forked.result()
-
-        future = pool.submit(wait)  # the thread waits on the child's socket, without the interpreter lock
+        future = pool.submit(_wait_for, stream)  # the thread waits on the child's socket, without the GIL
     else:
         future = pool.submit(decode_video, video, options)
     pool.shutdown(wait=False)  # the worker ends with the decode

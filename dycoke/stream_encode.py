@@ -20,6 +20,7 @@ from dycoke.frame_stream import FrameStream
 from dycoke.model import LoadedModel
 from dycoke.preprocess import preprocess_frames
 from dycoke.reading import DecodedVideo
+from dycoke.transfer import synchronize, to_device
 from dycoke.vision import encode_frames
 
 
@@ -51,19 +52,6 @@ def group_size(num_frames: int) -> int:
     """Frames per encoder call while reading: an eighth of the video, between 8 and 16 frames (fewer
     frames per call launch the encoder's kernels more often; more leave a longer tail after the decode)."""
     return max(8, min(16, num_frames // 8))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _staged(frames: np.ndarray, device: torch.device) -> np.ndarray | torch.Tensor:
-    """Frames to upload: for a GPU, copied into pinned memory (torch's caching host allocator), so the
-    upload does not wait for the GPU work queued before it, as a copy from pageable memory does."""
-    if device.type != "cuda":
-        return frames
-    return torch.from_numpy(frames).pin_memory()
 
 
 def _runs(slots: list[int]) -> list[tuple[int, int]]:
@@ -100,9 +88,8 @@ class _Encoder:
         loaded = self.loaded
         out = []
         for start, end in _runs(slots):
-            pixels = preprocess_frames(
-                _staged(frames[start:end], loaded.device), loaded.preprocess, device=loaded.device, dtype=loaded.dtype
-            )
+            uploaded = to_device(torch.from_numpy(frames[start:end]), loaded.device)
+            pixels = preprocess_frames(uploaded, loaded.preprocess, device=loaded.device, dtype=loaded.dtype)
             if self.pixels is None:
                 self.pixels = pixels.new_empty((self.num_frames, *pixels.shape[1:]))
             self.pixels[start:end] = pixels
@@ -132,36 +119,33 @@ def encode_while_reading(
     with the (F, T, D) features (zeros where not encoded yet) and the count of leading frames encoded.
     Out-of-memory errors are the caller's to word."""
     encoder: _Encoder | None = None
-    pending: list[int] = []
-    early = 0
+    pending: set[int] = set()
     with torch.inference_mode():
         while (landed := stream.landed()) is not None:
             frames = stream.frames
             if frames is None:
                 continue
-            if encoder is None or encoder.num_frames != frames.shape[0]:
-                encoder = _Encoder(loaded, frames.shape[0])
-            pending += [s for s in landed if s not in encoder.done]
-            if len(pending) >= group_size(frames.shape[0]):
-                slots = sorted(set(pending))
+            encoder = encoder or _Encoder(loaded, frames.shape[0])  # a restarted read has the same frames
+            pending.update(s for s in landed if s not in encoder.done)
+            if len(pending) >= group_size(encoder.num_frames):
+                slots = sorted(pending)
                 pending.clear()
                 encoder.encode(encoder.preprocess(frames, slots))
                 encoder.done.update(slots)
-                early += len(slots)
                 if after_group is not None and encoder.features is not None:
                     after_group(encoder.features, encoder.ready())
         decoded = stream.result()
         frames = decoded.frames.frames
-        if encoder is None or encoder.num_frames != frames.shape[0]:
-            encoder = _Encoder(loaded, frames.shape[0])
-        rest = [s for s in range(frames.shape[0]) if s not in encoder.done]
+        encoder = encoder or _Encoder(loaded, frames.shape[0])
+        early = len(encoder.done)
+        rest = [s for s in range(encoder.num_frames) if s not in encoder.done]
         decode_end = stream.started + decoded.decode_s
         groups = encoder.preprocess(frames, rest) if rest else []
-        _sync(loaded.device)
+        synchronize(loaded.device)
         preprocessed = time.perf_counter()
         if groups:
             encoder.encode(groups)
-        _sync(loaded.device)
+        synchronize(loaded.device)
         encoded = time.perf_counter()
     assert encoder.pixels is not None and encoder.features is not None and encoder.newline is not None
     return StreamedEncoding(

@@ -23,6 +23,7 @@ from dycoke.decoding.prefix import CACHE_ARGUMENT, PrefixKV
 from dycoke.methods import CompressionMethod
 from dycoke.model import LoadedModel
 from dycoke.sdpa_choice import without_cudnn_attention
+from dycoke.transfer import to_device
 
 
 def chunk_frames(num_frames: int) -> int:
@@ -46,50 +47,46 @@ class PrefixStream:
         self.frames_done = 0  # leading frames whose tokens are in the cache
         self.prefilled: list[torch.Tensor] = []  # those tokens, chunk by chunk, for the final check
         self.tokens_done = 0
-        self.length = 0
+        self.complete = False  # every frame and the newline prefilled, after chunks that held
 
     def advance(self, features: torch.Tensor, ready: int, newline: torch.Tensor | None = None) -> None:
         """``features`` (F, T, D), the first ``ready`` frames encoded (the rest zeros); with ``newline``
         every frame is encoded: prefill the rest and the newline. Otherwise prefill the frames that
         became stable, once there are enough of them (``chunk_frames``)."""
         num_frames, tokens_per_frame, dim = features.shape
-        final = newline is not None
-        stable = num_frames if final else self.method.stable_frames(ready, num_frames)
-        if not final and stable - self.frames_done < chunk_frames(num_frames):
+        stable = num_frames if newline is not None else self.method.stable_frames(ready, num_frames)
+        if newline is None and stable - self.frames_done < chunk_frames(num_frames):
             return
         visual = self.method.compress(features.reshape(-1, dim), num_frames, tokens_per_frame)
+        if newline is not None and self.prefilled:
+            # the chunks prefilled before every frame was known must begin the whole video's tokens
+            done = torch.cat(self.prefilled) if len(self.prefilled) > 1 else self.prefilled[0]
+            if not torch.equal(done, visual.tokens[: self.tokens_done]):
+                return  # not complete: no prefix
         end = sum(visual.per_frame[:stable])
         new = visual.tokens[self.tokens_done : end]
         parts = [new]
         if not self.prefilled:
-            ids = torch.tensor([self.text_ids])
-            if self.loaded.device.type == "cuda":  # pinned: the copy waits for no GPU work queued before it
-                ids = ids.pin_memory()
-            ids = ids.to(self.loaded.device, non_blocking=True)
+            ids = to_device(torch.tensor([self.text_ids]), self.loaded.device)
             parts.insert(0, self.loaded.model.get_input_embeddings()(ids)[0])
         if newline is not None:
-            self.final_tokens = visual.tokens
             parts.append(newline.to(new.dtype))
         self._forward(torch.cat([p.to(new.device, new.dtype) for p in parts]).unsqueeze(0))
         self.prefilled.append(new)
         self.frames_done, self.tokens_done = stable, end
+        self.complete = newline is not None
 
     def result(self) -> PrefixKV | None:
         """The prefix's cache once ``advance`` has seen every frame; None when the tokens prefilled
-        are not the first tokens of the whole video's compression (a method whose ``stable_frames``
-        promised too much), or nothing was prefilled."""
-        final = getattr(self, "final_tokens", None)
-        if final is None:
-            return None
-        done = torch.cat(self.prefilled) if len(self.prefilled) > 1 else self.prefilled[0]
-        if done.shape[0] != final.shape[0] or not torch.equal(done, final):
+        before that are not the first tokens of the whole video's compression (a method whose
+        ``stable_frames`` promised too much), or ``advance`` has not seen every frame."""
+        if not self.complete:
             return None
         layers = [(layer.keys, layer.values) for layer in self.cache.layers]
-        return PrefixKV(layers=layers, length=self.length)
+        return PrefixKV(layers=layers, length=int(self.cache.get_seq_length()))
 
     def _forward(self, embeds: torch.Tensor) -> None:
         """Run the language model over (1, n, D) embeddings, continuing the cache."""
         decoder = language_model_of(self.loaded.model)
         with torch.inference_mode(), without_cudnn_attention(), chunked_prefill(self.loaded.model):
             decoder(inputs_embeds=embeds, use_cache=True, **{CACHE_ARGUMENT: self.cache})
-        self.length += int(embeds.shape[1])

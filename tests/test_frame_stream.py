@@ -203,11 +203,11 @@ def test_the_switch_is_off_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
     from dycoke.pipeline import streams_video
 
     monkeypatch.delenv(STREAM_VIDEO_ENV, raising=False)
-    assert not streams_video(torch.device("cuda")) and not streams_video(torch.device("cpu"))
+    assert not streams_video()
     monkeypatch.setenv(STREAM_VIDEO_ENV, "1")
-    assert streams_video(torch.device("cpu")) and streams_video(torch.device("cuda"))
+    assert streams_video()
     monkeypatch.setenv(STREAM_VIDEO_ENV, "off")
-    assert not streams_video(torch.device("cuda"))
+    assert not streams_video()
 
 
 # -- the prefix prefilled while the video is read (dycoke.stream_prefill) ---------------------------
@@ -261,7 +261,7 @@ def test_chunks_follow_the_stable_frames(qa: VideoQA) -> None:
     stream = PrefixStream(loaded, method, [1, 2, 3])
     stream.advance(features, 3)  # no whole window yet
     stream.advance(features, 15)  # three windows: fewer frames than a chunk (16)
-    assert stream.frames_done == 0 and stream.length == 0
+    assert stream.frames_done == 0 and stream.cache.get_seq_length() == 0
     stream.advance(features, 21)  # five windows: 20 frames
     assert stream.frames_done == 20 and len(stream.prefilled) == 1
     stream.advance(features, frames, torch.zeros(1, features.shape[-1]))

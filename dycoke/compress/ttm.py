@@ -57,6 +57,7 @@ import torch.nn.functional as nnf
 from torch import Tensor
 
 from dycoke.errors import ConfigError
+from dycoke.transfer import to_device
 
 __all__ = [
     "MergeResult",
@@ -369,10 +370,7 @@ def temporal_token_merge_with_positions(
             used[2 : 4 * w : 4, keep:] = False
 
     # Which slots are used is the same for every sample: select them with a host-computed index.
-    sel = used.flatten().nonzero().squeeze(1)  # (N,) in frame-major slot order
-    if device.type == "cuda":  # from pinned memory the copy waits for no GPU work queued before it
-        sel = sel.pin_memory()
-    sel = sel.to(device, non_blocking=True)
+    sel = to_device(used.flatten().nonzero().squeeze(1), device)  # (N,) in frame-major slot order
     patch_index = slots.flatten(1).index_select(1, sel)  # (B, N)
     frame_index = (sel // t).repeat(batch, 1)  # output frame j is input frame j
     flat = frame_index * t + patch_index

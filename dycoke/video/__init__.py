@@ -258,7 +258,7 @@ def read_video(
         decoder: ``"auto"`` (PyAV seeking by timestamp wherever the timestamps give the display order,
             see "Three decoders"), ``"decord"`` (decord's ``get_batch`` where its index agrees with the demuxed
             one and GOPs are closed, else as auto) or ``"pyav"`` (same as auto).
-        sink: where the frames go, told of each as it lands (``readers.FrameSink``; ``dycoke.video.forked``
+        sink: where the frames go, told of each as it lands (``readers.FrameSink``; ``dycoke.frame_stream``
             reads into shared memory with one); the returned ``frames`` is then the sink's array.
 
     Returns:
