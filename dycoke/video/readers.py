@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from dycoke.errors import VideoError
+from dycoke.video.convert import RgbConverter, convert_threads
 from dycoke.video.index import StreamIndex
 from dycoke.video.native import _av_errors, _import_av, _SeekFailed
 from dycoke.video.plan import _balanced, _cpu_count, _Run
@@ -104,16 +105,6 @@ def _configure_threads(stream: Any, threads: int) -> None:
     codec.thread_type = "AUTO" if threads > 1 else "SLICE"
 
 
-def _rgb(frame: Any, size: tuple[int, int]) -> np.ndarray:
-    """A decoded frame as (H, W, 3) uint8 RGB at ``size`` = (H, W): converted to RGB at full size, then
-    scaled bicubic by swscale (scaling the YUV planes first, or converting and scaling in one pass,
-    strays 6x further from the full-size frame; see "Reduced-size decoding")."""
-    if (frame.height, frame.width) == size:
-        return np.asarray(frame.to_ndarray(format="rgb24"))
-    rgb = frame.reformat(format="rgb24")
-    return np.asarray(rgb.reformat(width=size[1], height=size[0], interpolation="BICUBIC").to_ndarray())
-
-
 def _seek(
     container: Any, stream: Any, index: StreamIndex, run: _Run, position_of: dict[int, int]
 ) -> tuple[Any, Iterator[Any]]:
@@ -148,11 +139,9 @@ def _seek(
     raise _SeekFailed(f"seeking to frame {run.targets[0]} did not land at or before its key frame")
 
 
-def _decode_runs(
-    name: str, index: StreamIndex, runs: Sequence[_Run], size: tuple[int, int], threads: int, store: FrameStore
-) -> None:
+def _decode_runs(name: str, index: StreamIndex, runs: Sequence[_Run], threads: int, convert: RgbConverter) -> None:
     """Decode the targets of ``runs`` with one PyAV container: per run, one seek and a forward decode
-    up to the run's last target, frames matched by pts, each put into ``store``."""
+    up to the run's last target, frames matched by pts, each handed to ``convert``."""
     av = _import_av()
     with _av_errors(name), av.open(name) as container:
         stream = container.streams[index.stream]
@@ -171,7 +160,7 @@ def _decode_runs(
                     previous = pts
                     position = wanted.pop(pts, None)
                     if position is not None:
-                        store.put(position, _rgb(frame, size))
+                        convert.submit(position, frame)
                 if not wanted or (previous is not None and previous >= last):
                     break
             if wanted:
@@ -205,11 +194,12 @@ def _read_pyav(
     threads = threads or max(1, _cpu_count() // len(groups))
     jobs = [[runs[i] for i in group] for group in groups]
     store = FrameStore(name, [t for r in runs for t in r.targets], size, sink)
-    if len(jobs) == 1:
-        _decode_runs(name, index, jobs[0], size, threads, store)
-    else:
-        with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="dycoke-video") as pool:
-            list(pool.map(lambda job: _decode_runs(name, index, job, size, threads, store), jobs))
+    with RgbConverter(store, size, convert_threads()) as convert:
+        if len(jobs) == 1:
+            _decode_runs(name, index, jobs[0], threads, convert)
+        else:
+            with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="dycoke-video") as pool:
+                list(pool.map(lambda job: _decode_runs(name, index, job, threads, convert), jobs))
     return store.frames, len(jobs)
 
 
@@ -222,12 +212,12 @@ def _read_sequential(
     wanted = set(targets)
     store = FrameStore(name, targets, size, sink)
     last = max(targets)
-    with _av_errors(name), av.open(name) as container:
+    with _av_errors(name), av.open(name) as container, RgbConverter(store, size, convert_threads()) as convert:
         stream = container.streams[index.stream]
         _configure_threads(stream, _cpu_count())
         for position, frame in enumerate(container.decode(stream)):
             if position in wanted:
-                store.put(position, _rgb(frame, size))
+                convert.submit(position, frame)
                 wanted.discard(position)
             if position >= last:
                 break
