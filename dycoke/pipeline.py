@@ -34,7 +34,7 @@ from dycoke.stream_encode import encode_while_reading
 from dycoke.stream_prefill import PrefixStream
 from dycoke.switches import switch
 from dycoke.trace import build_trace
-from dycoke.transfer import synchronize
+from dycoke.transfer import pinned_frames, synchronize
 from dycoke.video import VideoFrames
 from dycoke.vision import encode_frames
 from dycoke.warm_answer import wait_for_warm_answer
@@ -151,7 +151,9 @@ class VideoQA:
             stream = fork_reader(video, options)
             if stream is not None:
                 return self._prepare_streamed(stream, options or VideoOptions(), prefill_for)
-        decoded = video if isinstance(video, DecodedVideo) else decode_video(video, options)
+        if not isinstance(video, DecodedVideo):
+            video = decode_video(video, options, sink=pinned_frames(self.loaded.device))
+        decoded = video
         wait_for_warm_answer()  # a shallow model's first answer may still run: not beside this one's stages
         frames = decoded.frames
         loaded = self.loaded
