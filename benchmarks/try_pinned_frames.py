@@ -1,0 +1,81 @@
+"""What reading frames into page-locked memory (``dycoke.transfer.PinnedFrames``) saves on their way to
+the GPU, and what it costs.
+
+In a fresh process (CUDA initialised first, as a loaded model has it): the first page-locked frames
+array (torch's caching host allocator has no block yet) and its first write; then, medians of
+``--repeats`` with the device synchronised: a read into ordinary and into page-locked memory, the
+upload of each, and ``preprocess_frames`` (upload, resize, normalise) from each.
+
+    python benchmarks/try_pinned_frames.py --frames 128 --out benchmarks/results/pinned-frames-h200.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dycoke.preprocess import PreprocessConfig, preprocess_frames
+from dycoke.transfer import PinnedFrames
+from dycoke.video import read_video
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--video", default="samples/bigbuckbunny.mp4")
+    parser.add_argument("--frames", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    lines = [f"# {' '.join(['python', *sys.argv])}", f"# {torch.cuda.get_device_name()}, torch {torch.__version__}"]
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    shape = read_video(args.video, num_frames=1).frames.shape[1:]
+    started = time.perf_counter()
+    first = PinnedFrames().allocate((args.frames, *shape))
+    took = time.perf_counter() - started
+    say(f"first page-locked frames array ({first.nbytes / 2**20:.0f} MiB): {1000 * took:.1f} ms")
+    started = time.perf_counter()
+    first[:] = 1
+    say(f"its first write: {1000 * (time.perf_counter() - started):.1f} ms")
+    del first
+
+    def timed(name: str, work: Callable[[], object]) -> None:
+        work()
+        times = []
+        for _ in range(args.repeats):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            work()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        say(f"{name}: median {1000 * statistics.median(times):.1f} ms")
+
+    config = PreprocessConfig()
+    plain = read_video(args.video, num_frames=args.frames).frames
+    pinned = read_video(args.video, num_frames=args.frames, sink=PinnedFrames()).frames
+    timed("read into ordinary memory", lambda: read_video(args.video, num_frames=args.frames))
+    timed("read into page-locked memory", lambda: read_video(args.video, num_frames=args.frames, sink=PinnedFrames()))
+    timed("upload from ordinary memory", lambda: torch.as_tensor(plain).to("cuda"))
+    timed("upload from page-locked memory", lambda: torch.as_tensor(pinned).to("cuda", non_blocking=True))
+    timed("preprocess from ordinary memory", lambda: preprocess_frames(plain, config, device="cuda"))
+    timed("preprocess from page-locked memory", lambda: preprocess_frames(pinned, config, device="cuda"))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
