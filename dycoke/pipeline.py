@@ -129,6 +129,11 @@ class VideoQA:
 
     # -- the stages ---------------------------------------------------------------------------------
 
+    def read(self, video: str | Path, options: VideoOptions | None = None) -> DecodedVideo:
+        """Decode and sample frames for this model: on a GPU into page-locked memory, whose upload is one
+        DMA at full speed (``dycoke.transfer.pinned_frames``)."""
+        return decode_video(video, options, sink=pinned_frames(self.loaded.device))
+
     def prepare(
         self,
         video: str | Path | DecodedVideo,
@@ -151,9 +156,7 @@ class VideoQA:
             stream = fork_reader(video, options)
             if stream is not None:
                 return self._prepare_streamed(stream, options or VideoOptions(), prefill_for)
-        if not isinstance(video, DecodedVideo):
-            video = decode_video(video, options, sink=pinned_frames(self.loaded.device))
-        decoded = video
+        decoded = video if isinstance(video, DecodedVideo) else self.read(video, options)
         wait_for_warm_answer()  # a shallow model's first answer may still run: not beside this one's stages
         frames = decoded.frames
         loaded = self.loaded

@@ -153,6 +153,9 @@ class CountingQA:
     def __init__(self, qa: VideoQA) -> None:
         self.qa, self.prepared, self.answered = qa, 0, 0
 
+    def read(self, video: Any, options: Any) -> Any:
+        return self.qa.read(video, options)
+
     def prepare(self, video: Any, options: Any, **kwargs: Any) -> Any:
         self.prepared += 1
         return self.qa.prepare(video, options, **kwargs)

@@ -212,8 +212,6 @@ def run_batch(
     being answered. Records are written as each batch completes. ``pictures``: a folder that gets
     ``<id>.<method>.png``, what the method kept for each answered row.
     """
-    from dycoke.pipeline import decode_video
-    from dycoke.transfer import pinned_frames
 
     summary = BatchSummary(total=len(questions) * len(methods))
     for record in writer.kept:
@@ -238,7 +236,7 @@ def run_batch(
 
     def decode(group: list[Question]) -> Any:
         path = group[0].path  # the whole group shares it
-        return decode_video(path, options.video, sink=pinned_frames(qa.loaded.device)) if path.is_file() else None
+        return qa.read(path, options.video) if path.is_file() else None
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dycoke-decode") as pool:
         future: Future[Any] | None = pool.submit(decode, pending[0]) if pending else None
