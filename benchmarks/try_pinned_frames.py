@@ -1,10 +1,10 @@
-"""What reading frames into page-locked memory (``dycoke.transfer.PinnedFrames``) saves on their way to
-the GPU, and what it costs.
+"""What reading frames into page-locked memory (``dycoke.pinned_frames``) saves on their way to the GPU,
+and what it costs.
 
-In a fresh process (CUDA initialised first, as a loaded model has it): the first page-locked frames
-array (torch's caching host allocator has no block yet) and its first write; then, medians of
-``--repeats`` with the device synchronised: a read into ordinary and into page-locked memory, the
-upload of each, and ``preprocess_frames`` (upload, resize, normalise) from each.
+In a fresh process (CUDA initialised first, as a loaded model has it): locking the first block of the
+frames' size (torch's caching host allocator has none yet) and its first write; then, medians of
+``--repeats`` with the device synchronised: a read into ordinary memory and into a block of the pool,
+the upload of each, and ``preprocess_frames`` (upload, resize, normalise) from each.
 
     python benchmarks/try_pinned_frames.py --frames 128 --out benchmarks/results/pinned-frames-h200.txt
 """
@@ -18,12 +18,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dycoke.pinned_frames import BlockPool, PinnedFrames, _lock_block
 from dycoke.preprocess import PreprocessConfig, preprocess_frames
-from dycoke.transfer import PinnedFrames
 from dycoke.video import read_video
 
 
@@ -43,14 +44,18 @@ def main() -> None:
     torch.zeros(1, device="cuda")
     torch.cuda.synchronize()
     shape = read_video(args.video, num_frames=1).frames.shape[1:]
+    nbytes = args.frames * int(np.prod(shape))
     started = time.perf_counter()
-    first = PinnedFrames().allocate((args.frames, *shape))
+    first = _lock_block(nbytes).numpy()
     took = time.perf_counter() - started
-    say(f"first page-locked frames array ({first.nbytes / 2**20:.0f} MiB): {1000 * took:.1f} ms")
+    say(f"first page-locked block ({nbytes / 2**20:.0f} MiB): {1000 * took:.1f} ms")
     started = time.perf_counter()
     first[:] = 1
     say(f"its first write: {1000 * (time.perf_counter() - started):.1f} ms")
     del first
+    pool = BlockPool()
+    read_video(args.video, num_frames=args.frames, sink=PinnedFrames(pool))  # the pool makes its block
+    pool.wait()
 
     def timed(name: str, work: Callable[[], object]) -> None:
         work()
@@ -65,9 +70,11 @@ def main() -> None:
 
     config = PreprocessConfig()
     plain = read_video(args.video, num_frames=args.frames).frames
-    pinned = read_video(args.video, num_frames=args.frames, sink=PinnedFrames()).frames
     timed("read into ordinary memory", lambda: read_video(args.video, num_frames=args.frames))
-    timed("read into page-locked memory", lambda: read_video(args.video, num_frames=args.frames, sink=PinnedFrames()))
+    sink = PinnedFrames(pool)
+    timed("read into page-locked memory", lambda: read_video(args.video, num_frames=args.frames, sink=sink))
+    pinned = read_video(args.video, num_frames=args.frames, sink=sink).frames
+    assert torch.from_numpy(pinned).is_pinned()
     timed("upload from ordinary memory", lambda: torch.as_tensor(plain).to("cuda"))
     timed("upload from page-locked memory", lambda: torch.as_tensor(pinned).to("cuda", non_blocking=True))
     timed("preprocess from ordinary memory", lambda: preprocess_frames(plain, config, device="cuda"))

@@ -26,6 +26,7 @@ from dycoke.frame_stream import FrameStream, fork_reader
 from dycoke.heap import freeze_after_load
 from dycoke.methods import CompressedVisual, CompressionMethod, VisionSignals, build_method
 from dycoke.model import LoadedModel, load_model
+from dycoke.pinned_frames import pinned_frames
 from dycoke.preprocess import preprocess_frames
 from dycoke.prompt import Question, conversation_turns, expand_video_placeholder, render_prompt, tokenize_prompt
 from dycoke.reading import DecodedVideo, decode_video
@@ -34,7 +35,7 @@ from dycoke.stream_encode import encode_while_reading
 from dycoke.stream_prefill import PrefixStream
 from dycoke.switches import switch
 from dycoke.trace import build_trace
-from dycoke.transfer import pinned_frames, synchronize
+from dycoke.transfer import synchronize
 from dycoke.video import VideoFrames
 from dycoke.vision import encode_frames
 from dycoke.warm_answer import wait_for_warm_answer
@@ -130,8 +131,8 @@ class VideoQA:
     # -- the stages ---------------------------------------------------------------------------------
 
     def read(self, video: str | Path, options: VideoOptions | None = None) -> DecodedVideo:
-        """Decode and sample frames for this model: on a GPU into page-locked memory, whose upload is one
-        DMA at full speed (``dycoke.transfer.pinned_frames``)."""
+        """Decode and sample frames for this model: on a GPU into page-locked memory when the process
+        has a block free, whose upload is one DMA at full speed (``dycoke.pinned_frames``)."""
         return decode_video(video, options, sink=pinned_frames(self.loaded.device))
 
     def prepare(
