@@ -1,10 +1,12 @@
 """What reading frames into page-locked memory (``dycoke.pinned_frames``) saves on their way to the GPU,
 and what it costs.
 
-In a fresh process (CUDA initialised first, as a loaded model has it): locking the first block of the
-frames' size (torch's caching host allocator has none yet) and its first write; then, medians of
-``--repeats`` with the device synchronised: a read into ordinary memory and into a block of the pool,
-the upload of each, and ``preprocess_frames`` (upload, resize, normalise) from each.
+In a fresh process (CUDA initialised first, as a loaded model has it): page-locked memory of the
+frames' size from torch's pinned allocation (its caching host allocator has none yet) and from
+``lock_block`` (several threads fault the memory in, then ``cudaHostRegister``), each then written
+once; then, medians of ``--repeats`` with the device synchronised: a read into ordinary memory and
+into a block of the pool, the upload of each, and ``preprocess_frames`` (upload, resize, normalise)
+from each.
 
     python benchmarks/try_pinned_frames.py --frames 128 --out benchmarks/results/pinned-frames-h200.txt
 """
@@ -23,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dycoke.pinned_frames import BlockPool, PinnedFrames, _lock_block
+from dycoke.pinned_frames import BlockPool, PinnedFrames, lock_block
 from dycoke.preprocess import PreprocessConfig, preprocess_frames
 from dycoke.video import read_video
 
@@ -45,17 +47,23 @@ def main() -> None:
     torch.cuda.synchronize()
     shape = read_video(args.video, num_frames=1).frames.shape[1:]
     nbytes = args.frames * int(np.prod(shape))
-    started = time.perf_counter()
-    first = _lock_block(nbytes).numpy()
-    took = time.perf_counter() - started
-    say(f"first page-locked block ({nbytes / 2**20:.0f} MiB): {1000 * took:.1f} ms")
-    started = time.perf_counter()
-    first[:] = 1
-    say(f"its first write: {1000 * (time.perf_counter() - started):.1f} ms")
-    del first
+    for name, lock in (
+        ("torch's pinned allocation", lambda: torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()),
+        ("lock_block", lambda: lock_block(nbytes)),
+    ):
+        started = time.perf_counter()
+        block = lock()
+        took = time.perf_counter() - started
+        say(f"{name}, {nbytes / 2**20:.0f} MiB: {1000 * took:.1f} ms")
+        started = time.perf_counter()
+        block[:] = 1
+        say(f"  its first write: {1000 * (time.perf_counter() - started):.1f} ms")
+        del block
     pool = BlockPool()
-    read_video(args.video, num_frames=args.frames, sink=PinnedFrames(pool))  # the pool makes its block
-    pool.wait()
+    started = time.perf_counter()
+    read_video(args.video, num_frames=args.frames, sink=PinnedFrames(pool))
+    took = time.perf_counter() - started
+    say(f"a first read into page-locked memory, its block locked meanwhile: {1000 * took:.1f} ms")
 
     def timed(name: str, work: Callable[[], object]) -> None:
         work()
