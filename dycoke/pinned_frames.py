@@ -125,7 +125,8 @@ class BlockPool:
             self.refused = True
             return None
         if len(self.blocks) >= self.max_blocks:
-            self.blocks.remove(min(free, key=lambda b: b.nbytes))
+            smallest = min(free, key=lambda b: b.nbytes)
+            self.blocks = [b for b in self.blocks if b is not smallest]  # by identity: == on arrays compares values
         self.blocks.append(block)
         return block
 

@@ -85,6 +85,17 @@ def test_a_larger_read_gets_a_second_block_then_replaces_the_smaller_free_one() 
     assert sorted(b.nbytes for b in pool.blocks) == [1920, 3840] and make.made == [960, 1920, 3840]
 
 
+def test_the_smaller_free_block_is_replaced_wherever_it_is_in_the_pool() -> None:
+    make = Recording()
+    pool = BlockPool(make, max_blocks=2)
+    large = pool.frames((8, 8, 10, 3))
+    small = pool.frames(SHAPE)  # the second block, the smaller
+    del large, small
+    gc.collect()
+    pool.frames((16, 8, 10, 3))
+    assert [b.nbytes for b in pool.blocks] == [1920, 3840]
+
+
 def test_a_refused_block_stops_the_tries() -> None:
     calls = []
 
