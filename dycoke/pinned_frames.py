@@ -1,15 +1,15 @@
 """Reading decoded frames straight into page-locked host memory, for a model on a GPU.
 
 The frames are the largest host tensor a run moves to the GPU. 128 frames of 720p (338 MiB) uploaded
-in 52 ms from ordinary memory and in 6.5-6.8 ms from page-locked memory on the H200 machine; the whole
+in 52-55 ms from ordinary memory and in 6.5-6.8 ms from page-locked memory on the H200 machine; the whole
 preprocessing took 59-63 ms against 13 ms (``benchmarks/results/pinned-frames-h200.txt``).
 
 How the memory is locked matters more than that. torch's pinned allocation (``cudaHostAlloc``: one
 thread faults in and locks 4 KiB pages, rounded up to a power of two) took 200-324 ms for those 338
 MiB, four reads' worth of savings, paid by a process's first answer. Here the memory is ordinary
 (numpy asks for huge pages), several threads fault it in, and ``cudaHostRegister`` then locks pages
-already there: 24-27 ms in all (``benchmarks/results/pin-probe-h200.txt``), less than the upload saves.
-A process keeps at most ``MAX_BLOCKS`` blocks (``BlockPool``) and lends each to one read at a time, so
+already there: 24-35 ms in all (``pin-probe-h200.txt``, ``pinned-frames-h200.txt``), less than the
+upload saves. A process keeps at most ``MAX_BLOCKS`` blocks (``BlockPool``) and lends each to one read at a time, so
 its later reads lock nothing.
 """
 

@@ -131,8 +131,8 @@ class VideoQA:
     # -- the stages ---------------------------------------------------------------------------------
 
     def read(self, video: str | Path, options: VideoOptions | None = None) -> DecodedVideo:
-        """Decode and sample frames for this model: on a GPU into page-locked memory when the process
-        has a block free, whose upload is one DMA at full speed (``dycoke.pinned_frames``)."""
+        """Decode and sample frames for this model: on a GPU into page-locked memory, whose upload is one
+        DMA at full speed (``dycoke.pinned_frames``)."""
         return decode_video(video, options, sink=pinned_frames(self.loaded.device))
 
     def prepare(

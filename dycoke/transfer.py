@@ -5,7 +5,7 @@ A copy from pageable host memory to a GPU waits for all the work queued on the d
 caller that queues GPU work ahead of the GPU (``dycoke.stream_encode``, ``dycoke.stream_prefill``)
 would stall at every small copy. Through pinned memory (torch's caching host allocator) the copy is
 queued like any kernel. Decoded frames, the largest host tensor a run moves, are read straight into
-pinned memory where a process reads more than once (``dycoke.pinned_frames``).
+page-locked memory instead (``dycoke.pinned_frames``).
 """
 
 from __future__ import annotations

@@ -212,7 +212,6 @@ def run_batch(
     being answered. Records are written as each batch completes. ``pictures``: a folder that gets
     ``<id>.<method>.png``, what the method kept for each answered row.
     """
-
     summary = BatchSummary(total=len(questions) * len(methods))
     for record in writer.kept:
         grade(summary, record)
