@@ -202,6 +202,12 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def chart_frames(counts: list[int]) -> int:
+    """The frame count the chart shows: the largest up to 32, else the smallest run."""
+    small = [n for n in counts if n <= 32]
+    return max(small) if small else min(counts)
+
+
 def chart(results: dict[str, Any], path: Path) -> None:
     """End-to-end time per contender (stacked: up to the first token, then decoding), one panel per model."""
     import matplotlib
@@ -210,7 +216,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = list(dict.fromkeys(r["size"] for r in results["rows"]))
-    frames = max(r["frames"] for r in results["rows"] if r["frames"] <= 32)
+    frames = chart_frames([r["frames"] for r in results["rows"]])
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
     for ax, size in zip(axes[0], sizes, strict=True):
         rows = [r for r in results["rows"] if r["size"] == size and r["frames"] == frames]

@@ -112,3 +112,11 @@ def test_per_step_kernel_times_are_the_difference_of_two_runs_over_their_steps()
     families, top = per_step(long, short, steps=32, most=1)
     assert families == {"gemm": 0.25, "triton": 1.0 / 32}
     assert top == [(0.25, 2, "gemv")]
+
+
+def test_the_end_to_end_chart_shows_32_frames_or_the_smallest_run() -> None:
+    from benchmarks.bench_e2e import chart_frames
+
+    assert chart_frames([16, 32, 64, 128]) == 32
+    assert chart_frames([8, 16]) == 16
+    assert chart_frames([128, 64]) == 64  # a run of larger counts only (it raised before)
