@@ -16,7 +16,6 @@ its later reads lock nothing.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 
 from dycoke.switches import switch
+from dycoke.video.plan import _cpu_count
 
 PINNED_FRAMES_ENV = "DYCOKE_PINNED_FRAMES"
 
@@ -37,7 +37,7 @@ _PORTABLE = 1  # cudaHostRegisterPortable: locked for every GPU's context (a mod
 
 def _fault_in(block: np.ndarray) -> None:
     """Write one byte per page of ``block`` from several threads (numpy releases the interpreter)."""
-    threads = max(1, min(_TOUCH_THREADS, os.cpu_count() or 1))
+    threads = min(_TOUCH_THREADS, _cpu_count())
     step = -(-block.nbytes // threads // _PAGE) * _PAGE
     parts = [block[start : start + step] for start in range(0, block.nbytes, step)]
     workers = [threading.Thread(target=part[::_PAGE].fill, args=(0,)) for part in parts[1:]]

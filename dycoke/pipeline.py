@@ -49,10 +49,10 @@ STREAM_VIDEO_ENV = "DYCOKE_STREAM_VIDEO"
 def streams_video() -> bool:
     """Whether ``VideoQA.prepare`` encodes a file's frames (and prefills their tokens) while a forked
     child decodes the rest (``dycoke.frame_stream``, where the platform can): only with
-    ``DYCOKE_STREAM_VIDEO=1``. Off by default: on the H200 (7B, 256 tokens) it saved 0.17-0.19 s at 128 frames of
-    the 720p sample, whose frames come from one reader in order, and lost 0.03-0.11 s at 32 and 64
-    frames and 0.3-0.37 s on a 1-min 1080p clip read by several readers, whose decode ran 0.5 s longer
-    beside the parent's work (``benchmarks/results/e2e-h200-streamed-{pinned,1080p}.md``)."""
+    ``DYCOKE_STREAM_VIDEO=1``. Off by default: since the RGB conversion runs on threads the sample's 128
+    frames read in 0.14 s, too little to hide anything behind, and on the H200 (7B, 256 tokens) streaming
+    lost 0.18-0.21 s at 32 and 128 frames (``benchmarks/results/e2e-h200-rgb-pool.md``); before that it
+    saved 0.17-0.19 s at 128 frames and lost elsewhere (``e2e-h200-streamed-{pinned,1080p}.md``)."""
     return switch(STREAM_VIDEO_ENV, default=False)
 
 

@@ -4,7 +4,7 @@ conversion, every frame at its position, errors raised to the reader, a bounded 
 from __future__ import annotations
 
 import threading
-from concurrent.futures import wait
+import time
 from pathlib import Path
 
 import av
@@ -87,7 +87,9 @@ def test_submit_stops_the_decode_once_a_conversion_failed(frames: list[av.VideoF
     with pytest.raises(VideoError, match="disk full"), RgbConverter(Failing(), (90, 160), 2) as convert:
         convert.submit(0, frames[0])
         assert failed.wait(10)
-        wait(convert.futures, timeout=10)
+        deadline = time.monotonic() + 10
+        while convert.error is None and time.monotonic() < deadline:  # recorded as the put raises
+            time.sleep(0.001)
         convert.submit(1, frames[1])  # raises here, before leaving the block
         pytest.fail("submit went on after a failed conversion")
 

@@ -13,7 +13,7 @@ results are swscale's own, byte for byte (single-threaded swscale gives the same
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -75,8 +75,7 @@ class RgbConverter:
         self.contexts = _Contexts()
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="dycoke-rgb") if threads > 1 else None
         self.room = threading.BoundedSemaphore(2 * threads)
-        self.futures: list[Future[None]] = []
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the first conversion's
 
     def submit(self, position: int, frame: Any) -> None:
         """Convert ``frame`` and put it at ``position`` (now, or on a pool thread)."""
@@ -87,7 +86,7 @@ class RgbConverter:
             return
         self.room.acquire()
         try:
-            self.futures.append(self.pool.submit(self._convert, position, frame))
+            self.pool.submit(self._convert, position, frame)
         except BaseException:
             self.room.release()
             raise
@@ -95,9 +94,8 @@ class RgbConverter:
     def _convert(self, position: int, frame: Any) -> None:
         try:
             self.store.put(position, convert_frame(frame, self.size, self.contexts))
-        except BaseException as exc:
+        except BaseException as exc:  # raised to the reader by submit and __exit__
             self.error = self.error or exc
-            raise
         finally:
             self.room.release()
 
