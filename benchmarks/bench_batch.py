@@ -22,7 +22,10 @@ thread in the batch modes).
 included) stays within G GiB is searched (doubling, then bisecting; a batch that runs out of memory
 does not fit), each trial answering one video's questions in one batch; then the ``shared-b<best>``
 mode runs over every video and the result records questions per second at that budget
-(``budget`` rows), the quantity DyCoke's smaller KV cache buys. A fixed question count leaves each
+(``budget`` rows), the quantity DyCoke's smaller KV cache buys. ``dycoke-evict`` (``--dp-evict``, a
+deviation) prefills a batch 16 rows at a time, each group's cache evicted before the next;
+``dycoke-evict@N`` takes N rows a group (0: the whole batch at once, the peak of the evicting batch's
+whole cache). A fixed question count leaves each
 video a partly filled last batch (96 questions: full's 30 a batch run 30+30+30+6, DyCoke's 62 run
 62+34), so each row also has ``full_batches``: two full batches per video, the rate of a long job:
 
@@ -40,6 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -85,12 +89,17 @@ def write_questions(folder: Path, video: Path, videos: int, per_video: int = len
     return path
 
 
-def method_options(name: str) -> MethodOptions:
-    """A method by name; ``dycoke-evict``: DyCoke with ``--dp-evict`` (pruned visual entries removed from
-    the later layers' caches after the first decode step: a deviation from the paper, opt-in)."""
-    if name == "dycoke-evict":
-        return MethodOptions(method="dycoke", dp_evict=True)
-    return MethodOptions(method=name)  # type: ignore[arg-type]
+def method_options(name: str) -> tuple[MethodOptions, int | None]:
+    """A method by name and the ``prefill_rows`` it asks for (None: the default). ``dycoke-evict``:
+    DyCoke with ``--dp-evict`` (pruned visual entries removed from the later layers' caches after the
+    first decode step: a deviation from the paper, opt-in); ``dycoke-evict@N``: the same with
+    ``--prefill-rows N`` (0: the batch prefilled at once)."""
+    base, _, rows = name.partition("@")
+    if rows and not (base == "dycoke-evict" and rows.isdigit()):
+        raise ValueError(f"unknown method {name!r}: @N (prefill rows) goes with dycoke-evict only")
+    if base == "dycoke-evict":
+        return MethodOptions(method="dycoke", dp_evict=True), int(rows) if rows else None
+    return MethodOptions(method=base), None  # type: ignore[arg-type]
 
 
 def mode_settings(mode: str) -> dict[str, Any] | None:
@@ -206,13 +215,13 @@ def main() -> None:
         (folder / "warm").mkdir()
         warm = write_questions(folder / "warm", Path(args.video), 1, args.questions_per_video)
         for method in args.methods:
-            options = RunOptions(
-                video=VideoOptions(num_frames=args.frames),
-                generation=GenerationOptions(
-                    max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, decoder=args.decoder
-                ),
-                method=method_options(method),
+            chosen, prefill_rows = method_options(method)
+            generation = GenerationOptions(
+                max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, decoder=args.decoder
             )
+            if prefill_rows is not None:
+                generation = replace(generation, prefill_rows=prefill_rows)
+            options = RunOptions(video=VideoOptions(num_frames=args.frames), generation=generation, method=chosen)
             for mode in args.modes:
                 run_mode(qa, warm, mode, options, folder)  # warm-up: kernels, allocator, file cache
                 row = {"method": method, "mode": mode, **run_mode(qa, csv_path, mode, options, folder)}

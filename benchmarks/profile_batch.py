@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -202,11 +202,11 @@ def main() -> None:
         for spec in args.runs:
             method, size = spec.split(":")
             batch = int(size)
-            options = RunOptions(
-                video=VideoOptions(num_frames=args.frames),
-                generation=GenerationOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens),
-                method=method_options(method),
-            )
+            chosen, prefill_rows = method_options(method)
+            generation = GenerationOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+            if prefill_rows is not None:
+                generation = replace(generation, prefill_rows=prefill_rows)
+            options = RunOptions(video=VideoOptions(num_frames=args.frames), generation=generation, method=chosen)
             (folder / method).mkdir()
             questions = read_questions(write_questions(folder / method, args.video, args.videos, 2 * batch))
             for attempt in ("warm-up", "timed"):

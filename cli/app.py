@@ -226,6 +226,7 @@ def batch(
             help="Prefill the system prompt + video once per video and method, reused by every question.",
         ),
     ] = True,
+    prefill_rows: o.PrefillRows = 16,
     model: o.Model = DEFAULT_MODEL,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",

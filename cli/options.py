@@ -87,6 +87,13 @@ FusedStep = Annotated[
         help="Decode steps with fused projections and kernels (Qwen2 models, static and graph decoders).",
     ),
 ]
+PrefillRows = Annotated[
+    int,
+    typer.Option(
+        help="With --dp-evict: prefill a batch this many rows at a time, each group's evicted before the next "
+        "(lower peak memory, larger batches fit); 0: the whole batch at once."
+    ),
+]
 Prompt = Annotated[str, typer.Option(help="paper (the paper's evaluation prompt) or checkpoint (its template).")]
 System = Annotated[str, typer.Option(help="System prompt of the paper style.")]
 Compare = Annotated[
@@ -147,6 +154,7 @@ def build_options(
     fused_step: bool,
     prompt: str,
     system: str,
+    prefill_rows: int = 16,
 ) -> tuple[ModelOptions, RunOptions]:
     """The library's options from a command's parameters (each validated by its dataclass)."""
     model_options = ModelOptions(
@@ -164,6 +172,7 @@ def build_options(
             seed=seed,
             decoder=decoder,
             fused_step=fused_step,
+            prefill_rows=prefill_rows,
         ),
         prompt=PromptOptions(style=prompt, system_prompt=system),  # type: ignore[arg-type]
         method=MethodOptions(
@@ -192,8 +201,11 @@ def options_from(parameters: dict[str, Any]) -> tuple[ModelOptions, RunOptions]:
     """``build_options`` from a command's parameters (its ``locals()`` on entry): every command that
     runs the model takes the same option parameters, so a new option is added in one call, not one per
     command."""
-    names = inspect.signature(build_options).parameters
-    return build_options(**{name: parameters[name] for name in names})
+    names = inspect.signature(build_options).parameters.items()
+    # an option only some commands take (e.g. batch's --prefill-rows) keeps its default elsewhere
+    return build_options(
+        **{name: parameters[name] for name, p in names if name in parameters or p.default is inspect.Parameter.empty}
+    )
 
 
 def similarity_fp32(value: str) -> bool:

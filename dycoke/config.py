@@ -125,7 +125,11 @@ class GenerationOptions:
     ``graph`` (the same, one CUDA graph replay per token) or ``auto`` (``graph`` for greedy decoding on
     one CUDA device, ``hf`` otherwise). All give the same tokens. ``fused_step`` (static and graph
     loops, Qwen2-family models): decode steps with fused projections and kernels
-    (``dycoke/decoding/fused.py``); off, the model's own modules run each step.
+    (``dycoke/decoding/fused.py``); off, the model's own modules run each step. ``prefill_rows``: with
+    DP eviction (``dp_evict``) the static and graph loops prefill a larger batch, and take its first
+    decode step, this many rows at a time, each group's cache cut down before the next group's is made:
+    the memory peak then holds the batch's evicted cache and one group's whole one, so larger batches
+    fit; 0 prefills the batch at once. The tokens are the same.
     """
 
     max_new_tokens: int = 256
@@ -137,6 +141,7 @@ class GenerationOptions:
     seed: int | None = None
     decoder: str = "auto"
     fused_step: bool = True
+    prefill_rows: int = 16
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
@@ -153,6 +158,8 @@ class GenerationOptions:
         _check_range("top-p", self.top_p, 0.0, 1.0, lo_open=True)
         if self.top_k < 0:
             raise ConfigError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.prefill_rows < 0:
+            raise ConfigError(f"prefill-rows must be >= 0 (0 prefills a batch at once), got {self.prefill_rows}")
 
 
 @dataclass(frozen=True)

@@ -419,7 +419,10 @@ class VideoQA:
         streamer = TimedTextStreamer(loaded.tokenizer, on_texts=streams)
         decoder = choose_decoder(gen, loaded.device, loaded.single_device)
         with _oom_guard("generation", len(rows)), torch.inference_mode():
-            embeds = self._embed(padded.ids, visual_tokens)
+            # the static loops prefill only what follows a shared prefix: its (B, P, D) embeddings (the
+            # video's tokens once per row) would be made for nothing
+            after = prefix.length if prefix is not None and decoder != "hf" else 0
+            embeds = self._embed(padded.ids[:, after:], visual_tokens)
             mask = padded.attention_mask.to(embeds.device)
             if gen.seed is not None:
                 torch.manual_seed(gen.seed)
@@ -436,6 +439,7 @@ class VideoQA:
                 streamer=streamer,
                 stop=stop,
                 fused_step=gen.fused_step,
+                prefill_rows=gen.prefill_rows,
             )
         return [trim_generated(row, kwargs["eos_token_id"]) for row in output.tolist()], timing
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,28 @@ def test_fastv_and_eviction_decode_on_the_cuda_graph_as_generate(
         assert [r.token_ids for r in graph] == [r.token_ids for r in hf]
         assert [r.memory.kv_cache_bytes for r in graph] == [r.memory.kv_cache_bytes for r in hf]
         assert {r.decoder for r in graph} == {"graph"} and {r.decoder for r in hf} == {"hf"}
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"gate_threshold": 0.999}])
+def test_eviction_in_row_groups_on_the_cuda_graph_as_generate(
+    qa32: VideoQA, clip: Path, kwargs: dict[str, Any]
+) -> None:
+    """The batch prefilled two rows at a time (``prefill_rows``), its graph captured on the gathered cache."""
+
+    def run(decoder: str, rows: int) -> RunOptions:
+        options = _eight_frames(12, decoder, method="dycoke", prune_layer=2, dp_evict=True, **kwargs)
+        return replace(options, generation=replace(options.generation, prefill_rows=rows))
+
+    prepared = qa32.prepare(clip, VideoOptions(num_frames=8))
+    questions = ["What moves?", "Describe the scene in detail, please.", "Why?", "Where is it?", "Who is there?"]
+    hf = qa32.answer_many(prepared, questions, run("hf", 0), batch_size=5)
+    for rows in (0, 2):
+        graph = qa32.answer_many(prepared, questions, run("auto", rows), batch_size=5)
+        assert [r.token_ids for r in graph] == [r.token_ids for r in hf], rows
+        assert [r.memory.kv_cache_bytes for r in graph] == [r.memory.kv_cache_bytes for r in hf]
+        for figure in ("pruned_step_share", "evicted_wanted_back_avg_tokens"):
+            assert [r.compression[figure] for r in graph] == [r.compression[figure] for r in hf], figure
+        assert {r.decoder for r in graph} == {"graph"}
 
 
 def test_encoder_matches_get_video_features_in_bf16(tiny_checkpoint: Path) -> None:

@@ -14,6 +14,7 @@ Shapes: B batch, Hq query heads, Hkv key/value heads, S key length, d head dim, 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -165,6 +166,19 @@ class PruneState:
             self.attention_history.index_copy_(0, slot, visual_attention.float().unsqueeze(0))
         self.step.add_(1)
         return self.kept
+
+    def rows(self, start: int, stop: int) -> PruneState:
+        """The state of rows ``start..stop`` alone, for decoding part of the batch: its (b, ...) buffers
+        are views of this state's, so its steps write into them; its step counter is its own (every
+        part runs the same steps: copy one part's counter back with ``step.copy_`` after them)."""
+        part = copy.copy(self)
+        part.starts, part.span = self.starts[start:stop], self.span[start:stop]
+        part.previous, part.kept = self.previous[start:stop], self.kept[start:stop]
+        part.history = self.history[:, start:stop]
+        if self.attention_history is not None:
+            part.attention_history = self.attention_history[:, start:stop]
+        part.step = self.step.clone()
+        return part
 
     @property
     def steps(self) -> int:

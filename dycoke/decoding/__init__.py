@@ -87,23 +87,35 @@ def decode(
     streamer: TimedTextStreamer,
     stop: Callable[[], bool] | None = None,
     fused_step: bool = True,
+    prefill_rows: int = 0,
 ) -> tuple[torch.Tensor, DecodeTiming]:
     """Generate for one batch ((B, S, D) ``embeds``, (B, S) mask) with ``method``'s glue installed.
 
     ``prefix``: a shared prefix's KV, expanded for the batch (into the method's own cache when it
     brings one). ``stop``: polled after every step; generation ends early when it returns True.
     ``fused_step``: the static loops decode with ``FusedStep`` where the model allows it.
+    ``prefill_rows``: the static loops prefill a larger batch (and take its first step) this many rows at
+    a time where the method compacts its cache at that step (``splits_rows``, DP eviction); 0: all at once.
     Returns the (B, n) generated ids and their timing.
     """
     from dycoke.decoding.generate import GenerateDecoder
-    from dycoke.decoding.static import StaticGreedyDecoder
+    from dycoke.decoding.static import RowGroups, StaticGreedyDecoder
 
     batch = int(embeds.shape[0])
     t0 = time.perf_counter()
     streamer.start()
     steps = int(kwargs["max_new_tokens"])
     with method.decoding(visual_start=visual_starts, num_visual=num_visual, max_steps=steps) as own_cache:
-        cache = expand_prefix(prefix, batch, into=own_cache) if prefix is not None else own_cache
+        groups = None
+        if decoder != "hf" and 0 < prefill_rows < batch and steps > 1 and getattr(method, "splits_rows", False):
+            groups = RowGroups(
+                size=prefill_rows,
+                prefix=lambda rows: expand_prefix(prefix, rows) if prefix is not None else None,
+                scope=method.row_scope,
+            )
+            cache = None  # each group's prefix is expanded when it runs: the batch's is never made
+        else:
+            cache = expand_prefix(prefix, batch, into=own_cache) if prefix is not None else own_cache
         if decoder == "hf":
             output = GenerateDecoder(model, kwargs).generate(embeds, attention_mask, streamer, cache, stop)
         else:
@@ -120,7 +132,13 @@ def decode(
             )
             streamer.put(None)  # the prompt, which the streamer skips
             output = static.generate(
-                embeds, attention_mask, on_tokens=streamer.put, prefix=cache, compaction=method.compaction, stop=stop
+                embeds,
+                attention_mask,
+                on_tokens=streamer.put,
+                prefix=cache,
+                compaction=method.compaction,
+                stop=stop,
+                groups=groups,
             )
             streamer.end()
     t_end = time.perf_counter()

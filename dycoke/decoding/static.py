@@ -28,6 +28,7 @@ Shapes: B rows, S prompt length (left-padded), L = S + max_new_tokens cache slot
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,14 +57,27 @@ class DecodeBuffers:
     generated: torch.Tensor  # () long: tokens generated so far
 
 
+@dataclass
+class RowGroups:
+    """A batch prefilled, and its first decode step taken, ``size`` rows at a time: for a method whose
+    cache that step compacts (``CompressionMethod.splits_rows``), each group's whole cache is cut down
+    before the next group's is made, so the peak holds the batch's compacted cache and one group's whole
+    one instead of the batch's whole cache. ``prefix(n)``: a cache holding the shared prefix for n rows
+    (None without one); ``scope(start, stop)``: the method's block for rows ``start..stop``."""
+
+    size: int
+    prefix: Callable[[int], Any]
+    scope: Callable[[int, int], AbstractContextManager[None]]
+
+
 class _Readback:
     """One step's (B,) tokens and finished flags, copied to the host without waiting for the step."""
 
-    def __init__(self, buffers: DecodeBuffers) -> None:
-        self.tokens = buffers.token[:, 0].clone()
+    def __init__(self, tokens: torch.Tensor, finished: torch.Tensor) -> None:
+        self.tokens = tokens.clone()
         cuda = self.tokens.is_cuda
         self.host_tokens = self.tokens.to("cpu", non_blocking=cuda)  # pinned, filled when the step ends
-        self.host_finished = buffers.finished.to("cpu", non_blocking=cuda)
+        self.host_finished = finished.to("cpu", non_blocking=cuda)
         self.done: torch.cuda.Event | None = None
         if cuda:
             self.done = torch.cuda.Event()
@@ -103,6 +117,17 @@ def _filled_layer(keys: torch.Tensor, values: torch.Tensor, length: int) -> Stat
     return layer
 
 
+def _batch_layer(part: Any, batch: int) -> StaticLayer:
+    """An empty static layer like ``part`` (a group's) for ``batch`` rows, filled as far as ``part``."""
+    _, heads, _, key_dim = part.keys.shape
+    layer = StaticLayer(max_cache_len=part.max_cache_len)
+    layer.lazy_initialization(
+        part.keys.new_empty((batch, heads, 0, key_dim)), part.values.new_empty((batch, heads, 0, part.values.shape[-1]))
+    )
+    layer.cumulative_length.copy_(part.cumulative_length)
+    return layer
+
+
 class StaticGreedyDecoder:
     """Greedy generation for one batch of prompt embeddings on a static cache.
 
@@ -117,6 +142,8 @@ class StaticGreedyDecoder:
     ``eos_ids`` end a row (it then emits ``pad_id``, as ``generate`` does); ``min_new_tokens``
     suppresses the end tokens until that many tokens exist, as ``generate``'s processor does.
     """
+
+    cache: StaticCache  # set by the prefill
 
     def __init__(
         self,
@@ -151,15 +178,19 @@ class StaticGreedyDecoder:
         prefix: Any = None,
         compaction: Callable[[], Compaction | None] | None = None,
         stop: Callable[[], bool] | None = None,
+        groups: RowGroups | None = None,
     ) -> torch.Tensor:
         """(B, S, D) embeddings and (B, S) padding mask -> (B, n) generated ids (n <= max_new_tokens).
 
         ``prefix``: a dynamic cache to prefill into (a method's own, e.g. FastV's), possibly already
-        holding the first P slots of every row (a shared prefix); only the rest is prefilled.
+        holding the first P slots of every row (a shared prefix); only the rest is prefilled, and the
+        embeddings may be those of the rest only, (B, S - P, D).
         ``compaction``: asked after prefill and after the first decode step which later layers store
         fewer prompt entries. ``on_tokens`` receives each step's (B,) tokens on the host. ``stop()``
         returning True ends generation within a step (the host reads each step's tokens
-        while the next one runs).
+        while the next one runs). ``groups``: prefill and take the first step in groups of rows
+        (``RowGroups``, which then brings the prefix), where the batch has more rows than a group and the
+        answer more than one token; the tokens are the same.
         """
         model = self.model
         s = attention_mask.shape[1]
@@ -170,8 +201,69 @@ class StaticGreedyDecoder:
         self.eos = torch.tensor(self.eos_ids, device=device)
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         with static_decoding(model, self.session):  # decode_attention from the prefill on
+            if groups is not None:
+                if groups.size < attention_mask.shape[0] and self.max_new_tokens > 1:
+                    first = self._prefill_in_groups(inputs_embeds, attention_mask, positions, groups, compaction)
+                    return self._decode(on_tokens, stop, compaction, first=first)
+                prefix = groups.prefix(int(attention_mask.shape[0]))  # one group: the whole batch at once
             self._prefill(inputs_embeds, attention_mask, positions, prefix, compaction)
             return self._decode(on_tokens, stop, compaction)
+
+    def _prefill_in_groups(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        groups: RowGroups,
+        compaction: Callable[[], Compaction | None] | None,
+    ) -> _Readback:
+        """Prefill and take the first decode step ``groups.size`` rows at a time, each group's cache
+        compacted and copied into the batch's before the next group starts. Leaves the batch's cache and
+        buffers as one first step of the whole batch would; returns the prefill's tokens (the first step's
+        are in the buffers)."""
+        b = int(attention_mask.shape[0])
+        cache: StaticCache | None = None
+        batch: DecodeBuffers | None = None
+        first_tokens = torch.empty(b, dtype=torch.long, device=inputs_embeds.device)
+        first_finished = torch.empty(b, dtype=torch.bool, device=inputs_embeds.device)
+        for start in range(0, b, groups.size):
+            rows = slice(start, min(start + groups.size, b))
+            self.compacted_from, self.session.compacted = None, None
+            with groups.scope(rows.start, rows.stop):
+                part = groups.prefix(rows.stop - rows.start)
+                self._prefill(inputs_embeds[rows], attention_mask[rows], positions[rows], part, compaction)
+                del part
+                own = self.buffers
+                assert own is not None
+                first_tokens[rows], first_finished[rows] = own.token[:, 0], own.finished
+                self._forward_step()
+                self._compact(compaction, filled=True)
+            if cache is None:
+                cache = StaticCache(config=self.model.config, max_cache_len=self.length)
+                cache.layers = [_batch_layer(layer, b) for layer in self.cache.layers]
+                batch = DecodeBuffers(
+                    token=own.token.new_empty((b, 1)),
+                    position=own.position.new_empty((b, 1)),
+                    slot=own.slot,
+                    mask=own.mask.new_empty((b, *own.mask.shape[1:])),
+                    finished=own.finished.new_empty(b),
+                    generated=own.generated,
+                )
+            assert batch is not None
+            whole_layers: list[Any] = cache.layers
+            part_layers: list[Any] = self.cache.layers
+            for whole, layer in zip(whole_layers, part_layers, strict=True):
+                whole.keys[rows], whole.values[rows] = layer.keys, layer.values
+            for name in ("token", "position", "mask", "finished"):
+                getattr(batch, name)[rows] = getattr(own, name)
+            del self.cache  # this group's whole cache, before the next group's is made
+        assert cache is not None and batch is not None
+        self.cache, self.buffers = cache, batch
+        self.compacted_from = None
+        plan = compaction() if compaction is not None else None
+        if plan is not None:  # the batch's slots (the method gathered every group's)
+            self._note_compaction(plan)
+        return _Readback(first_tokens, first_finished)
 
     def _prefill(
         self,
@@ -189,9 +281,10 @@ class StaticGreedyDecoder:
         # without the repeated K/V heads), then move the keys and values into the static cache.
         done = prefix.get_seq_length() if prefix is not None else 0
         extra = {CACHE_ARGUMENT: prefix} if prefix is not None else {}
+        rest = inputs_embeds if inputs_embeds.shape[1] == s - done else inputs_embeds[:, done:]
         with without_cudnn_attention():  # a new prompt length each question: no per-shape plans
             out = model(
-                inputs_embeds=inputs_embeds[:, done:],
+                inputs_embeds=rest,
                 attention_mask=attention_mask,
                 position_ids=positions[:, done:],
                 cache_position=torch.arange(done, s, device=device),
@@ -231,13 +324,17 @@ class StaticGreedyDecoder:
         on_tokens: Callable[[torch.Tensor], None] | None,
         stop: Callable[[], bool] | None,
         compaction: Callable[[], Compaction | None] | None,
+        first: _Readback | None = None,
     ) -> torch.Tensor:
-        """Every later step, until each row ended or ``max_new_tokens``; (B, n) generated ids."""
+        """Every later step, until each row ended or ``max_new_tokens``; (B, n) generated ids. ``first``:
+        the prefill's tokens when the first decode step has run already (its tokens in the buffers)."""
         buffers = self.buffers
         assert buffers is not None
         tokens: list[torch.Tensor] = []
-        pending: _Readback | None = _Readback(buffers)
-        for step in range(1, self.max_new_tokens):
+        pending: _Readback | None = _Readback(buffers.token[:, 0], buffers.finished)
+        if first is not None and not first.deliver(tokens, on_tokens):
+            return torch.stack(tokens, dim=1)  # every row ended at the prefill's token: step 1 is dropped
+        for step in range(1 if first is None else 2, self.max_new_tokens):
             # The host reads step k - 1's token while the GPU runs step k: waiting for each step before
             # launching the next left the GPU idle during the host's work (streaming, the checks),
             # about 0.7 ms a token for a 7B model on an H200. Step k launches before the host knows
@@ -247,7 +344,7 @@ class StaticGreedyDecoder:
             self._step(first=step == 1)
             if step == 1:
                 self._compact(compaction, filled=True)
-            previous, pending = pending, _Readback(buffers)
+            previous, pending = pending, _Readback(buffers.token[:, 0], buffers.finished)
             if previous is not None and not previous.deliver(tokens, on_tokens):
                 pending = None
                 break
@@ -262,17 +359,22 @@ class StaticGreedyDecoder:
         plan = compaction() if compaction is not None else None
         if plan is None or self.compacted_from is not None:
             return
-        s, length = self.prompt_length, self.length
-        kept = plan.slots.shape[1]
-        compacted_length = kept + length - s
-        self.session.compacted = compacted_key_slots(plan.slots, s, compacted_length)  # (B, S' + max_new)
+        compacted_length, slots = self._note_compaction(plan)
         if filled:
-            index = self.session.compacted[:, : kept + 1]  # the survivors, then the first decode token
+            index = slots[:, : plan.slots.shape[1] + 1]  # the survivors, then the first decode token
             for layer_idx in range(plan.first_layer, len(self.cache.layers)):
                 layer: Any = self.cache.layers[layer_idx]
                 keys, values = take_slots(layer.keys, index), take_slots(layer.values, index)
                 self.cache.layers[layer_idx] = _filled_layer(keys, values, compacted_length)
+
+    def _note_compaction(self, plan: Compaction) -> tuple[int, torch.Tensor]:
+        """Tell the decode attention which cache slots a compacted layer's entries stand for; returns the
+        compacted layers' length and those (B, length) slots."""
+        s, length = self.prompt_length, self.length
+        compacted_length = plan.slots.shape[1] + length - s
+        slots = self.session.compacted = compacted_key_slots(plan.slots, s, compacted_length)
         self.compacted_from = plan.first_layer
+        return compacted_length, slots
 
     def _choose(self, logits: torch.Tensor) -> None:
         """Greedy choice from (B, V) logits into the token buffer; end tokens wait for min_new_tokens."""

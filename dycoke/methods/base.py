@@ -8,7 +8,7 @@ package binds that math to a loaded model.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -76,6 +76,17 @@ class CompressionMethod(Protocol):
         """During or after generation: which later layers store fewer prompt entries, once known."""
         ...
 
+    @property
+    def splits_rows(self) -> bool:
+        """During ``decoding``: whether a static decoder may prefill a batch and take its first decode step
+        in groups of rows (``row_scope``), a method whose cache that step compacts (lowers the peak)."""
+        ...
+
+    def row_scope(self, start: int, stop: int) -> AbstractContextManager[None]:
+        """Where ``splits_rows``: a block in which the method's per-row state is that of rows
+        ``start..stop`` of the batch alone; leaving it stores what they decided into the batch's."""
+        ...
+
     def dropped_kv(self) -> tuple[int, int] | None:
         """After generation: (first layer, entries per layer) the cache no longer stores, or None."""
         ...
@@ -104,6 +115,11 @@ class CompressionMethod(Protocol):
         ...
 
 
+def whole_batch_only(self: Any, start: int, stop: int) -> AbstractContextManager[None]:
+    """``row_scope`` of a method that never splits a batch's rows (``splits_rows`` False)."""
+    raise NotImplementedError(f"{type(self).__name__} decodes a batch's rows together")
+
+
 def all_frames_stable(ready: int, num_frames: int) -> int:
     """``stable_frames`` of a method whose tokens may depend on every frame: none before the last."""
     return num_frames if ready >= num_frames else 0
@@ -115,6 +131,8 @@ class TokensOnly:
     name = ""
     shares_prefix = True
     compacts_in_decode = False
+    splits_rows = False
+    row_scope = whole_batch_only
     needs_vision_signals = False
     record = False
 

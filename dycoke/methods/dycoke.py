@@ -87,6 +87,25 @@ class Eviction:
         self.back_tokens += back
         self.back_steps += back > 0
 
+    def take_rows(self, part: Eviction, start: int, batch: int) -> None:
+        """Copy ``part`` (rows ``start..`` of a ``batch``-row generation, decoded on their own up to the
+        first step) into this eviction's rows; its buffers are made at the first part."""
+        if part.slots is None:
+            return
+        assert part.alive is not None and part.back_steps is not None and part.back_tokens is not None
+        if self.slots is None:
+            self.prompt_length = part.prompt_length
+            self.slots = part.slots.new_empty((batch, part.slots.shape[1]))
+            self.alive = part.alive.new_empty((batch, part.alive.shape[1]))
+            self.back_steps = part.back_steps.new_zeros(batch)
+            self.back_tokens = part.back_tokens.new_zeros(batch)
+        assert self.alive is not None and self.back_steps is not None and self.back_tokens is not None
+        stop = start + part.slots.shape[0]
+        self.slots[start:stop] = part.slots
+        self.alive[start:stop] = part.alive
+        self.back_steps[start:stop] = part.back_steps
+        self.back_tokens[start:stop] = part.back_tokens
+
 
 @dataclass
 class _RowCounts:
@@ -287,6 +306,7 @@ class DyCoke:
         self.state: PruneState | None = None
         self._counts: _HostCounts | None = None
         self.eviction: Eviction | None = None
+        self._session: PruneSession | None = None
         self.record = False  # keep every step's attention for a drawing
         self.merge: MergeResult | None = None
         self.num_visual = 0
@@ -361,13 +381,44 @@ class DyCoke:
                 yield None
             return
         self.eviction = Eviction()
-        with dynamic_pruning(self.model, self.state, o.prune_layer, self.eviction):
-            yield EvictingCache(self.eviction, o.prune_layer)
+        with dynamic_pruning(self.model, self.state, o.prune_layer, self.eviction) as session:
+            self._session = session
+            try:
+                yield EvictingCache(self.eviction, o.prune_layer)
+            finally:
+                self._session = None
 
     @property
     def compacts_in_decode(self) -> bool:
         """Eviction (``dp_evict``) drops entries once the first decode step chose them."""
         return self.options.dp_evict
+
+    @property
+    def splits_rows(self) -> bool:
+        """With eviction, a batch may prefill and take its first step in groups of rows (``row_scope``):
+        each group's cache is cut down before the next one's is made, which lowers the peak."""
+        return self.eviction is not None and self._session is not None
+
+    @contextmanager
+    def row_scope(self, start: int, stop: int) -> Iterator[None]:
+        """Within the block, DP decides for rows ``start..stop`` of the batch alone (the prefill and first
+        decode step of that group); their keep sets and evicted slots land in the batch's state. Every
+        group runs the same steps from the same start, in row order: the last group's step counter
+        becomes the batch's."""
+        whole, eviction, session = self.state, self.eviction, self._session
+        assert whole is not None and eviction is not None and session is not None
+        part, part_eviction = whole.rows(start, stop), Eviction()
+        self.state, self.eviction = session.state, session.eviction = part, part_eviction
+        try:
+            yield
+        finally:
+            self.state, self.eviction = session.state, session.eviction = whole, eviction
+            session.keep, session.later_bias = None, None
+            session.step_masks.clear()
+        batch = int(whole.starts.shape[0])
+        if stop == batch:
+            whole.step.copy_(part.step)
+        eviction.take_rows(part_eviction, start, batch)
 
     def compaction(self) -> Compaction | None:
         ev = self.eviction

@@ -32,7 +32,14 @@ from dycoke.attention import (
 from dycoke.compress.fastv import fastv_keep_count, kept_slots
 from dycoke.compress.kv_prune import head_mean_attention
 from dycoke.config import MethodOptions
-from dycoke.methods.base import Compaction, CompressedVisual, VisionSignals, all_frames_stable, register_method
+from dycoke.methods.base import (
+    Compaction,
+    CompressedVisual,
+    VisionSignals,
+    all_frames_stable,
+    register_method,
+    whole_batch_only,
+)
 from dycoke.model import execution_device
 
 FASTV_ATTENTION = "dycoke_fastv"
@@ -147,6 +154,8 @@ class FastV:
     name = "fastv"
     shares_prefix = False
     compacts_in_decode = False  # at prefill
+    splits_rows = False
+    row_scope = whole_batch_only
     needs_vision_signals = False
     record = False
 
