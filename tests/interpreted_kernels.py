@@ -89,6 +89,28 @@ def check_split_attention(defined: dict) -> None:
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (b, hq, hkv, d, float((got - expected).abs().max()))
 
 
+def check_gathered_attention(defined: dict) -> None:
+    """Float32: only the listed slots read (the others hold NaN), rows of different counts, chunks of a
+    row's own length ending mid-block, and splits left empty by a short row."""
+    torch.manual_seed(6)
+    for b, hq, hkv, d, length, splits, block in ((3, 6, 2, 16, 150, 3, 32), (2, 4, 4, 32, 70, 8, 16)):
+        query = torch.randn(b, hq, 1, d)
+        key, value = torch.randn(b, hkv, length, d), torch.randn(b, hkv, length, d)
+        allowed = torch.rand(b, length) < 0.4
+        allowed[:, -1] = True
+        allowed[-1, :-3] = False  # a row of three slots: most splits get nothing
+        bias = torch.zeros(b, 1, 1, length).masked_fill_(~allowed.view(b, 1, 1, length), float("-inf"))
+        attended = kernels.attended_slots(bias)
+        hidden = ~allowed[:, None, :, None].expand_as(key)
+        key_nan, value_nan = key.masked_fill(hidden, float("nan")), value.masked_fill(hidden, float("nan"))
+        config = {**kernels.SPLIT_ATTENTION_CONFIG, "block": block}
+        got = kernels.launch_split_attention(
+            defined, query, key_nan, value_nan, bias, d**-0.5, splits, 0, config, attended=attended
+        )
+        expected = kernels.split_attention_torch(query, key, value, bias, d**-0.5)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (b, hq, d, float((got - expected).abs().max()))
+
+
 def check_dp(defined: dict, defined_dp: dict) -> None:
     """DyCoke's pruning kernels against the torch definition (``PruneState.update``, ``head_mean_attention``,
     ``full_mask``), float32: the head-mean probabilities on the candidates; then several steps of the gate,
@@ -185,6 +207,7 @@ def main() -> None:
     check_norm_and_activation(defined)
     check_gemv(defined)
     check_split_attention(defined)
+    check_gathered_attention(defined)
     check_dp(defined, dp_kernels.define_dp_kernels())
     print("all kernels agree")
 

@@ -75,6 +75,72 @@ def test_the_static_decoder_takes_the_kernels_path_and_answers_the_same(
     assert shares == [r.compression["pruned_step_share"] for r in expected] and min(shares) > 0
 
 
+def test_attended_slots_list_the_slots_a_bias_lets_through() -> None:
+    bias = torch.zeros(3, 1, 1, 7)
+    bias[0, ..., [1, 4]] = float("-inf")
+    bias[1, ..., :6] = float("-inf")
+    index, counts = kernels.attended_slots(bias)
+    assert counts.tolist() == [5, 1, 7] and index.dtype == counts.dtype == torch.int32
+    assert [index[row, : int(n)].tolist() for row, n in enumerate(counts)] == [[0, 2, 3, 5, 6], [6], list(range(7))]
+    query, key, value = torch.randn(3, 4, 1, 8), torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8)
+    expected = kernels.split_attention_torch(query, key, value, bias, 0.3)
+    assert torch.allclose(kernels.gathered_attention_torch(query, key, value, index, counts, 0.3), expected)
+
+
+def test_later_layers_attend_through_the_gathered_slots(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU, with the kernels stood in for by their torch definitions: layers >= L take the slots the
+    step's bias lists (``gathered_attention``) and answer as the masked path; ``DYCOKE_DP_GATHER=0`` keeps
+    the masked path."""
+    from dycoke.methods import dycoke as method
+
+    def torch_pruning_step(
+        state: PruneState, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = kernels.split_attention_torch(query, key, value, bias, scale)
+        state.update(state.visual_attention(head_mean_attention(query, key, scale, bias)))
+        return out, state.later_bias(bias)
+
+    gathered: list[int] = []
+
+    def torch_gathered(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attended: tuple[torch.Tensor, ...],
+        scale: float,
+        **_: object,
+    ) -> torch.Tensor:
+        index, counts = attended
+        gathered.append(int(counts.min()))
+        assert int(counts.max()) < key.shape[2]  # a pruned step lists fewer slots than the cache holds
+        return kernels.gathered_attention_torch(query, key, value, index, counts, scale)
+
+    clip = write_video(tmp_path / "clip.mp4", textured_frames(12, 96, 128, seed=3), fps=12)
+    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cpu"))
+    prepared = qa.prepare(clip, VideoOptions(num_frames=8))
+    run = RunOptions(
+        video=VideoOptions(num_frames=8),
+        generation=GenerationOptions(max_new_tokens=8, min_new_tokens=8, decoder="static"),
+        method=MethodOptions(method="dycoke", prune_layer=2, gate_threshold=1.0),  # every step prunes
+    )
+    questions = ["What moves?", "Describe the scene in detail, please."]
+    expected = qa.answer_many(prepared, questions, run, batch_size=2)
+    monkeypatch.setattr(method, "pruning_step", torch_pruning_step)
+    monkeypatch.setattr(method, "dp_kernels_apply", lambda *args: True)
+    monkeypatch.setattr(method, "split_attention_applies", lambda *args: True)
+    monkeypatch.setattr(method, "gathered_attention", torch_gathered)
+    got = qa.answer_many(prepared, questions, run, batch_size=2)
+    layers_after = qa.loaded.num_layers - 2
+    assert len(gathered) == layers_after * 7  # every later layer of every decode step
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    gathered.clear()
+    monkeypatch.setenv(dp_kernels.DP_GATHER_ENV, "0")
+    masked = qa.answer_many(prepared, questions, run, batch_size=2)
+    assert not gathered and [r.token_ids for r in masked] == [r.token_ids for r in expected]
+
+
 def _cache(b: int, hq: int, hkv: int, d: int, length: int, written: int) -> tuple[torch.Tensor, ...]:
     """bf16 query, keys, values on the GPU and an additive bias hiding the slots from ``written`` on."""
     torch.manual_seed(length + b)
@@ -137,6 +203,32 @@ def test_pruning_step_replays_in_a_cuda_graph() -> None:
         out_eager, later_eager = dp_kernels.pruning_step(eager, q, key, value, bias, 128**-0.5)
         assert torch.equal(out, out_eager) and torch.equal(later, later_eager), step
         assert torch.equal(graphed.kept, eager.kept) and int(graphed.step) == int(eager.step) == step + 1
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize(("b", "length"), [(1, 3300), (8, 3300), (72, 3300), (2, 25000)])
+def test_gathered_attention_is_the_masked_attention(b: int, length: int) -> None:
+    """7B's heads in bf16, a DP-like bias (padding, a third of the candidates, the empty slots): the
+    gathered kernel within float32 summation order of ``split_attention`` (both round once to bf16), also
+    replayed in a CUDA graph on new keys."""
+    query, key, value, bias = _cache(b, 28, 4, 128, length, written=length - 40)
+    pruned = torch.rand(b, length, device="cuda") < 0.65
+    pruned[:, : length // 20] = False
+    bias.masked_fill_(pruned.view(b, 1, 1, length), float("-inf"))
+    attended = kernels.attended_slots(bias)
+    expected = kernels.split_attention(query, key, value, bias, 128**-0.5)
+    got = kernels.gathered_attention(query, key, value, attended, 128**-0.5)
+    reference = kernels.split_attention_torch(query, key, value, bias, 128**-0.5).float()
+    for out in (got, expected):
+        assert (out.float() - reference).abs().max() <= 2**-7 * reference.abs().max()
+    assert torch.allclose(got.float(), expected.float(), rtol=2**-7, atol=1e-3)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = kernels.gathered_attention(query, key, value, kernels.attended_slots(bias), 128**-0.5)
+    key.copy_(torch.randn_like(key))
+    graph.replay()
+    assert torch.equal(replayed, kernels.gathered_attention(query, key, value, attended, 128**-0.5))
 
 
 @pytest.fixture(scope="module")

@@ -31,11 +31,15 @@ from typing import Any
 import torch
 
 from dycoke.compress.kv_prune import PruneState
-from dycoke.decoding.kernels import split_attention, split_attention_applies, wait_for_compiles
+from dycoke.decoding.kernels import attended_slots, split_attention, split_attention_applies, wait_for_compiles
 from dycoke.switches import switch
 
 DP_KERNELS_ENV = "DYCOKE_DP_KERNELS"
 """``DYCOKE_DP_KERNELS=0`` keeps DP's torch operations inside the decode step (default: these kernels)."""
+
+DP_GATHER_ENV = "DYCOKE_DP_GATHER"
+"""``DYCOKE_DP_GATHER=0``: layers >= L read the whole cache through the step's bias (default: only the
+slots it lets them attend to, ``kernels.gathered_attention``)."""
 
 MAX_CANDIDATES = 65536
 """Most candidates ``decide`` holds in one program's registers (a 4-minute video at 1 fps, unmerged)."""
@@ -235,6 +239,12 @@ def launch_decide(defined: dict[str, Any], state: PruneState, visual: torch.Tens
     )  # fmt: skip
     state.step.add_(1)
     return out
+
+
+def later_slots(later_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The slots layers >= L attend to at this step (``kernels.attended_slots`` of their bias), for
+    ``kernels.gathered_attention``; None with ``DYCOKE_DP_GATHER=0``."""
+    return attended_slots(later_bias) if switch(DP_GATHER_ENV, default=True) else None
 
 
 def pruning_step(

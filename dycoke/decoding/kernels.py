@@ -161,6 +161,7 @@ def compile_in_background(text_config: Any, device: torch.device, dtype: torch.d
                 bias = torch.zeros(1, 1, 1, 16, dtype=dtype, device=device)
                 if split_attention_applies(query, cache, cache, bias):
                     split_attention(query, cache, cache, bias, 1.0, wait=False)
+                    gathered_attention(query, cache, cache, attended_slots(bias), 1.0, wait=False)
                     from dycoke.decoding import dp_kernels  # it imports this module
 
                     dp_kernels.compile_kernels(hq, hkv, head, device, dtype)
@@ -381,6 +382,8 @@ def define_kernels() -> dict[str, Any]:
         k,
         v,
         bias,
+        index,
+        counts,
         part_out,
         part_stats,
         q_row,
@@ -392,6 +395,7 @@ def define_kernels() -> dict[str, Any]:
         v_head,
         v_slot,
         bias_row,
+        index_row,
         length,
         chunk,
         splits,
@@ -400,9 +404,12 @@ def define_kernels() -> dict[str, Any]:
         GROUP_PAD: tl.constexpr,
         D: tl.constexpr,
         BLOCK: tl.constexpr,
+        GATHER: tl.constexpr,
     ):
         # one program: the GROUP query heads of one key-value head of one row, over one chunk of the
-        # slots; an online softmax in base 2, its running max, sum and weighted values stored per chunk
+        # slots; an online softmax in base 2, its running max, sum and weighted values stored per chunk.
+        # GATHER: the slots are the row's first counts[row] entries of index (no bias: every one is
+        # attended), cut into `splits` chunks of whole blocks
         row = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         split = tl.program_id(2)
@@ -414,17 +421,28 @@ def define_kernels() -> dict[str, Any]:
         query = tl.load(q_at, mask=row_ok[:, None], other=0.0)
         k_base = k + row * k_row + head.to(tl.int64) * k_head
         v_base = v + row * v_row + head.to(tl.int64) * v_head
-        start = split * chunk
-        end = tl.minimum(start + chunk, length)
+        if GATHER:
+            attended = tl.load(counts + row)
+            chunk = tl.cdiv(tl.cdiv(attended, splits), BLOCK) * BLOCK
+            start = split * chunk
+            end = tl.minimum(start + chunk, attended)
+        else:
+            start = split * chunk
+            end = tl.minimum(start + chunk, length)
         best = tl.full((GROUP_PAD,), -1.0e30, tl.float32)
         total = tl.zeros((GROUP_PAD,), tl.float32)
         acc = tl.zeros((GROUP_PAD, D), tl.float32)
         for first in range(start, end, BLOCK):
-            slots = first + tl.arange(0, BLOCK)
-            inside = slots < end
+            entries = first + tl.arange(0, BLOCK)
+            inside = entries < end
+            if GATHER:
+                slots = tl.load(index + row * index_row + entries, mask=inside, other=0)
+                add = tl.where(inside, 0.0, float("-inf"))
+            else:
+                slots = entries
+                add = tl.load(bias + row * bias_row + slots, mask=inside, other=float("-inf")).to(tl.float32)
             at_slots = slots[:, None].to(tl.int64)
             keys = tl.load(k_base + at_slots * k_slot + dims[None, :], mask=inside[:, None], other=0.0)
-            add = tl.load(bias + row * bias_row + slots, mask=inside, other=float("-inf")).to(tl.float32)
             scores = tl.dot(query, tl.trans(keys)) * (scale * log2e) + add[None, :] * log2e  # (GROUP_PAD, BLOCK)
             new_best = tl.maximum(best, tl.max(scores, axis=1))
             rescale = tl.exp2(best - new_best)
@@ -713,10 +731,13 @@ def launch_split_attention(
     chunk: int,
     config: dict[str, int] | None = None,
     lse: torch.Tensor | None = None,
+    attended: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run ``defined``'s two attention kernels (``define_kernels()``) over ``splits`` chunks of ``chunk``
     slots: the partial softmax of every chunk, then their combination -> (B, 1, Hq, d). ``lse``: a
-    (B, Hq) float32 tensor that receives each head's log2 softmax denominator (``split_attention``)."""
+    (B, Hq) float32 tensor that receives each head's log2 softmax denominator (``split_attention``).
+    ``attended``: (index, counts) of ``attended_slots``: each row attends to its listed slots only, cut
+    into ``splits`` chunks of its own length (``bias`` and ``chunk`` unused; ``gathered_attention``)."""
     settings = config or SPLIT_ATTENTION_CONFIG
     b, hq, _, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
@@ -724,13 +745,15 @@ def launch_split_attention(
     device = query.device
     part_out = torch.empty(b * hkv * splits * group * d, dtype=torch.float32, device=device)
     part_stats = torch.empty(b * hkv * splits * group * 2, dtype=torch.float32, device=device)
+    gather = attended is not None
+    index, counts = attended if attended is not None else (bias, bias)
     defined["decode_attention_partial"][(b, hkv, splits)](
-        query, key, value, bias, part_out, part_stats,
+        query, key, value, bias, index, counts, part_out, part_stats,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), bias.stride(0),
+        value.stride(0), value.stride(1), value.stride(2), bias.stride(0), index.stride(0),
         length, chunk, splits, scale,
         GROUP=group, GROUP_PAD=max(16, defined["next_power_of_2"](group)), D=d, BLOCK=settings["block"],
-        num_warps=settings["num_warps"], num_stages=settings["num_stages"],
+        GATHER=gather, num_warps=settings["num_warps"], num_stages=settings["num_stages"],
     )  # fmt: skip
     out = torch.empty(b, 1, hq, d, dtype=query.dtype, device=device)
     defined["decode_attention_combine"][(b, hq)](
@@ -768,3 +791,57 @@ def split_attention(
         query.shape[0] * key.shape[1], key.shape[2], _multiprocessors(index), settings["block"], settings["per_sm"]
     )
     return launch_split_attention(_build(), query, key, value, bias, scale, splits, chunk, settings, lse)
+
+
+def attended_slots(bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slots a (B, 1, 1, L) additive bias of 0 and -inf lets each row attend to: (B, L) int32 slot
+    numbers, each row's first ``counts[row]`` entries in ascending order (the rest unspecified), and the
+    (B,) int32 counts. A handful of device ops, no host synchronisation (capturable in a CUDA graph)."""
+    b, length = bias.shape[0], bias.shape[-1]
+    allowed = bias.reshape(b, length) != float("-inf")
+    counts = allowed.sum(dim=1, dtype=torch.int32)
+    target = torch.where(allowed, allowed.cumsum(dim=1) - 1, length)  # the unattended into a spare column
+    slots = torch.arange(length, dtype=torch.int32, device=bias.device).expand(b, length)
+    index = torch.zeros(b, length + 1, dtype=torch.int32, device=bias.device).scatter_(1, target, slots)
+    return index[:, :length], counts
+
+
+def gathered_attention_torch(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, index: torch.Tensor, counts: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The definition ``gathered_attention`` computes: ``split_attention_torch`` with a bias of 0 at each
+    row's listed slots (the first ``counts[row]`` of ``index``) and -inf elsewhere."""
+    b, length = index.shape[0], key.shape[2]
+    listed = torch.arange(index.shape[1], device=index.device) < counts[:, None].to(index.device)
+    allowed = torch.zeros(b, length + 1, dtype=torch.bool, device=index.device)
+    allowed.scatter_(1, torch.where(listed, index.long(), length), True)
+    bias = torch.zeros(b, 1, 1, length, device=key.device).masked_fill(
+        ~allowed[:, :length].reshape(b, 1, 1, length).to(key.device), float("-inf")
+    )
+    return split_attention_torch(query, key, value, bias, scale)
+
+
+def gathered_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attended: tuple[torch.Tensor, torch.Tensor],
+    scale: float,
+    *,
+    config: dict[str, int] | None = None,
+    wait: bool = True,
+) -> torch.Tensor:
+    """``split_attention`` over the slots ``attended`` (``attended_slots``: (B, L) index, (B,) counts) lists
+    instead of the whole cache -> (B, 1, Hq, d) (``gathered_attention_torch`` defines it). DyCoke's later
+    layers at a pruned step attend to about a third of a row's slots: this reads only those keys and
+    values, where the masked cache reads every one. The same sums as the masked kernel, cut into other
+    chunks. Shapes and conditions as ``split_attention``'s (``split_attention_applies``)."""
+    if wait:
+        wait_for_compiles()
+    settings = config or SPLIT_ATTENTION_CONFIG
+    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    splits, chunk = attention_splits(
+        query.shape[0] * key.shape[1], key.shape[2], _multiprocessors(index), settings["block"], settings["per_sm"]
+    )
+    bias = key.new_zeros(1)  # unread
+    return launch_split_attention(_build(), query, key, value, bias, scale, splits, chunk, settings, None, attended)

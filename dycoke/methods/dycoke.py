@@ -36,7 +36,8 @@ from dycoke.attention import (
 from dycoke.compress.kv_prune import PruneState, head_mean_attention, keep_count, surviving_slots
 from dycoke.compress.ttm import MergeResult, temporal_token_merge_with_positions, ttm_token_count
 from dycoke.config import MethodOptions
-from dycoke.decoding.dp_kernels import dp_kernels_apply, pruning_step
+from dycoke.decoding.dp_kernels import dp_kernels_apply, later_slots, pruning_step
+from dycoke.decoding.kernels import gathered_attention, split_attention_applies
 from dycoke.methods.base import Compaction, CompressedVisual, VisionSignals, register_method
 from dycoke.model import execution_device
 
@@ -178,6 +179,7 @@ class PruneSession:
     eviction: Eviction | None = None
     step_masks: dict[tuple[torch.device, int], torch.Tensor] = field(default_factory=dict)
     later_bias: torch.Tensor | None = None  # (B, 1, 1, S) additive, from DP's kernels
+    later_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # the slots it lets them attend to
 
     def layer_mask(self, attention_mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
         """This step's additive mask for a layer >= L, on ``query``'s device and in its dtype.
@@ -234,6 +236,10 @@ def dycoke_attention(
         return decode_attention(module, query, key, value, attention_mask, **kwargs)
     if session.later_bias is not None:
         bias = session.later_bias
+        slots = session.later_slots
+        if slots is not None and bias.device == query.device and split_attention_applies(query, key, value, bias):
+            # only the slots this step lets the layer attend to are read
+            return gathered_attention(query, key, value, slots, attention_scaling(query, kwargs), wait=False), None
         if bias.device != query.device:  # a layer on another device: one copy per device and step
             bias = session.step_masks.setdefault((query.device, -1), bias.to(query.device))
         return masked_decode_attention(query, key, value, bias, kwargs.get("scaling"))
@@ -259,7 +265,7 @@ def _pruning_step_on_kernels(
     """Layer L-1 of a static decoder's step on DP's kernels (``dp_kernels.pruning_step``): its attention
     output (B, 1, Hq, d), ``session.later_bias`` set for layers >= L. None (``later_bias`` cleared) where
     they do not apply: outside a static decoder, with eviction, or ``dp_kernels_apply`` says no."""
-    session.later_bias = None
+    session.later_bias, session.later_slots = None, None
     static = decoding_session()
     if static is None or session.eviction is not None or attention_mask is None or attention_mask.dtype != torch.bool:
         return None
@@ -267,6 +273,7 @@ def _pruning_step_on_kernels(
     if not dp_kernels_apply(session.state, query, key, value, bias):
         return None
     out, session.later_bias = pruning_step(session.state, query, key, value, bias, scaling)
+    session.later_slots = later_slots(session.later_bias)
     session.step_masks.clear()
     return out
 
@@ -413,7 +420,7 @@ class DyCoke:
             yield
         finally:
             self.state, self.eviction = session.state, session.eviction = whole, eviction
-            session.keep, session.later_bias = None, None
+            session.keep, session.later_bias, session.later_slots = None, None, None
             session.step_masks.clear()
         batch = int(whole.starts.shape[0])
         if stop == batch:
