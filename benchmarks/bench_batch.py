@@ -53,6 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_methods import build, environment
+from benchmarks.bench_methods import method_options as spec_options
 from dycoke.config import GenerationOptions, MethodOptions, RunOptions, VideoOptions
 from dycoke.pipeline import VideoQA
 from dycoke.runs.batch import read_questions, run_batch
@@ -92,14 +93,14 @@ def write_questions(folder: Path, video: Path, videos: int, per_video: int = len
 def method_options(name: str) -> tuple[MethodOptions, int | None]:
     """A method by name and the ``prefill_rows`` it asks for (None: the default). ``dycoke-evict``:
     DyCoke with ``--dp-evict`` (pruned visual entries removed from the later layers' caches after the
-    first decode step: a deviation from the paper, opt-in); ``dycoke-evict@N``: the same with
-    ``--prefill-rows N`` (0: the batch prefilled at once)."""
-    base, _, rows = name.partition("@")
-    if rows and not (base == "dycoke-evict" and rows.isdigit()):
-        raise ValueError(f"unknown method {name!r}: @N (prefill rows) goes with dycoke-evict only")
-    if base == "dycoke-evict":
-        return MethodOptions(method="dycoke", dp_evict=True), int(rows) if rows else None
-    return MethodOptions(method=base), None  # type: ignore[arg-type]
+    first decode step: a deviation from the paper, opt-in); ``NAME@N``: with ``--prefill-rows N`` (0:
+    the batch prefilled at once); ``dycoke:gate_threshold=1.0`` sets options as ``bench_methods.py``."""
+    spec, _, rows = name.partition("@")
+    if rows and not rows.isdigit():
+        raise ValueError(f"unknown method {name!r}: @N takes a number of prefill rows")
+    if spec == "dycoke-evict":
+        spec = "dycoke:dp_evict=True"
+    return spec_options(spec), int(rows) if rows else None
 
 
 def mode_settings(mode: str) -> dict[str, Any] | None:

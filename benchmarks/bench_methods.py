@@ -124,7 +124,10 @@ def method_options(spec: str) -> MethodOptions:
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         field_type = type(getattr(MethodOptions(), key))
-        kwargs[key] = value if field_type is str else field_type(value)
+        if field_type is bool:
+            kwargs[key] = value.lower() in ("1", "true", "yes", "on")
+        else:
+            kwargs[key] = value if field_type is str else field_type(value)
     return MethodOptions(method=name, **kwargs)  # type: ignore[arg-type]
 
 
