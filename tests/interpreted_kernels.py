@@ -141,8 +141,12 @@ def check_dp(defined: dict, defined_dp: dict) -> None:
                 attention = attention + 0.01 * torch.rand(b, n)
             else:
                 attention = torch.rand(b, n)
-            later = dp_kernels.launch_decide(defined_dp, ours, attention, step_bias)
+            listed = (torch.full((b, length), -1, dtype=torch.int32), torch.full((b,), -1, dtype=torch.int32))
+            later = dp_kernels.launch_decide(defined_dp, ours, attention, step_bias, listed)
             kept = reference.update(attention.clone())
+            index, counts = kernels.attended_slots(later)
+            assert torch.equal(listed[1], counts), (mode, step)
+            assert all(torch.equal(listed[0][r, : int(c)], index[r, : int(c)]) for r, c in enumerate(counts))
             assert torch.equal(ours.kept, kept), (mode, step)
             assert torch.equal(ours.previous, reference.previous) and torch.equal(ours.history, reference.history)
             assert int(ours.step) == int(reference.step) == step + 1

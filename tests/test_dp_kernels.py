@@ -49,12 +49,18 @@ def test_the_static_decoder_takes_the_kernels_path_and_answers_the_same(
     calls = []
 
     def torch_pruning_step(
-        state: PruneState, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        state: PruneState,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        bias: torch.Tensor,
+        scale: float,
+        list_slots: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
         calls.append(query.shape[0])
         out = kernels.split_attention_torch(query, key, value, bias, scale)
         state.update(state.visual_attention(head_mean_attention(query, key, scale, bias)))
-        return out, state.later_bias(bias)
+        return out, state.later_bias(bias), None
 
     clip = write_video(tmp_path / "clip.mp4", textured_frames(12, 96, 128, seed=3), fps=12)
     qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cpu"))
@@ -96,11 +102,18 @@ def test_later_layers_attend_through_the_gathered_slots(
     from dycoke.methods import dycoke as method
 
     def torch_pruning_step(
-        state: PruneState, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        state: PruneState,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        bias: torch.Tensor,
+        scale: float,
+        list_slots: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         out = kernels.split_attention_torch(query, key, value, bias, scale)
         state.update(state.visual_attention(head_mean_attention(query, key, scale, bias)))
-        return out, state.later_bias(bias)
+        later = state.later_bias(bias)
+        return out, later, kernels.attended_slots(later) if list_slots else None
 
     gathered: list[int] = []
 
@@ -169,8 +182,12 @@ def test_pruning_step_is_the_torch_definition(b: int, length: int, n: int) -> No
             # step 3: another, sharper query: the mean of 28 heads' attention at random weights hardly moves
             # (cosine about 0.94 for two random queries of this scale), a sharper one does
             q = q if step != 3 else 6 * torch.randn_like(query)
-            out, later = dp_kernels.pruning_step(ours, q, key, value, bias, 128**-0.5)
+            out, later, listed = dp_kernels.pruning_step(ours, q, key, value, bias, 128**-0.5, list_slots=True)
             assert torch.equal(out, kernels.split_attention(q, key, value, bias, 128**-0.5))
+            assert listed is not None
+            index, counts = kernels.attended_slots(later)
+            assert torch.equal(listed[1], counts)
+            assert all(torch.equal(listed[0][r, : int(c)], index[r, : int(c)]) for r, c in enumerate(counts))
             expected = head_mean_attention(q, key, 128**-0.5, bias).gather(1, reference.span)
             error = float((ours.previous - expected).abs().max())
             assert torch.allclose(ours.previous, expected, rtol=1e-4, atol=1e-9), error
@@ -191,17 +208,19 @@ def test_pruning_step_replays_in_a_cuda_graph() -> None:
     graphed = PruneState(starts=starts, num_candidates=4000, keep=1200, max_steps=8)
     eager = PruneState(starts=starts, num_candidates=4000, keep=1200, max_steps=8)
     q = query.clone()
-    dp_kernels.pruning_step(graphed, q, key, value, bias, 128**-0.5)  # compiled outside the capture
+    dp_kernels.pruning_step(graphed, q, key, value, bias, 128**-0.5, list_slots=True)  # compiled outside the capture
     graphed.step.zero_()
     graphed.previous.zero_()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out, later = dp_kernels.pruning_step(graphed, q, key, value, bias, 128**-0.5)
+        out, later, listed = dp_kernels.pruning_step(graphed, q, key, value, bias, 128**-0.5, list_slots=True)
+    assert listed is not None
     for step in range(3):
         q.copy_(torch.randn_like(query))
         graph.replay()
-        out_eager, later_eager = dp_kernels.pruning_step(eager, q, key, value, bias, 128**-0.5)
+        out_eager, later_eager, _ = dp_kernels.pruning_step(eager, q, key, value, bias, 128**-0.5)
         assert torch.equal(out, out_eager) and torch.equal(later, later_eager), step
+        assert torch.equal(listed[1], kernels.attended_slots(later)[1]), step
         assert torch.equal(graphed.kept, eager.kept) and int(graphed.step) == int(eager.step) == step + 1
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from dycoke.compress.kv_prune import PruneState
-from dycoke.decoding.kernels import attended_slots, split_attention, split_attention_applies, wait_for_compiles
+from dycoke.decoding.kernels import split_attention, split_attention_applies, wait_for_compiles
 from dycoke.switches import switch
 
 DP_KERNELS_ENV = "DYCOKE_DP_KERNELS"
@@ -112,6 +112,8 @@ def define_dp_kernels() -> dict[str, Any]:
         starts,
         base_bias,
         out_bias,
+        slot_index,
+        slot_counts,
         n,
         length,
         keep,
@@ -119,9 +121,11 @@ def define_dp_kernels() -> dict[str, Any]:
         max_steps,
         bias_row,
         out_row,
+        index_row,
         REUSE: tl.constexpr,
         NP: tl.constexpr,
         BLOCK_BIAS: tl.constexpr,
+        LIST_SLOTS: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         rows = tl.num_programs(0)
@@ -163,6 +167,7 @@ def define_dp_kernels() -> dict[str, Any]:
         tl.store(previous + row * n + index, current, mask=inside)
         tl.debug_barrier()  # this program's keep set is in memory before the bias reads it back
         start = tl.load(starts + row)
+        listed = tl.zeros((), tl.int32)
         for first in range(0, length, BLOCK_BIAS):
             slots = first + tl.arange(0, BLOCK_BIAS)
             ok = slots < length
@@ -171,7 +176,15 @@ def define_dp_kernels() -> dict[str, Any]:
             candidate = ok & (position >= 0) & (position < n)
             keeps = tl.load(kept + row * n + position, mask=candidate, other=1).to(tl.int1)
             hidden = candidate & ~keeps
-            tl.store(out_bias + row * out_row + slots, tl.where(hidden, float("-inf"), value), mask=ok)
+            later = tl.where(hidden, float("-inf"), value)
+            tl.store(out_bias + row * out_row + slots, later, mask=ok)
+            if LIST_SLOTS:  # the slots the later layers attend to, in order (kernels.attended_slots)
+                attended = ok & (later != float("-inf"))
+                entry = listed + tl.cumsum(attended.to(tl.int32), axis=0) - 1
+                tl.store(slot_index + row * index_row + entry, slots.to(tl.int32), mask=attended)
+                listed += tl.sum(attended.to(tl.int32), axis=0)
+        if LIST_SLOTS:
+            tl.store(slot_counts + row, listed)
 
     return {"visual_attention": visual_attention_kernel, "decide": decide_kernel}
 
@@ -225,26 +238,30 @@ def launch_visual_attention(
     return out
 
 
-def launch_decide(defined: dict[str, Any], state: PruneState, visual: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def launch_decide(
+    defined: dict[str, Any],
+    state: PruneState,
+    visual: torch.Tensor,
+    bias: torch.Tensor,
+    listed: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """``state.update(visual)`` (without recorded attention) and the bias of layers >= L: the (B, 1, 1, L)
-    additive ``bias`` with -inf at the candidates not kept -> (B, 1, 1, L), storage padded to 16 slots."""
+    additive ``bias`` with -inf at the candidates not kept -> (B, 1, 1, L), storage padded to 16 slots.
+    ``listed``: (B, L) int32 and (B,) int32 tensors that receive ``kernels.attended_slots`` of that bias."""
     b, length = bias.shape[0], bias.shape[-1]
     n = state.num_candidates
     padded = 1 << max(n - 1, 1).bit_length()
     out = torch.empty(b, 1, 1, length + (-length) % 16, dtype=bias.dtype, device=bias.device)[..., :length]
+    index, counts = listed if listed is not None else (out, out)
     defined["decide"][(b,)](
-        visual, state.previous, state.kept, state.history, state.step, state.starts, bias, out,
+        visual, state.previous, state.kept, state.history, state.step, state.starts, bias, out, index, counts,
         n, length, state.keep, state.threshold, state.history.shape[0], bias.stride(0), out.stride(0),
-        REUSE=state.mode == "reuse", NP=padded, BLOCK_BIAS=1024, num_warps=min(32, max(4, padded // 512)),
+        index.stride(0),
+        REUSE=state.mode == "reuse", NP=padded, BLOCK_BIAS=1024, LIST_SLOTS=listed is not None,
+        num_warps=min(32, max(4, padded // 512)),
     )  # fmt: skip
     state.step.add_(1)
     return out
-
-
-def later_slots(later_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The slots layers >= L attend to at this step (``kernels.attended_slots`` of their bias), for
-    ``kernels.gathered_attention``; None with ``DYCOKE_DP_GATHER=0``."""
-    return attended_slots(later_bias) if switch(DP_GATHER_ENV, default=True) else None
 
 
 def pruning_step(
@@ -256,18 +273,34 @@ def pruning_step(
     scale: float,
     *,
     wait: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    list_slots: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Layer L-1 of a decode step with DP: its attention output (B, 1, Hq, d), as
     ``kernels.split_attention`` gives it, and the (B, 1, 1, L) additive bias of layers >= L; ``state``
     updated as ``PruneState.update`` updates it. Shapes as ``kernels.split_attention``'s. ``wait``: for
-    ``kernels.compile_in_background``'s thread first (the call from that thread does not)."""
+    ``kernels.compile_in_background``'s thread first (the call from that thread does not).
+    ``list_slots``: also the slots that bias lets the later layers attend to (``kernels.attended_slots``,
+    for ``kernels.gathered_attention``), else None."""
     if wait:
         wait_for_compiles()
     defined = _kernels()
-    lse = torch.empty(query.shape[0], query.shape[1], dtype=torch.float32, device=query.device)
+    b, length = query.shape[0], key.shape[2]
+    lse = torch.empty(b, query.shape[1], dtype=torch.float32, device=query.device)
     out = split_attention(query, key, value, bias, scale, lse=lse, wait=False)
     visual = launch_visual_attention(defined, query, key, bias, lse, state.starts, state.num_candidates, scale)
-    return out, launch_decide(defined, state, visual, bias)
+    listed = None
+    if list_slots:
+        listed = (
+            torch.empty(b, length, dtype=torch.int32, device=query.device),
+            torch.empty(b, dtype=torch.int32, device=query.device),
+        )
+    return out, launch_decide(defined, state, visual, bias, listed), listed
+
+
+def gather_later_layers() -> bool:
+    """Whether DP's later layers read only the slots the step lets them attend to (default), not the whole
+    cache through its bias (``DYCOKE_DP_GATHER=0``)."""
+    return switch(DP_GATHER_ENV, default=True)
 
 
 def compile_kernels(hq: int, hkv: int, head: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -278,4 +311,5 @@ def compile_kernels(hq: int, hkv: int, head: int, device: torch.device, dtype: t
     bias = torch.zeros(1, 1, 1, 3200, dtype=dtype, device=device)
     starts = torch.zeros(1, dtype=torch.long, device=device)
     state = PruneState(starts=starts, num_candidates=3000, keep=900, max_steps=1)
-    pruning_step(state, query, cache, cache, bias, 1.0, wait=False)
+    for list_slots in (True, False):
+        pruning_step(state, query, cache, cache, bias, 1.0, wait=False, list_slots=list_slots)

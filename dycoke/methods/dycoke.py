@@ -36,7 +36,7 @@ from dycoke.attention import (
 from dycoke.compress.kv_prune import PruneState, head_mean_attention, keep_count, surviving_slots
 from dycoke.compress.ttm import MergeResult, temporal_token_merge_with_positions, ttm_token_count
 from dycoke.config import MethodOptions
-from dycoke.decoding.dp_kernels import dp_kernels_apply, later_slots, pruning_step
+from dycoke.decoding.dp_kernels import dp_kernels_apply, gather_later_layers, pruning_step
 from dycoke.decoding.kernels import gathered_attention, split_attention_applies
 from dycoke.methods.base import Compaction, CompressedVisual, VisionSignals, register_method
 from dycoke.model import execution_device
@@ -272,8 +272,9 @@ def _pruning_step_on_kernels(
     bias = static.bias(attention_mask, query, session.prune_layer - 1, key.shape[2])
     if not dp_kernels_apply(session.state, query, key, value, bias):
         return None
-    out, session.later_bias = pruning_step(session.state, query, key, value, bias, scaling)
-    session.later_slots = later_slots(session.later_bias)
+    out, session.later_bias, session.later_slots = pruning_step(
+        session.state, query, key, value, bias, scaling, list_slots=gather_later_layers()
+    )
     session.step_masks.clear()
     return out
 
