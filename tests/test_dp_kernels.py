@@ -93,6 +93,14 @@ def test_attended_slots_list_the_slots_a_bias_lets_through() -> None:
     assert torch.allclose(kernels.gathered_attention_torch(query, key, value, index, counts, 0.3), expected)
 
 
+def test_gathering_is_for_batches_unless_switched(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not dp_kernels.gather_later_layers(1) and dp_kernels.gather_later_layers(2)
+    monkeypatch.setenv(dp_kernels.DP_GATHER_ENV, "1")
+    assert dp_kernels.gather_later_layers(1)
+    monkeypatch.setenv(dp_kernels.DP_GATHER_ENV, "0")
+    assert not dp_kernels.gather_later_layers(8)
+
+
 def test_later_layers_attend_through_the_gathered_slots(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -148,6 +156,14 @@ def test_later_layers_attend_through_the_gathered_slots(
     layers_after = qa.loaded.num_layers - 2
     assert len(gathered) == layers_after * 7  # every later layer of every decode step
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    gathered.clear()
+    alone = qa.answer_many(prepared, questions, run, batch_size=1)
+    assert not gathered and [r.token_ids for r in alone] == [r.token_ids for r in expected]  # one row: masked
+    monkeypatch.setenv(dp_kernels.DP_GATHER_ENV, "1")
+    assert [r.token_ids for r in qa.answer_many(prepared, questions, run, batch_size=1)] == [
+        r.token_ids for r in expected
+    ]
+    assert len(gathered) == 2 * layers_after * 7
     gathered.clear()
     monkeypatch.setenv(dp_kernels.DP_GATHER_ENV, "0")
     masked = qa.answer_many(prepared, questions, run, batch_size=2)

@@ -38,8 +38,9 @@ DP_KERNELS_ENV = "DYCOKE_DP_KERNELS"
 """``DYCOKE_DP_KERNELS=0`` keeps DP's torch operations inside the decode step (default: these kernels)."""
 
 DP_GATHER_ENV = "DYCOKE_DP_GATHER"
-"""``DYCOKE_DP_GATHER=0``: layers >= L read the whole cache through the step's bias (default: only the
-slots it lets them attend to, ``kernels.gathered_attention``)."""
+"""``DYCOKE_DP_GATHER=0``: layers >= L read the whole cache through the step's bias; ``=1``: only the
+slots it lets them attend to (``kernels.gathered_attention``) at any batch size; unset: from two rows on
+(``gather_later_layers``)."""
 
 MAX_CANDIDATES = 65536
 """Most candidates ``decide`` holds in one program's registers (a 4-minute video at 1 fps, unmerged)."""
@@ -297,10 +298,16 @@ def pruning_step(
     return out, launch_decide(defined, state, visual, bias, listed), listed
 
 
-def gather_later_layers() -> bool:
-    """Whether DP's later layers read only the slots the step lets them attend to (default), not the whole
-    cache through its bias (``DYCOKE_DP_GATHER=0``)."""
-    return switch(DP_GATHER_ENV, default=True)
+def gather_later_layers(rows: int) -> bool:
+    """Whether DP's later layers read only the slots the step lets them attend to, not the whole cache
+    through its bias: for a batch of ``rows`` > 1 unless ``DYCOKE_DP_GATHER=0``; ``=1`` at one row too.
+
+    At a pruned step a row's later layers attend to about a third of its slots: 80 rows at 32 frames
+    (7B, H200, every step pruning) answered 82.2 questions/s gathered against 74.0 reading through the
+    bias. At one row those reads are a few percent of the step's bytes (the weights are most), and
+    where a step prunes nothing the listed read costs more than the contiguous one: 4.68 against 4.61
+    ms/token at 128 frames (``benchmarks/results/e2e-h200-gather{1,0}.json``)."""
+    return switch(DP_GATHER_ENV, default=rows > 1)
 
 
 def compile_kernels(hq: int, hkv: int, head: int, device: torch.device, dtype: torch.dtype) -> None:

@@ -273,7 +273,7 @@ def _pruning_step_on_kernels(
     if not dp_kernels_apply(session.state, query, key, value, bias):
         return None
     out, session.later_bias, session.later_slots = pruning_step(
-        session.state, query, key, value, bias, scaling, list_slots=gather_later_layers()
+        session.state, query, key, value, bias, scaling, list_slots=gather_later_layers(query.shape[0])
     )
     session.step_masks.clear()
     return out
