@@ -278,3 +278,10 @@ def test_cli_batch_size_is_checked(workdir: Path) -> None:
     result = runner.invoke(app, ["batch", str(questions), "--out", str(workdir / "a.jsonl"), "--batch-size", "0"])
     assert result.exit_code == 2
     assert result.stderr == "Error: batch size must be a positive integer, got 0\n"
+
+
+def test_cli_prefill_rows_is_checked(workdir: Path) -> None:
+    questions = write_csv(workdir / "q.csv", ["video", "question"], [["bbb.mp4", "What?"]])
+    result = runner.invoke(app, ["batch", str(questions), "--out", str(workdir / "a.jsonl"), "--prefill-rows", "-2"])
+    assert result.exit_code == 2
+    assert result.stderr == "Error: prefill-rows must be >= 0 (0 prefills a batch at once), got -2\n"
