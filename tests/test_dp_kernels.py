@@ -5,6 +5,7 @@ Triton's interpreter: ``tests/interpreted_kernels.py``."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -37,18 +38,22 @@ def test_the_kernels_stay_off_where_they_cannot_run(monkeypatch: pytest.MonkeyPa
     assert not dp_kernels.dp_kernels_apply(elsewhere, query, key, key, bias)  # the state on another device
 
 
-def test_the_static_decoder_takes_the_kernels_path_and_answers_the_same(
-    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """On the CPU, the attention function's kernel path (layer L-1 makes the later layers' bias, which they
-    then attend through) with ``pruning_step`` stood in for by its torch definition: the same tokens and
-    pruned steps as the torch path, in batches too."""
-    from dycoke.compress.kv_prune import head_mean_attention
-    from dycoke.methods import dycoke as method
+def static_dycoke(checkpoint: Path, folder: Path, gate_threshold: float) -> tuple[VideoQA, Any, RunOptions]:
+    """The tiny model on the CPU, a prepared 8-frame clip, and DyCoke (L=2) on the static decoder, 8 tokens."""
+    clip = write_video(folder / "clip.mp4", textured_frames(12, 96, 128, seed=3), fps=12)
+    qa = VideoQA.load(ModelOptions(model=str(checkpoint), device="cpu"))
+    run = RunOptions(
+        video=VideoOptions(num_frames=8),
+        generation=GenerationOptions(max_new_tokens=8, min_new_tokens=8, decoder="static"),
+        method=MethodOptions(method="dycoke", prune_layer=2, gate_threshold=gate_threshold),
+    )
+    return qa, qa.prepare(clip, VideoOptions(num_frames=8)), run
 
-    calls = []
 
-    def torch_pruning_step(
+def pruning_step_in_torch(calls: list[int]) -> Any:
+    """``dp_kernels.pruning_step`` by its torch definition (for the CPU); each call's rows into ``calls``."""
+
+    def step(
         state: PruneState,
         query: torch.Tensor,
         key: torch.Tensor,
@@ -56,20 +61,28 @@ def test_the_static_decoder_takes_the_kernels_path_and_answers_the_same(
         bias: torch.Tensor,
         scale: float,
         list_slots: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         calls.append(query.shape[0])
         out = kernels.split_attention_torch(query, key, value, bias, scale)
         state.update(state.visual_attention(head_mean_attention(query, key, scale, bias)))
-        return out, state.later_bias(bias), None
+        later = state.later_bias(bias)
+        return out, later, kernels.attended_slots(later) if list_slots else None
 
-    clip = write_video(tmp_path / "clip.mp4", textured_frames(12, 96, 128, seed=3), fps=12)
-    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cpu"))
-    prepared = qa.prepare(clip, VideoOptions(num_frames=8))
-    run = RunOptions(
-        video=VideoOptions(num_frames=8),
-        generation=GenerationOptions(max_new_tokens=8, min_new_tokens=8, decoder="static"),
-        method=MethodOptions(method="dycoke", prune_layer=2, gate_threshold=0.999),
-    )
+    return step
+
+
+def test_the_static_decoder_takes_the_kernels_path_and_answers_the_same(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU, the attention function's kernel path (layer L-1 makes the later layers' bias, which they
+    then attend through) with ``pruning_step`` stood in for by its torch definition: the same tokens and
+    pruned steps as the torch path, in batches too."""
+    from dycoke.methods import dycoke as method
+
+    calls: list[int] = []
+    torch_pruning_step = pruning_step_in_torch(calls)
+
+    qa, prepared, run = static_dycoke(tiny_checkpoint, tmp_path, gate_threshold=0.999)
     questions = ["What moves?", "Describe the scene in detail, please."]
     expected = qa.answer_many(prepared, questions, run, batch_size=2)
     monkeypatch.setattr(method, "pruning_step", torch_pruning_step)
@@ -109,19 +122,7 @@ def test_later_layers_attend_through_the_gathered_slots(
     the masked path."""
     from dycoke.methods import dycoke as method
 
-    def torch_pruning_step(
-        state: PruneState,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        bias: torch.Tensor,
-        scale: float,
-        list_slots: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        out = kernels.split_attention_torch(query, key, value, bias, scale)
-        state.update(state.visual_attention(head_mean_attention(query, key, scale, bias)))
-        later = state.later_bias(bias)
-        return out, later, kernels.attended_slots(later) if list_slots else None
+    torch_pruning_step = pruning_step_in_torch([])
 
     gathered: list[int] = []
 
@@ -138,14 +139,7 @@ def test_later_layers_attend_through_the_gathered_slots(
         assert int(counts.max()) < key.shape[2]  # a pruned step lists fewer slots than the cache holds
         return kernels.gathered_attention_torch(query, key, value, index, counts, scale)
 
-    clip = write_video(tmp_path / "clip.mp4", textured_frames(12, 96, 128, seed=3), fps=12)
-    qa = VideoQA.load(ModelOptions(model=str(tiny_checkpoint), device="cpu"))
-    prepared = qa.prepare(clip, VideoOptions(num_frames=8))
-    run = RunOptions(
-        video=VideoOptions(num_frames=8),
-        generation=GenerationOptions(max_new_tokens=8, min_new_tokens=8, decoder="static"),
-        method=MethodOptions(method="dycoke", prune_layer=2, gate_threshold=1.0),  # every step prunes
-    )
+    qa, prepared, run = static_dycoke(tiny_checkpoint, tmp_path, gate_threshold=1.0)  # every step prunes
     questions = ["What moves?", "Describe the scene in detail, please."]
     expected = qa.answer_many(prepared, questions, run, batch_size=2)
     monkeypatch.setattr(method, "pruning_step", torch_pruning_step)

@@ -773,6 +773,7 @@ def split_attention(
     config: dict[str, int] | None = None,
     wait: bool = True,
     lse: torch.Tensor | None = None,
+    attended: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(B, Hq, 1, d) queries over a (B, Hkv, L, d) static cache with an additive (B, 1, 1, L) ``bias``
     -> (B, 1, Hq, d) (``split_attention_torch`` defines it; ``split_attention_applies`` says when it
@@ -782,7 +783,8 @@ def split_attention(
 
     ``lse``: a (B, Hq) float32 tensor to fill with each head's log2 softmax denominator, ``log2(sum_s
     2^(scores_s))`` over the scores in base 2 (``(q . k_s * scale + bias_s) * log2(e)``), which DyCoke's
-    pruning reads its attention probabilities from (``dp_kernels.py``)."""
+    pruning reads its attention probabilities from (``dp_kernels.py``). ``attended``: the slots to read
+    instead of the whole cache (``gathered_attention``)."""
     if wait:
         wait_for_compiles()
     settings = config or SPLIT_ATTENTION_CONFIG
@@ -790,7 +792,7 @@ def split_attention(
     splits, chunk = attention_splits(
         query.shape[0] * key.shape[1], key.shape[2], _multiprocessors(index), settings["block"], settings["per_sm"]
     )
-    return launch_split_attention(_build(), query, key, value, bias, scale, splits, chunk, settings, lse)
+    return launch_split_attention(_build(), query, key, value, bias, scale, splits, chunk, settings, lse, attended)
 
 
 def attended_slots(bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -836,12 +838,5 @@ def gathered_attention(
     layers at a pruned step attend to about a third of a row's slots: this reads only those keys and
     values, where the masked cache reads every one. The same sums as the masked kernel, cut into other
     chunks. Shapes and conditions as ``split_attention``'s (``split_attention_applies``)."""
-    if wait:
-        wait_for_compiles()
-    settings = config or SPLIT_ATTENTION_CONFIG
-    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
-    splits, chunk = attention_splits(
-        query.shape[0] * key.shape[1], key.shape[2], _multiprocessors(index), settings["block"], settings["per_sm"]
-    )
-    bias = key.new_zeros(1)  # unread
-    return launch_split_attention(_build(), query, key, value, bias, scale, splits, chunk, settings, None, attended)
+    unread = key.new_zeros(1)  # no bias: every listed slot is attended
+    return split_attention(query, key, value, unread, scale, config=config, wait=wait, attended=attended)
