@@ -168,12 +168,27 @@ def run_mode(qa: VideoQA, csv_path: Path, mode: str, options: RunOptions, folder
         assert summary.failed == 0 and summary.answered == len(questions)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {
+    row = {
         "questions": len(questions),
         "seconds": seconds,
         "questions_per_s": len(questions) / seconds,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
+    if kwargs is not None:
+        row["pruned_step_share"] = mean_pruned_share(folder / f"{mode}.jsonl")
+    return row
+
+
+def mean_pruned_share(records: Path) -> float | None:
+    """The mean over a run's records of DP's ``pruned_step_share`` (the decode steps whose later layers
+    attended to the kept visual tokens only), None for a method without DP: with random weights the
+    paper's gate prunes the first step only, so this says whether a run measured DP's reads at all."""
+    shares = [
+        record["compression"]["pruned_step_share"]
+        for record in map(json.loads, records.read_text().splitlines())
+        if (record.get("compression") or {}).get("pruned_step_share") is not None
+    ]
+    return sum(shares) / len(shares) if shares else None
 
 
 def main() -> None:

@@ -250,7 +250,9 @@ def test_batched_and_shared_records_equal_one_by_one(tiny_qa: VideoQA, tmp_path:
         with ResultWriter(tmp_path / f"{name}.jsonl") as w:
             run_batch(tiny_qa, questions, OPTIONS, ["full", "dycoke"], w, **kwargs)  # type: ignore[arg-type]
         records = [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
-        answers[name] = {(r["id"], r["method"]): (r["answer"], r["tokens"]) for r in records}
+        answers[name] = {(r["id"], r["method"]): (r["answer"], r["tokens"], r["kv_cache_bytes"]) for r in records}
+        dycoke = [r["compression"] for r in records if r["method"] == "dycoke"]
+        assert dycoke and all(0 <= c["pruned_step_share"] <= 1 and c["merge_ratio"] == 0.7 for c in dycoke)
     assert answers["shared"] == answers["alone"] and len(answers["alone"]) == 12
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -120,3 +121,14 @@ def test_the_end_to_end_chart_shows_32_frames_or_the_smallest_run() -> None:
     assert chart_frames([16, 32, 64, 128]) == 32
     assert chart_frames([8, 16]) == 16
     assert chart_frames([128, 64]) == 64  # a run of larger counts only (it raised before)
+
+
+def test_the_mean_pruned_share_counts_dp_records_only(tmp_path: Path) -> None:
+    from benchmarks.bench_batch import mean_pruned_share
+
+    records = tmp_path / "r.jsonl"
+    rows = [{"compression": {"pruned_step_share": 0.25}}, {"compression": {"pruned_step_share": 0.75}}, {"error": "x"}]
+    records.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert mean_pruned_share(records) == 0.5
+    records.write_text(json.dumps({"compression": {"kept": 3}}) + "\n")
+    assert mean_pruned_share(records) is None

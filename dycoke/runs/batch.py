@@ -161,6 +161,8 @@ def make_record(question: Question, method: str, report: Report | None, error: s
                 "ms_per_token": report.timings_s.ms_per_token,
                 "total": report.timings_s.total,
             },
+            compression=dict(report.compression),
+            kv_cache_bytes=report.memory.kv_cache_bytes,
         )
     return record
 
