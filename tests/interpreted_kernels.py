@@ -109,6 +109,14 @@ def check_gathered_attention(defined: dict) -> None:
         )
         expected = kernels.split_attention_torch(query, key, value, bias, d**-0.5)
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (b, hq, d, float((got - expected).abs().max()))
+    # the public entry (its cut into chunks as on a GPU of 4 multiprocessors) on the last case
+    real = kernels._multiprocessors, torch.cuda.current_device
+    kernels._multiprocessors, torch.cuda.current_device = (lambda index: 4), (lambda: 0)  # type: ignore[assignment]
+    try:
+        got = kernels.gathered_attention(query, key_nan, value_nan, attended, d**-0.5, config=config)
+    finally:
+        kernels._multiprocessors, torch.cuda.current_device = real  # type: ignore[assignment]
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), float((got - expected).abs().max())
 
 
 def check_dp(defined: dict, defined_dp: dict) -> None:
