@@ -138,26 +138,29 @@ def test_hf_decoder_and_one_token_answers_never_group(
     assert [r.token_ids for r in one] == [r.token_ids for r in alone]
 
 
+@pytest.mark.parametrize("size", [3, 8])  # 8: the whole batch in one group
 @pytest.mark.parametrize("eos,min_new", [([53], 0), ([53, 722], 0), ([11], 0), ([53], 3)])
-def test_grouped_end_tokens_as_at_once(tiny_checkpoint: Path, eos: list[int], min_new: int) -> None:
+def test_grouped_end_tokens_as_at_once(tiny_checkpoint: Path, eos: list[int], min_new: int, size: int) -> None:
     """End tokens at the prefill's token, at the first step or later end rows exactly as without groups
     (here with a method that keeps no per-row state: the groups only split the prefill)."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
     embeds, mask, _ = make_batch(model, [0, 4, 1, 2])
-    groups = RowGroups(size=3, prefix=lambda rows: None, scope=lambda start, stop: nullcontext())
+    groups = RowGroups(size=size, prefix=lambda rows: None, scope=lambda start, stop: nullcontext())
 
-    def decode(row_groups: RowGroups | None) -> tuple[list[list[int]], list[list[int]]]:
+    def decode(row_groups: RowGroups | None, new_tokens: int = 10) -> tuple[list[list[int]], list[list[int]]]:
         seen: list[list[int]] = []
         decoder = StaticGreedyDecoder(
-            model, max_new_tokens=10, min_new_tokens=min_new, eos_ids=eos, pad_id=0, use_graph=False
+            model, max_new_tokens=new_tokens, min_new_tokens=min_new, eos_ids=eos, pad_id=0, use_graph=False
         )
         with torch.inference_mode():
             out = decoder.generate(embeds, mask, on_tokens=lambda t: seen.append(t.tolist()), groups=row_groups)
         return out.tolist(), seen
 
     assert decode(groups) == decode(None)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 2"):
+        decode(groups, new_tokens=1)  # no first decode step to take by groups
 
 
 def test_a_row_view_of_the_prune_state_writes_into_the_batch() -> None:

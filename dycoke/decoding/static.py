@@ -73,6 +73,11 @@ class RowGroups:
 class _Readback:
     """One step's (B,) tokens and finished flags, copied to the host without waiting for the step."""
 
+    @classmethod
+    def of(cls, buffers: DecodeBuffers) -> _Readback:
+        """The step whose tokens the buffers hold."""
+        return cls(buffers.token[:, 0], buffers.finished)
+
     def __init__(self, tokens: torch.Tensor, finished: torch.Tensor) -> None:
         self.tokens = tokens.clone()
         cuda = self.tokens.is_cuda
@@ -189,9 +194,11 @@ class StaticGreedyDecoder:
         fewer prompt entries. ``on_tokens`` receives each step's (B,) tokens on the host. ``stop()``
         returning True ends generation within a step (the host reads each step's tokens
         while the next one runs). ``groups``: prefill and take the first step in groups of rows
-        (``RowGroups``, which then brings the prefix), where the batch has more rows than a group and the
-        answer more than one token; the tokens are the same.
+        (``RowGroups``, which then brings the prefix; ``dycoke.decoding.decode`` gives them to a batch of
+        more rows than a group), for an answer of two tokens or more; the tokens are the same.
         """
+        if groups is not None and self.max_new_tokens < 2:
+            raise ValueError("row groups take the first decode step: max_new_tokens must be at least 2")
         model = self.model
         s = attention_mask.shape[1]
         device = inputs_embeds.device
@@ -202,10 +209,8 @@ class StaticGreedyDecoder:
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         with static_decoding(model, self.session):  # decode_attention from the prefill on
             if groups is not None:
-                if groups.size < attention_mask.shape[0] and self.max_new_tokens > 1:
-                    first = self._prefill_in_groups(inputs_embeds, attention_mask, positions, groups, compaction)
-                    return self._decode(on_tokens, stop, compaction, first=first)
-                prefix = groups.prefix(int(attention_mask.shape[0]))  # one group: the whole batch at once
+                first = self._prefill_in_groups(inputs_embeds, attention_mask, positions, groups, compaction)
+                return self._decode(on_tokens, stop, compaction, first=first)
             self._prefill(inputs_embeds, attention_mask, positions, prefix, compaction)
             return self._decode(on_tokens, stop, compaction)
 
@@ -331,7 +336,7 @@ class StaticGreedyDecoder:
         buffers = self.buffers
         assert buffers is not None
         tokens: list[torch.Tensor] = []
-        pending: _Readback | None = _Readback(buffers.token[:, 0], buffers.finished)
+        pending: _Readback | None = _Readback.of(buffers)
         if first is not None and not first.deliver(tokens, on_tokens):
             return torch.stack(tokens, dim=1)  # every row ended at the prefill's token: step 1 is dropped
         for step in range(1 if first is None else 2, self.max_new_tokens):
@@ -344,7 +349,7 @@ class StaticGreedyDecoder:
             self._step(first=step == 1)
             if step == 1:
                 self._compact(compaction, filled=True)
-            previous, pending = pending, _Readback(buffers.token[:, 0], buffers.finished)
+            previous, pending = pending, _Readback.of(buffers)
             if previous is not None and not previous.deliver(tokens, on_tokens):
                 pending = None
                 break

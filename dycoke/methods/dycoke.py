@@ -405,7 +405,7 @@ class DyCoke:
     def splits_rows(self) -> bool:
         """With eviction, a batch may prefill and take its first step in groups of rows (``row_scope``):
         each group's cache is cut down before the next one's is made, which lowers the peak."""
-        return self.eviction is not None and self._session is not None
+        return self._session is not None  # set inside ``decoding`` with eviction only
 
     @contextmanager
     def row_scope(self, start: int, stop: int) -> Iterator[None]:
